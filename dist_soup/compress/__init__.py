@@ -1,0 +1,11 @@
+"""Codecs and error feedback for gradients: torch only, no distributed calls.
+
+``build(name, **options)`` makes one compressor stream; see ``base.Compressor`` for the contract
+and ``payload.Payload`` for the wire format.
+"""
+from .base import Compressor, LinearCodec
+from .payload import Payload
+from .registry import build, names
+from . import cast  # noqa: F401  (registers identity, fp16, bf16)
+
+__all__ = ["Compressor", "LinearCodec", "Payload", "build", "names"]

@@ -1,0 +1,124 @@
+"""What every compressor stream is, and the extra contract of codecs that can be summed.
+
+A *stream* compresses one logical tensor over time (one parameter, one Jacobian row): the
+stream owns whatever memory the codec needs between steps (an error-feedback residue, a step
+counter for reproducible randomness) and exposes it through ``state_dict``. A stream knows
+nothing about transport: ``dist_soup.comm`` decides where payloads go.
+
+Randomness is counter-based: a stream built with ``seed``, ``rank`` and ``stream`` draws, at its
+``step``-th call, from a key derived from ``(seed, rank, stream, step)``; the same run gives the
+same bits, and resuming from a ``state_dict`` continues the same sequence.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from .payload import Payload
+
+_MASK63 = (1 << 63) - 1
+
+
+def mix_key(*values: int) -> int:
+    """A 63-bit key from a few integers (splitmix64 finaliser over a running combination)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+        h = h * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & _MASK63
+
+
+class Compressor(ABC):
+    """One compressor stream. Subclasses set ``name`` and implement ``compress``/``decompress``.
+
+    ``seed``, ``rank`` and ``stream`` only matter to codecs that draw random numbers; every
+    stream accepts them so callers can build any codec the same way.
+    """
+
+    name: ClassVar[str] = ""
+    #: True when the codec also implements :class:`LinearCodec` (usable with ``mode="allreduce"``).
+    summable: ClassVar[bool] = False
+
+    def __init__(self, *, seed: int = 0, rank: int = 0, stream: int = 0) -> None:
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.stream = int(stream)
+        self.step = 0
+
+    # --- the contract -------------------------------------------------------------------
+    @abstractmethod
+    def compress(self, g: torch.Tensor) -> Payload:
+        """See the class docstring."""
+
+    @abstractmethod
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        """See the class docstring."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+    # --- helpers for subclasses ---------------------------------------------------------
+    def next_key(self) -> int:
+        """Key for this call's random draws; advances the step counter."""
+        key = mix_key(self.seed, self.rank, self.stream, self.step)
+        self.step += 1
+        return key
+
+    def generator(self, key: int, device: torch.device | str = "cpu") -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(key)
+        return gen
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seed={self.seed}, rank={self.rank}, stream={self.stream})"
+
+
+class LinearCodec(Compressor):
+    """A codec whose encodings can be summed on the wire (``mode="allreduce"``).
+
+    The collective runs, for one tensor ``g`` on each of P ranks::
+
+        local, op = stream.agreement(g, rank, world_size)      # op: "max", "sum" or "leader"
+        agreed = all_reduce(local, op)  (or broadcast from the leader)   # skipped if local is None
+        wire = stream.encode_sum(g, agreed, world_size)         # a plain tensor
+        total = all_reduce(wire, SUM)
+        mean = stream.decode_sum(total, agreed, world_size)     # same on every rank
+
+    ``decode_local(wire, agreed, world_size)`` decodes this rank's own ``wire`` as if it were
+    alone, which is what error feedback subtracts. ``leader`` is the rank whose ``agreement``
+    tensor is broadcast when ``op == "leader"``.
+    """
+
+    summable: ClassVar[bool] = True
+
+    def agreement(self, g: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, str] | None:
+        return None
+
+    def leader(self, world_size: int) -> int:
+        return 0
+
+    @abstractmethod
+    def encode_sum(self, g: torch.Tensor, agreed: torch.Tensor | None, world_size: int) -> torch.Tensor:
+        """See the class docstring."""
+
+    @abstractmethod
+    def decode_sum(self, total: torch.Tensor, agreed: torch.Tensor | None, world_size: int) -> torch.Tensor:
+        """See the class docstring."""
+
+    @abstractmethod
+    def decode_local(self, wire: torch.Tensor, agreed: torch.Tensor | None, world_size: int) -> torch.Tensor:
+        """See the class docstring."""
+
+    def wire_nbytes(self, wire: torch.Tensor, agreed: torch.Tensor | None) -> int:
+        """Bytes this rank contributes to the collectives for one tensor."""
+        n = wire.numel() * wire.element_size()
+        if agreed is not None:
+            n += agreed.numel() * agreed.element_size()
+        return n
