@@ -1,0 +1,125 @@
+"""``dist-soup`` / ``python -m dist_soup``: train and plot.
+
+    dist-soup train --config FILE [--nproc N] [--run-dir DIR] [--steps N] [--resume] [--set k=v ...]
+    dist-soup plot RUN_DIR
+
+``--nproc N`` starts N local processes joined by gloo on 127.0.0.1; under torchrun or mpirun
+the launcher's environment decides and ``--nproc`` must be left out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-soup", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    t.add_argument("--nproc", type=int, default=None, help="number of local processes (gloo on 127.0.0.1)")
+    t.add_argument("--run-dir", default=None, help="where config, metrics, checkpoints and summary go (default runs/<config name>)")
+    t.add_argument("--steps", type=int, default=None, help="override train.steps")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir (a fresh start if there is none)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.batch_size=16")
+    pl = sub.add_parser("plot", help="write PNG plots of a run dir")
+    pl.add_argument("run_dir")
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cfg, run_dir: str, resume: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.setdefault("DIST_SOUP_BACKEND", "gloo")
+    from . import train
+
+    summary = train.run(cfg, Path(run_dir), resume=resume)
+    if summary is not None:
+        print_summary(summary, run_dir)
+
+
+def print_summary(summary: dict, run_dir: str) -> None:
+    rows = [("objective", "first loss", "final loss", "metric", "value")]
+    for name, o in summary["objectives"].items():
+        arrow = "↑" if o["higher_is_better"] else "↓"
+        rows.append((name, f"{o['first_loss']:.4f}", f"{o['final_loss']:.4f}", f"{o['metric']} {arrow}", f"{o['value']:.4f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = "  ".join("-" * w for w in widths)
+    out = ["", line]
+    for i, r in enumerate(rows):
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            out.append(line)
+    out.append(line)
+    c = summary["comm"]
+    ratio = f"{c['ratio']:.1f}x fewer" if c["ratio"] else "n/a"
+    out.append(f"bytes sent (all ranks): {c['bytes_sent'] / 1e6:.2f} MB vs fp32 {c['dense_bytes'] / 1e6:.2f} MB ({ratio})")
+    out.append(f"steps: {summary['steps']} on {summary['world_size']} processes, {summary['steps_per_s']:.1f} steps/s, {summary['time_s']:.1f} s")
+    if summary.get("skipped_steps"):
+        out.append(f"skipped steps (non-finite): {summary['skipped_steps']}")
+    out.append(f"selected tensors: {', '.join(summary['selected'])}")
+    out.append(f"run dir: {run_dir}")
+    print("\n".join(out), flush=True)
+
+
+def train_command(args) -> int:
+    from . import config as config_mod
+    from . import train
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = config_mod.load(args.config, overrides)
+    run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    launched = train.launcher_env() != "local"
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc {args.nproc}: need at least 1 process")
+        if launched:
+            raise ConfigError("--nproc is for local runs; under torchrun or mpirun the launcher sets the number of processes")
+    if args.nproc is None or args.nproc == 1 or launched:
+        summary = train.run(cfg, Path(run_dir), resume=args.resume)
+        if summary is not None:
+            print_summary(summary, run_dir)
+        return 0
+    import torch.multiprocessing as mp
+
+    try:
+        mp.start_processes(_worker, args=(args.nproc, _free_port(), cfg, run_dir, args.resume), nprocs=args.nproc, start_method="spawn")
+    except mp.ProcessRaisedException as exc:
+        last = str(exc).strip().splitlines()[-1]
+        print(f"dist-soup: a worker failed: {last}", file=sys.stderr)
+        return 1
+    except mp.ProcessExitedException as exc:
+        print(f"dist-soup: a worker died: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return train_command(args)
+        from .plot import plot_run
+
+        for path in plot_run(Path(args.run_dir)):
+            print(path)
+        return 0
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"dist-soup: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The training configuration: typed dataclasses, YAML loading, ``--set`` overrides, validation.
+
+Every key is checked: an unknown key, a value of the wrong type or outside what is allowed is a
+``ConfigError`` naming the dotted key, the bad value and what is allowed. Nothing is silently
+ignored. ``fingerprint`` gives a stable digest that the ranks of a run compare.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing, unknown or not allowed."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "msp_synth"
+    #: Passed to ``dist_soup.tasks.build(name, **options)`` (data and model sizes).
+    options: dict = field(default_factory=dict)
+    #: Train on these objectives only (default: all of the task's). One objective gives a
+    #: single-task baseline run.
+    objectives: Optional[list] = None
+
+
+@dataclass
+class EtaConfig:
+    """Penalty schedule eta(epoch) = min(cap, start + step * epoch)."""
+
+    start: float = 0.1
+    step: float = 0.02
+    cap: Optional[float] = 1.5
+
+
+@dataclass
+class RecipeConfig:
+    #: vs (one level), vc (MOO level + penalty level), vm (ordered MOO levels), custom (levels).
+    kind: Literal["vs", "vc", "vm", "custom"] = "vs"
+    #: vm only: "uas" (asr, st, ssl) or "usa" (st, asr, ssl).
+    order: Optional[Literal["uas", "usa"]] = None
+    eta: EtaConfig = field(default_factory=EtaConfig)
+    #: custom only: a list of {objectives: [...], solver: name, solver_options: {}, eta: {...},
+    #: penalty: bool}.
+    levels: Optional[list] = None
+
+
+@dataclass
+class SolverConfig:
+    name: str = "mgda"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class SelectionConfig:
+    rule: Literal["threshold", "top_m", "budget", "all"] = "threshold"
+    tau: float = 0.0
+    m: Optional[int] = None
+    budget: Optional[int] = None
+    probe_every: int = 100
+
+
+@dataclass
+class CodecConfig:
+    name: str = "qsgd"
+    options: dict = field(default_factory=lambda: {"bits": 4})
+
+
+@dataclass
+class CompressionConfig:
+    jacobian: CodecConfig = field(default_factory=CodecConfig)
+    update: CodecConfig = field(default_factory=CodecConfig)
+    mode: Literal["allgather", "allreduce", "two_phase"] = "allgather"
+    bucket_mb: float = 25.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    #: Examples per rank per step.
+    batch_size: int = 32
+    #: Solve the weighting every this many steps; reuse lambda in between.
+    solve_every: int = 1
+    gram: Literal["auto", "cross", "plain"] = "auto"
+    #: What to do with a non-finite loss or gradient: skip the step (counted) or raise.
+    nonfinite: Literal["skip", "raise"] = "skip"
+    #: Rows of the selected tensors reuse the exchanged Jacobian (Jbar^T w) in the update.
+    reuse_jacobian: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    #: Save every this many steps (0: only at the end).
+    every: int = 50
+    #: Keep this many most recent checkpoints.
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    progress: Literal["auto", "bar", "plain", "none"] = "auto"
+    #: Evaluate task metrics every this many steps (0: only at the end).
+    eval_every: int = 0
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+
+
+_POSITIVE = {
+    "train.steps", "train.batch_size", "train.solve_every", "selection.probe_every",
+    "logging.every", "checkpoint.keep", "optimizer.lr", "compression.bucket_mb",
+}
+_NON_NEGATIVE = {"checkpoint.every", "logging.eval_every", "optimizer.momentum", "optimizer.weight_decay"}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; use {_describe(tp)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a boolean (true/false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: {value!r} is not a string")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: {value!r} is not a mapping")
+        return dict(value)
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: {value!r} is not a list")
+        return list(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            key = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(data[name], hints[name], key)
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: Config) -> None:
+    flat = to_dict(cfg)
+
+    def get(key: str) -> Any:
+        node: Any = flat
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    for key in _POSITIVE:
+        if get(key) <= 0:
+            raise ConfigError(f"{key}: {get(key)!r} must be > 0")
+    for key in _NON_NEGATIVE:
+        if get(key) < 0:
+            raise ConfigError(f"{key}: {get(key)!r} must be >= 0")
+    if cfg.recipe.kind == "custom" and not cfg.recipe.levels:
+        raise ConfigError("recipe.levels: a custom recipe needs a non-empty list of levels")
+    if cfg.recipe.kind != "custom" and cfg.recipe.levels is not None:
+        raise ConfigError(f"recipe.levels is only used with recipe.kind: custom (kind is {cfg.recipe.kind!r})")
+    if cfg.recipe.order is not None and cfg.recipe.kind != "vm":
+        raise ConfigError(f"recipe.order is only used with recipe.kind: vm (kind is {cfg.recipe.kind!r})")
+    if cfg.selection.rule == "top_m" and (cfg.selection.m is None or cfg.selection.m <= 0):
+        raise ConfigError("selection.m: rule top_m needs a positive integer m")
+    if cfg.selection.rule == "budget" and (cfg.selection.budget is None or cfg.selection.budget <= 0):
+        raise ConfigError("selection.budget: rule budget needs a positive parameter count")
+
+
+def from_dict(data: Any) -> Config:
+    cfg = _build(Config, data)
+    _check_ranges(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config file and apply ``key=value`` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """``a.b=c`` sets data["a"]["b"] = yaml(c); the result is validated by ``from_dict``."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=100")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key segment")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def fingerprint(cfg: Config) -> str:
+    """sha256 of the canonical JSON of the resolved config."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,400 @@
+"""The soup step (DESIGN section 1): after the user's forward, everything up to the update.
+
+For P workers and K objectives, ``SoupEngine.step(losses)`` runs::
+
+    2. J^p  = per-objective gradients on the selected shared tensors S   (one batched backward)
+    3. Jbar = compressed mean of the rows of J^p over the workers        (comm.Exchange "J")
+    4. sum_p G^p, G^p = Jhat^p Jhat^p^T from each worker's decoded rows  (one tiny all-reduce)
+    5. rank 0: Gram estimate -> layer selection (probe steps) -> recipe -> lambda, broadcast
+    6. backward of sum_k w_k L_k, compressed mean of the gradient        (comm.Exchange "U"),
+       optimizer step
+
+Steps 2-5 run on *solve* steps only (every ``solve_every`` steps and on every probe step); in
+between, the last weights are reused and a step costs one backward plus the compressed update.
+Every rank ends a step with bit-identical parameters: the exchanges return the same tensors on
+every rank and the weights come from rank 0.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .comm import Exchange
+from .moo import gram as grams
+from .moo import selection
+from .moo.jacobian import jacobian
+from .moo.recipe import Recipe, build_recipe
+
+COORDINATOR = 0
+
+
+@dataclass
+class StepResult:
+    """What one ``SoupEngine.step`` did (all values identical on every rank)."""
+
+    step: int
+    losses: dict[str, float]  # mean over the ranks
+    weights: dict[str, float]  # w: the weight of each loss in the backward
+    solved: bool  # the weighting was recomputed this step
+    probed: bool  # layer selection was recomputed this step
+    selected: list[str]  # names of the shared tensors in S
+    skipped: bool = False  # a non-finite loss or gradient on some rank: no update
+    bytes_sent: int = 0  # this rank, this step, both exchanges
+    bytes_received: int = 0
+    dense_bytes: int = 0  # what fp32 would have sent
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # per-level lambdas and etas of the recipe
+
+
+def _shared_parameters(model: nn.Module, shared) -> list[tuple[str, nn.Parameter]]:
+    """Resolve ``shared`` (a submodule, its dotted name, or parameters) to named parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    if isinstance(shared, str):
+        try:
+            module = model.get_submodule(shared)
+        except AttributeError:
+            raise ValueError(f"shared={shared!r}: the model has no submodule of that name") from None
+        params = list(module.parameters())
+    elif isinstance(shared, nn.Module):
+        params = list(shared.parameters())
+    else:
+        params = list(shared)
+    out = []
+    for p in params:
+        if id(p) not in names:
+            raise ValueError("shared: a parameter is not a parameter of the model")
+        if p.requires_grad:
+            out.append((names[id(p)], p))
+    if not out:
+        raise ValueError("shared owns no trainable parameters; name the shared trunk of the model")
+    return out
+
+
+class SoupEngine:
+    """Distributed multi-objective training step with compressed communication.
+
+    Args:
+        model: the whole model (shared trunk and heads), identical on every rank; rank 0's
+            parameters are broadcast at construction, as DDP does.
+        optimizer: any torch optimizer over the model's parameters.
+        objectives: the objective names, in the order of the Jacobian rows.
+        shared: the shared trunk (a submodule, its dotted name or its parameters): the
+            candidates of layer selection. Heads are never candidates.
+        recipe: a :class:`~dist_soup.moo.recipe.Recipe`, or "vs" / "vc" / "vm" built with
+            ``groups``, ``solver``, ``solver_options``, ``order`` and ``eta``.
+        gram: "cross" (unbiased cross-worker estimate), "plain" (Jbar Jbar^T) or "auto"
+            (cross when P > 1).
+        selection: dict of ``rule``, ``tau``, ``m``, ``budget`` for
+            :func:`dist_soup.moo.selection.select`; ``probe_every`` steps between probes.
+        solve_every: recompute the weighting every this many steps.
+        jacobian_compressor / update_compressor: codec names (with ``*_options``) for the
+            exchange of the Jacobian rows and of the update; ``mode`` the collective.
+        reuse_jacobian: the rows of S take ``Jbar^T w`` on solve steps instead of a second
+            exchange.
+        nonfinite: "skip" (all ranks skip the step, counted in ``skipped_steps``) or "raise".
+        steps_per_epoch: converts the step counter into the epoch of the penalty schedules
+            when ``step`` is not given ``epoch``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        objectives: Sequence[str],
+        shared,
+        recipe: Recipe | str = "vs",
+        *,
+        groups: Mapping[str, Sequence[str]] | None = None,
+        solver: str = "mgda",
+        solver_options: Mapping | None = None,
+        order: str | None = None,
+        eta=None,
+        gram: str = "auto",
+        selection: Mapping | None = None,
+        probe_every: int = 100,
+        solve_every: int = 1,
+        jacobian_compressor: str = "qsgd",
+        jacobian_options: Mapping | None = None,
+        update_compressor: str = "qsgd",
+        update_options: Mapping | None = None,
+        mode: str = "allgather",
+        bucket_mb: float = 25.0,
+        reuse_jacobian: bool = True,
+        nonfinite: str = "skip",
+        steps_per_epoch: int = 1,
+        seed: int = 0,
+        transport=None,
+        group=None,
+    ) -> None:
+        self.objectives = tuple(objectives)
+        if not self.objectives:
+            raise ValueError("objectives: need at least one objective name")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"objectives: duplicate names in {list(self.objectives)}")
+        if gram not in ("auto", "cross", "plain"):
+            raise ValueError(f"gram={gram!r}: use 'auto', 'cross' or 'plain'")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite={nonfinite!r}: use 'skip' or 'raise'")
+        for key, value in (("solve_every", solve_every), ("probe_every", probe_every), ("steps_per_epoch", steps_per_epoch)):
+            if int(value) < 1:
+                raise ValueError(f"{key}={value!r}: must be a positive integer")
+        self.model = model
+        self.optimizer = optimizer
+        self.candidates = _shared_parameters(model, shared)
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if isinstance(recipe, str):
+            recipe = build_recipe(
+                recipe,
+                self.objectives,
+                dict(groups or {}),
+                solver=solver,
+                solver_options=dict(solver_options or {}),
+                order=order,
+                eta=eta,
+            )
+        unknown = [k for k in recipe.objectives if k not in self.objectives]
+        if unknown:
+            raise ValueError(f"recipe names objectives {unknown} that are not among {list(self.objectives)}")
+        self.recipe = recipe
+        self.selection = {"rule": "threshold", "tau": 0.0, **dict(selection or {})}
+        self.probe_every = int(probe_every)
+        self.solve_every = int(solve_every)
+        self.reuse_jacobian = reuse_jacobian
+        self.nonfinite = nonfinite
+        self.steps_per_epoch = int(steps_per_epoch)
+
+        common = dict(mode=mode, group=group, transport=transport, bucket_mb=bucket_mb, seed=seed)
+        self.j_exchange = Exchange(jacobian_compressor, **common, **dict(jacobian_options or {}))
+        self.u_exchange = Exchange(update_compressor, **common, **dict(update_options or {}))
+        self.transport = self.u_exchange.transport
+        self.rank = self.transport.rank
+        self.world_size = self.transport.world_size
+        self.gram = ("cross" if self.world_size > 1 else "plain") if gram == "auto" else gram
+        if self.gram == "cross" and self.world_size < 2:
+            raise ValueError("gram='cross' needs at least 2 ranks; use 'plain' or 'auto'")
+        self.device = self.candidates[0][1].device
+
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.mask = torch.ones(len(self.candidates), dtype=torch.bool)
+        self.w = torch.full((len(self.objectives),), 1.0 / len(self.objectives))
+        self.last_info: dict = {}
+        self._broadcast_model()
+
+    # --- public ----------------------------------------------------------------------------
+    @property
+    def selected(self) -> list[str]:
+        return [n for (n, _), keep in zip(self.candidates, self.mask.tolist()) if keep]
+
+    def step(self, losses: Mapping[str, torch.Tensor], *, epoch: float | None = None) -> StepResult:
+        """Steps 2 to 6 of the soup step for this rank's ``losses`` (name -> scalar tensor)."""
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        loss_list = self._check_losses(losses)
+        if epoch is None:
+            epoch = self.step_count / self.steps_per_epoch
+        probed = self.step_count % self.probe_every == 0
+        solved = probed or self.step_count % self.solve_every == 0
+        sent0, recv0, dense0 = self._bytes()
+
+        # Agree on the losses (their mean drives loss-based solvers and the logs) and on
+        # whether any rank saw a non-finite loss: one tiny all-reduce for both.
+        local = torch.stack([l.detach().double() for l in loss_list] + [torch.zeros((), dtype=torch.float64)])
+        bad = ~torch.isfinite(local[:-1]).all()
+        local[-1] = float(bad)
+        local[:-1] = torch.where(torch.isfinite(local[:-1]), local[:-1], torch.zeros_like(local[:-1]))
+        self._all_reduce(local)
+        mean_losses = local[:-1] / self.world_size
+        if local[-1] > 0:
+            return self._skip("loss", mean_losses, probed, solved, t0, timings)
+
+        jbar_rows = None
+        if solved:
+            rows, jbar_rows, skipped = self._solve(loss_list, mean_losses, probed, epoch, timings)
+            if skipped:
+                return self._skip("Jacobian", mean_losses, probed, solved, t0, timings)
+
+        tb = time.perf_counter()
+        weighted = sum(w * l for w, l in zip(self.w.tolist(), loss_list))
+        self.optimizer.zero_grad(set_to_none=True)
+        weighted.backward()
+        timings["backward_s"] = time.perf_counter() - tb
+
+        tu = time.perf_counter()
+        grads = {}
+        reused = {}
+        selected_names = set(self.selected) if (solved and self.reuse_jacobian and jbar_rows is not None) else set()
+        for name, p in self.params:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if name in selected_names:
+                reused[name] = p
+            else:
+                grads[name] = g
+        flag = torch.tensor([0.0 if all(bool(torch.isfinite(g).all()) for g in grads.values()) else 1.0], dtype=torch.float64)
+        self._all_reduce(flag)
+        if flag.item() > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip("gradient", mean_losses, probed, solved, t0, timings)
+        means = self.u_exchange.all_reduce_many({f"U/{n}": g for n, g in grads.items()}) if grads else {}
+        w = self.w.to(self.device)
+        for name, p in self.params:
+            if name in reused:
+                # Jbar rows are identical on every rank: sum_k w_k Jbar_k is the mean update.
+                p.grad = torch.tensordot(w.to(jbar_rows[name].dtype), jbar_rows[name], dims=1).to(p.dtype)
+            else:
+                p.grad = means[f"U/{name}"].to(p.dtype)
+        timings["update_exchange_s"] = time.perf_counter() - tu
+        to = time.perf_counter()
+        self.optimizer.step()
+        timings["optimizer_s"] = time.perf_counter() - to
+        self.step_count += 1
+        timings["step_s"] = time.perf_counter() - t0
+        return self._result(mean_losses, solved, probed, False, timings)
+
+    # --- the solve: steps 2-5 --------------------------------------------------------------
+    def _solve(self, loss_list, mean_losses, probed, epoch, timings):
+        tj = time.perf_counter()
+        S = self.candidates if probed else [c for c, keep in zip(self.candidates, self.mask.tolist()) if keep]
+        rows = jacobian(loss_list, [p for _, p in S], retain_graph=True)
+        timings["jacobian_s"] = time.perf_counter() - tj
+        K = len(self.objectives)
+
+        flag = torch.tensor([0.0 if all(bool(torch.isfinite(r).all()) for r in rows) else 1.0], dtype=torch.float64)
+        self._all_reduce(flag)
+        if flag.item() > 0:
+            return None, None, True
+
+        tx = time.perf_counter()
+        named = {}
+        for (name, _), r in zip(S, rows):
+            for k in range(K):
+                named[f"J/{self.objectives[k]}/{name}"] = r[k]
+        means, locals_ = self.j_exchange.all_reduce_many(named, return_local=True)
+        jbar = {name: torch.stack([means[f"J/{o}/{name}"] for o in self.objectives]) for name, _ in S}
+        timings["jacobian_exchange_s"] = time.perf_counter() - tx
+
+        tg = time.perf_counter()
+        mean_g = grams.local_grams([jbar[n] for n, _ in S]).double()
+        if self.gram == "cross":
+            local_rows = [torch.stack([locals_[f"J/{o}/{name}"] for o in self.objectives]) for name, _ in S]
+            sum_local = grams.local_grams(local_rows).double().contiguous()
+            self._all_reduce(sum_local)
+            per_tensor = grams.cross_gram(mean_g, sum_local, self.world_size)
+        else:
+            per_tensor = mean_g
+        timings["gram_s"] = time.perf_counter() - tg
+
+        ts = time.perf_counter()
+        # The coordinator decides; everyone receives [w (K), mask (|candidates|)].
+        decision = torch.zeros(K + len(self.candidates), dtype=torch.float64)
+        if self.rank == COORDINATOR:
+            if probed:
+                scores = selection.conflict_scores(grams.psd_clip(per_tensor))
+                sizes = torch.tensor([p.numel() for _, p in S])
+                mask = selection.select(scores, sizes, **self.selection)
+            else:
+                mask = torch.ones(len(S), dtype=torch.bool)
+            G = per_tensor[mask].sum(0)
+            grams.check_finite(G, "Gram estimate")
+            w, info = self.recipe.weights(G, mean_losses, self.objectives, epoch)
+            self.last_info = info
+            decision[:K] = w.double()
+            decision[K:] = (mask if probed else self.mask).double()
+        self.transport.broadcast_(decision, COORDINATOR)
+        self.w = decision[:K].float()
+        if probed:
+            self.mask = decision[K:] > 0.5
+        timings["solve_s"] = time.perf_counter() - ts
+        # The rows of the tensors now in S (after a probe, S shrinks to the selection).
+        kept = {name: jbar[name] for name in self.selected if name in jbar}
+        return rows, kept, False
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _check_losses(self, losses: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        if not isinstance(losses, Mapping):
+            raise TypeError(f"losses must be a dict name -> scalar tensor, got {type(losses).__name__}")
+        missing = [k for k in self.objectives if k not in losses]
+        extra = [k for k in losses if k not in self.objectives]
+        if missing or extra:
+            raise ValueError(f"losses: missing {missing}, unknown {extra}; expected exactly {list(self.objectives)}")
+        out = []
+        for k in self.objectives:
+            l = losses[k]
+            if not isinstance(l, torch.Tensor) or l.numel() != 1:
+                raise ValueError(f"loss {k!r} must be a scalar tensor, got {getattr(l, 'shape', type(l))}")
+            if not l.requires_grad:
+                raise ValueError(f"loss {k!r} does not require grad: it must come from the model's forward")
+            out.append(l.reshape(()))
+        return out
+
+    def _all_reduce(self, t: torch.Tensor) -> None:
+        if self.world_size > 1:
+            self.transport.all_reduce_(t, "sum")
+
+    def _broadcast_model(self) -> None:
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for t in list(self.model.parameters()) + list(self.model.buffers()):
+                self.transport.broadcast_(t.data, COORDINATOR)
+
+    def _bytes(self) -> tuple[int, int, int]:
+        s = [self.j_exchange.stats, self.u_exchange.stats]
+        return (sum(x.bytes_sent for x in s), sum(x.bytes_received for x in s), sum(x.dense_bytes for x in s))
+
+    def _skip(self, what, mean_losses, probed, solved, t0, timings) -> StepResult:
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"step {self.step_count}: non-finite {what} on at least one rank")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.step_count += 1
+        timings["step_s"] = time.perf_counter() - t0
+        return self._result(mean_losses, False, False, True, timings)
+
+    def _result(self, mean_losses, solved, probed, skipped, timings) -> StepResult:
+        sent, recv, dense = self._bytes()
+        prev = getattr(self, "_bytes_mark", (0, 0, 0))
+        self._bytes_mark = (sent, recv, dense)
+        return StepResult(
+            step=self.step_count - 1,
+            losses={k: float(v) for k, v in zip(self.objectives, mean_losses.tolist())},
+            weights={k: float(v) for k, v in zip(self.objectives, self.w.tolist())},
+            solved=solved,
+            probed=probed,
+            selected=self.selected,
+            skipped=skipped,
+            bytes_sent=sent - prev[0],
+            bytes_received=recv - prev[1],
+            dense_bytes=dense - prev[2],
+            timings=timings,
+            info=self.last_info if solved else {},
+        )
+
+    # --- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's engine state: weights, selection, recipe state and exchange residues."""
+        return {
+            "step": self.step_count,
+            "skipped": self.skipped_steps,
+            "w": self.w.clone(),
+            "mask": self.mask.clone(),
+            "recipe": self.recipe.state_dict(),
+            "j_exchange": self.j_exchange.state_dict(),
+            "u_exchange": self.u_exchange.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["mask"].numel() != len(self.candidates) or state["w"].numel() != len(self.objectives):
+            raise ValueError("engine state does not match this model and objectives")
+        self.step_count = int(state["step"])
+        self.skipped_steps = int(state["skipped"])
+        self.w = state["w"].clone().float()
+        self.mask = state["mask"].clone().bool()
+        self.recipe.load_state_dict(state["recipe"])
+        self.j_exchange.load_state_dict(state["j_exchange"])
+        self.u_exchange.load_state_dict(state["u_exchange"])

@@ -1,0 +1,392 @@
+"""One rank of a training run: config -> task, model, engine -> steps -> run dir.
+
+The process group comes from the launcher: ``torchrun`` (or ``--nproc``, which sets the same
+variables) for torch.distributed, ``mpirun`` for mpi4py, nothing for a single process. Sampling
+is a pure function of (seed, epoch, rank, step), so a resumed run draws exactly the batches the
+uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, config as config_mod, tasks
+from .config import Config, ConfigError
+from .engine import SoupEngine
+from .moo.recipe import Recipe, Schedule
+
+
+# --- process group ---------------------------------------------------------------------------
+def launcher_env() -> str:
+    """"torch" under torchrun / --nproc, "mpi" under mpirun, "local" otherwise."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return "torch"
+    if any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
+        return "mpi"
+    return "local"
+
+
+def init_distributed() -> tuple[str | None, int, int]:
+    """(transport name, rank, world size) after joining the launcher's process group."""
+    kind = launcher_env()
+    if kind == "torch":
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and os.environ.get("DIST_SOUP_BACKEND", "") != "gloo" else "gloo"
+            dist.init_process_group(backend=backend)
+        return "torch", dist.get_rank(), dist.get_world_size()
+    if kind == "mpi":
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise RuntimeError("running under mpirun needs mpi4py: pip install 'dist_soup[mpi]'") from None
+        return "mpi", MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    return None, 0, 1
+
+
+def shutdown_distributed(kind: str | None) -> None:
+    if kind == "torch":
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --- sampling --------------------------------------------------------------------------------
+class ShardedSampler:
+    """Seeded permutation per epoch, rank r takes positions r, r+P, ...; equal shard sizes."""
+
+    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        per_rank = size // world_size
+        self.steps_per_epoch = per_rank // batch_size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"train.batch_size: {batch_size} examples per rank x {world_size} ranks exceeds the "
+                f"task's {size} training examples; use a smaller batch_size"
+            )
+        self.size, self.batch_size, self.rank, self.world_size, self.seed = size, batch_size, rank, world_size, seed
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.size, generator=gen)
+            self._perm = perm[self.rank : self.world_size * (self.size // self.world_size) : self.world_size]
+            self._epoch = epoch
+        return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+
+# --- building blocks -------------------------------------------------------------------------
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_recipe(cfg: Config, objectives: tuple[str, ...], groups: dict) -> Recipe | str:
+    r = cfg.recipe
+    eta = Schedule(start=r.eta.start, step=r.eta.step, cap=r.eta.cap)
+    if r.kind == "custom":
+        return Recipe.from_levels(r.levels)
+    from .moo.recipe import build_recipe as build
+
+    return build(r.kind, objectives, groups, solver=cfg.solver.name, solver_options=cfg.solver.options, order=r.order, eta=eta)
+
+
+def objectives_of(cfg: Config, task) -> tuple[str, ...]:
+    if cfg.task.objectives is None:
+        return tuple(task.objectives)
+    unknown = [k for k in cfg.task.objectives if k not in task.objectives]
+    if unknown or not cfg.task.objectives:
+        raise ConfigError(f"task.objectives: {unknown or '[]'} not allowed; the task {task.name!r} has {list(task.objectives)}")
+    return tuple(cfg.task.objectives)
+
+
+def param_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def agree_on_config(transport, cfg: Config) -> None:
+    """All ranks must run the same resolved config: compare its digest (tensors, no pickle)."""
+    if transport.world_size == 1:
+        return
+    digest = bytes.fromhex(config_mod.fingerprint(cfg))[:8]
+    word = int.from_bytes(digest, "little", signed=True)
+    hi = torch.tensor([word], dtype=torch.int64)
+    lo = torch.tensor([-word], dtype=torch.int64)
+    transport.all_reduce_(hi, "max")
+    transport.all_reduce_(lo, "max")
+    if hi.item() != word or -lo.item() != word:
+        raise ConfigError(
+            f"rank {transport.rank}: the ranks of this run have different configs (fingerprint "
+            f"{config_mod.fingerprint(cfg)[:16]} here); start every rank with the same config and --set overrides"
+        )
+
+
+# --- the run ---------------------------------------------------------------------------------
+def run(cfg: Config, run_dir: Path, *, resume: bool = False, log=print) -> dict | None:
+    """Train one rank. Returns the summary on rank 0, None elsewhere."""
+    torch.set_num_threads(int(os.environ.get("DIST_SOUP_THREADS", "1")))
+    kind, rank, world = init_distributed()
+    try:
+        return _run(cfg, Path(run_dir), resume, kind, rank, world, log)
+    finally:
+        shutdown_distributed(kind)
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, rank: int) -> Path | None:
+    """Check the run dir against this config; the checkpoint to resume from, or None."""
+    cfg_file = run_dir / "config.yaml"
+    last = checkpoint.latest(run_dir) if (run_dir / checkpoint.SUBDIR).exists() else None
+    if cfg_file.exists():
+        try:
+            old = config_mod.from_dict(__import__("yaml").safe_load(cfg_file.read_text()))
+        except Exception as exc:
+            raise ConfigError(f"run dir {str(run_dir)!r} holds an unreadable config.yaml ({exc}); use another --run-dir") from None
+        same = config_mod.fingerprint(_without_steps(old)) == config_mod.fingerprint(_without_steps(cfg))
+        if last is not None and not same:
+            raise ConfigError(
+                f"run dir {str(run_dir)!r} holds a checkpoint of a run with a different config; "
+                "use another --run-dir (nothing was overwritten)"
+            )
+    if last is not None and not resume:
+        raise ConfigError(
+            f"run dir {str(run_dir)!r} already holds checkpoints ({last.name}); pass --resume to continue "
+            "it or choose another --run-dir (nothing was overwritten)"
+        )
+    return last if resume else None
+
+
+def _without_steps(cfg: Config) -> Config:
+    """The config minus what may change on resume (the total number of steps)."""
+    import copy
+
+    c = copy.deepcopy(cfg)
+    c.train.steps = 0
+    return c
+
+
+def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, log) -> dict | None:
+    torch.manual_seed(cfg.seed)
+    task = tasks.build(cfg.task.name, **cfg.task.options)
+    objectives = objectives_of(cfg, task)
+    groups = {g: tuple(k for k in ks if k in objectives) for g, ks in task.groups.items()}
+    groups = {g: ks for g, ks in groups.items() if ks}
+    model = task.build_model(cfg.seed)
+    optimizer = build_optimizer(cfg, model)
+    sampler = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
+    c = cfg.compression
+    engine = SoupEngine(
+        model, optimizer, objectives, task.shared, build_recipe(cfg, objectives, groups),
+        gram=cfg.train.gram, selection={k: v for k, v in vars(cfg.selection).items() if k != "probe_every"},
+        probe_every=cfg.selection.probe_every, solve_every=cfg.train.solve_every,
+        jacobian_compressor=c.jacobian.name, jacobian_options=c.jacobian.options,
+        update_compressor=c.update.name, update_options=c.update.options, mode=c.mode,
+        bucket_mb=c.bucket_mb, reuse_jacobian=cfg.train.reuse_jacobian, nonfinite=cfg.train.nonfinite,
+        steps_per_epoch=sampler.steps_per_epoch, seed=cfg.seed, transport=kind,
+    )
+    transport = engine.transport
+    agree_on_config(transport, cfg)
+
+    start = 0
+    restore = None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    transport.barrier()
+    restore = _prepare_run_dir(cfg, run_dir, resume, rank)
+    first_losses: dict[str, float] = {}
+    if restore is not None:
+        shared, mine = checkpoint.load_checkpoint(restore, rank)
+        if shared.get("world_size") != world:
+            raise ConfigError(f"checkpoint {str(restore)!r} was saved by {shared.get('world_size')} ranks, this run has {world}")
+        model.load_state_dict(shared["model"])
+        optimizer.load_state_dict(shared["optimizer"])
+        engine.load_state_dict({**shared["engine"], **mine["engine"]})
+        torch.set_rng_state(mine["rng"])
+        start = int(shared["step"])
+        first_losses = dict(shared.get("first_losses", {}))
+        log(f"[dist_soup] resumed from {restore} at step {start}") if rank == 0 else None
+    if rank == 0:
+        checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
+    metrics_path = run_dir / "metrics.jsonl"
+    if rank == 0 and restore is None and metrics_path.exists():
+        metrics_path.unlink()  # a fresh run in a run dir without checkpoints starts a fresh log
+    elif rank == 0 and restore is not None and metrics_path.exists():
+        _truncate_metrics(metrics_path, start)
+
+    def shared_state() -> dict:
+        es = engine.state_dict()
+        return {
+            "step": engine.step_count,
+            "world_size": world,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "engine": {k: es[k] for k in ("step", "skipped", "w", "mask", "recipe")},
+            "first_losses": first_losses,
+            "config_sha256": config_mod.fingerprint(cfg),
+        }
+
+    def save() -> None:
+        es = engine.state_dict()
+        mine = {"engine": {k: es[k] for k in ("j_exchange", "u_exchange")}, "rng": torch.get_rng_state()}
+        checkpoint.save(run_dir, engine.step_count, rank, shared_state if rank == 0 else None, mine,
+                        transport.barrier, keep=cfg.checkpoint.keep)
+
+    progress = _Progress(cfg, start, rank)
+    t_start = time.perf_counter()
+    totals = {"bytes_sent": 0, "bytes_received": 0, "dense_bytes": 0, "skipped": engine.skipped_steps}
+    last_res = None
+    with open(metrics_path, "a", encoding="utf-8") if rank == 0 else _Null() as mfile:
+        for step in range(start, cfg.train.steps):
+            model.train()
+            batch = task.batch(sampler.indices(step))
+            losses = task.losses(model, batch)
+            losses = {k: losses[k] for k in objectives}
+            res = engine.step(losses, epoch=step / sampler.steps_per_epoch)
+            last_res = res
+            if not first_losses:
+                first_losses = dict(res.losses)
+            for k in ("bytes_sent", "bytes_received", "dense_bytes"):
+                totals[k] += getattr(res, k)
+            if rank == 0 and (step % cfg.logging.every == 0 or step == cfg.train.steps - 1 or res.probed):
+                mfile.write(json.dumps(_metrics_line(res, step)) + "\n")
+                mfile.flush()
+            if cfg.logging.eval_every and (step + 1) % cfg.logging.eval_every == 0 and rank == 0:
+                model.eval()
+                with torch.no_grad():
+                    ev = task.evaluate(model)
+                mfile.write(json.dumps({"step": step, "eval": ev}) + "\n")
+            progress.update(step, res)
+            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.train.steps:
+                save()
+    progress.close()
+    elapsed = time.perf_counter() - t_start
+    save()
+    totals["skipped"] = engine.skipped_steps
+    # bytes are per rank; the summary reports this run's totals summed over ranks
+    counts = torch.tensor([totals["bytes_sent"], totals["bytes_received"], totals["dense_bytes"]], dtype=torch.float64)
+    if world > 1:
+        transport.all_reduce_(counts, "sum")
+    if rank != 0:
+        return None
+    model.eval()
+    with torch.no_grad():
+        evaluation = task.evaluate(model)
+    steps_done = cfg.train.steps - start
+    summary = {
+        "steps": engine.step_count,
+        "world_size": world,
+        "task": task.name,
+        "objectives": {
+            k: {
+                "first_loss": first_losses.get(k),
+                "final_loss": last_res.losses[k] if last_res else None,
+                "metric": task.metrics[k].name,
+                "value": evaluation[k],
+                "higher_is_better": task.metrics[k].higher_is_better,
+            }
+            for k in objectives
+        },
+        "comm": {
+            "bytes_sent": int(counts[0]),
+            "bytes_received": int(counts[1]),
+            "dense_bytes": int(counts[2]),
+            "ratio": float(counts[2] / counts[0]) if counts[0] > 0 else None,
+        },
+        "skipped_steps": engine.skipped_steps,
+        "selected": engine.selected,
+        "weights": dict(zip(objectives, engine.w.tolist())),
+        "param_sha256": param_sha256(model),
+        "time_s": elapsed,
+        "steps_per_s": steps_done / elapsed if elapsed > 0 else None,
+    }
+    checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _metrics_line(res, step: int) -> dict:
+    return {
+        "step": step,
+        "losses": res.losses,
+        "weights": res.weights,
+        "selected": res.selected,
+        "solved": res.solved,
+        "probed": res.probed,
+        "skipped": res.skipped,
+        "bytes_sent": res.bytes_sent,
+        "bytes_received": res.bytes_received,
+        "dense_bytes": res.dense_bytes,
+        "timings": {k: round(v, 6) for k, v in res.timings.items()},
+    }
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Drop log lines of steps after the checkpoint we resume from (they will be redone)."""
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", -1) < start:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    checkpoint.atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, _):
+        return 0
+
+    def flush(self):
+        return None
+
+
+class _Progress:
+    """tqdm bar on rank 0 in a terminal, plain log lines otherwise."""
+
+    def __init__(self, cfg: Config, start: int, rank: int) -> None:
+        self.cfg, self.rank, self.bar = cfg, rank, None
+        mode = cfg.logging.progress
+        if rank != 0 or mode == "none":
+            self.mode = "none"
+            return
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "plain"
+        self.mode = mode
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
+
+    def update(self, step: int, res) -> None:
+        if self.mode == "bar":
+            self.bar.update(1)
+            self.bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in list(res.losses.items())[:4]})
+        elif self.mode == "plain" and (step % self.cfg.logging.every == 0 or step == self.cfg.train.steps - 1):
+            losses = " ".join(f"{k}={v:.4f}" for k, v in res.losses.items())
+            print(f"[dist_soup] step {step + 1}/{self.cfg.train.steps} {losses}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
