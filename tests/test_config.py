@@ -1,0 +1,70 @@
+"""Config loading, validation errors that name the key, overrides, fingerprints."""
+import pytest
+
+from dist_soup import config as C
+
+
+def test_defaults_round_trip(tmp_path):
+    cfg = C.from_dict({})
+    path = tmp_path / "c.yaml"
+    path.write_text(C.dump(cfg))
+    again = C.load(path)
+    assert again == cfg
+    assert C.fingerprint(again) == C.fingerprint(cfg)
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ({"trian": {}}, ["unknown key trian", "train"]),
+        ({"train": {"stepz": 3}}, ["unknown key train.stepz", "steps"]),
+        ({"train": {"steps": "ten"}}, ["train.steps", "'ten'", "integer"]),
+        ({"train": {"steps": 0}}, ["train.steps", "> 0"]),
+        ({"compression": {"mode": "ring"}}, ["compression.mode", "'ring'", "allgather"]),
+        ({"recipe": {"kind": "vm", "order": "asu"}}, ["recipe.order", "'asu'", "uas"]),
+        ({"recipe": {"kind": "vs", "order": "uas"}}, ["recipe.order", "vm"]),
+        ({"recipe": {"kind": "custom"}}, ["recipe.levels"]),
+        ({"selection": {"rule": "budget"}}, ["selection.budget"]),
+        ({"train": {"reuse_jacobian": "yes"}}, ["train.reuse_jacobian", "boolean"]),
+        ({"optimizer": {"lr": -1}}, ["optimizer.lr", "> 0"]),
+        ([1, 2], ["mapping"]),
+    ],
+)
+def test_bad_values_name_key_and_allowed(data, words):
+    with pytest.raises(C.ConfigError) as info:
+        C.from_dict(data)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_overrides_are_checked_like_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 5\n")
+    cfg = C.load(path, ["train.steps=7", "compression.jacobian.options.bits=8", "selection.tau=-0.1"])
+    assert cfg.train.steps == 7 and cfg.compression.jacobian.options == {"bits": 8}
+    assert cfg.selection.tau == -0.1
+    with pytest.raises(C.ConfigError, match="train.nope"):
+        C.load(path, ["train.nope=1"])
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.load(path, ["train.steps"])
+    with pytest.raises(C.ConfigError, match="is not a section"):
+        C.load(path, ["train.steps.x=1"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        C.load(bad)
+    top = tmp_path / "top.yaml"
+    top.write_text("- a\n- b\n")
+    with pytest.raises(C.ConfigError, match="mapping"):
+        C.load(top)
+
+
+def test_fingerprint_changes_with_any_value():
+    a = C.from_dict({})
+    b = C.from_dict({"compression": {"update": {"name": "qsgd", "options": {"bits": 8}}}})
+    assert C.fingerprint(a) != C.fingerprint(b)
