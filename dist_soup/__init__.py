@@ -1,3 +1,19 @@
-"""dist_soup: distributed multi-objective training with compressed gradient communication."""
+"""dist_soup: distributed multi-objective training with compressed gradient communication.
+
+Rooms (dependency direction: compress, moo  <-  comm  <-  engine  <-  train, cli):
+``dist_soup.compress`` codecs and error feedback; ``dist_soup.comm`` transports and compressed
+collectives; ``dist_soup.moo`` Jacobians, Grams, layer selection, solvers, recipes;
+:class:`SoupEngine` the soup step; ``dist_soup.tasks`` built-in tasks; ``dist_soup.train`` and
+``dist_soup.cli`` the training front end.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["SoupEngine", "StepResult"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'dist_soup' has no attribute {name!r}")
