@@ -7,5 +7,6 @@ from .base import Compressor, LinearCodec
 from .payload import Payload
 from .registry import build, names
 from . import cast  # noqa: F401  (registers identity, fp16, bf16)
+from .qsgd import QSGD
 
-__all__ = ["Compressor", "LinearCodec", "Payload", "build", "names"]
+__all__ = ["Compressor", "LinearCodec", "Payload", "QSGD", "build", "names"]

@@ -1,0 +1,405 @@
+"""QSGD (Alistarh et al., 2017): stochastic quantization to s levels per bucket, bit-packed.
+
+For each bucket v of d consecutive values with scale ``n(v)`` (``max|v_i|`` by default, or
+``||v||_2``) and ``s = 2**(bits-1) - 1`` levels::
+
+    l_i = floor(s |v_i| / n + u_i),  u_i ~ U[0, 1)        (so P[round up] = frac(s |v_i| / n))
+    Q(v_i) = n * sign(v_i) * l_i / s,                     E[Q(v)] = v
+
+With l2 scaling the variance is bounded: ``E||Q(v) - v||^2 <= min(d/s^2, sqrt(d)/s) ||v||^2``.
+
+Wire modes (the ``mode`` meta field):
+
+* ``dense`` (default): ``sign * level + s`` in ``bits`` bits, ``8 / bits`` values per byte, plus
+  one fp32 scale per bucket: ``bits + 32 / d`` bits per value (4.0625 at 4 bits, d = 512).
+* ``elias`` (``coding="elias"``): variable length, for few levels. After the scales, the
+  Elias-omega codes of the gaps between nonzero positions, then those of their levels, then one
+  sign bit per nonzero. Sparse level vectors (2 bits, or l2 scaling) cost far fewer bits.
+  Encoding and decoding are vectorized (decoding finds every code boundary at once by pointer
+  doubling; see :func:`omega_decode`).
+* ``raw``: tensors with fewer than ``min_numel`` values travel as they are (the paper sent
+  tensors under about 10K values uncompressed; the header alone outweighs the saving on tiny
+  ones). Default ``min_numel = 1024``.
+
+Randomness is counter-based (see :mod:`.kernels`): the draw for value i at this stream's step t
+is a hash of ``(mix(seed, rank, stream, t), i)``, so runs are reproducible and resuming from
+``state_dict`` continues the same sequence.
+
+As a :class:`~.base.LinearCodec` (``mode="allreduce"``) QSGD uses a *shared* scale: every rank
+offers its bucket scales, the collective takes their elementwise max, each rank quantizes
+against it (still unbiased: ``|v_i| <= shared n``), the integer levels are summed in the
+smallest integer type that holds ``P * s``, and ``decode_sum`` returns ``total * n / (s P)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import kernels
+from .base import LinearCodec
+from .payload import Payload
+from .registry import CODEC_IDS, register
+
+MODES = {"raw": 0, "dense": 1, "elias": 2}
+NORMS = {"max": 0, "l2": 1}
+CODINGS = ("dense", "elias")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Largest value Elias-omega codes here (gaps up to the tensor size): codes stay within 63 bits.
+_OMEGA_MAX_BITS = 63
+_OMEGA_MAX_GROUP = 41  # widest group a code of a value below 2**40 contains (40 bits + slack)
+
+
+def sum_dtype(world_size: int, s: int) -> torch.dtype:
+    """Smallest integer dtype that holds any sum of ``world_size`` levels in [-s, s]."""
+    m = world_size * s
+    if m <= 127:
+        return torch.int8
+    if m <= 32767:
+        return torch.int16
+    return torch.int32
+
+
+# --- Elias omega, vectorized -----------------------------------------------------------------
+def _bitlen(x: torch.Tensor) -> torch.Tensor:
+    """Number of binary digits of positive int64 values (exact: frexp of float64 < 2**53)."""
+    return torch.frexp(x.to(torch.float64)).exponent.to(torch.int64)
+
+
+def omega_codes(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elias-omega code of each positive int64 value (< 2**40): (code bits as int64, length).
+
+    Omega(N): start from "0"; while N > 1, prepend N in binary and set N = bitlen(N) - 1.
+    The loop runs at most 6 times for N < 2**40 and is vectorized over all values.
+    """
+    if values.numel() and int(values.min()) < 1:
+        raise ValueError("Elias-omega codes positive integers only")
+    code = torch.zeros_like(values)
+    length = torch.ones_like(values)
+    cur = values.clone()
+    for _ in range(6):
+        more = cur > 1
+        if not bool(more.any()):
+            break
+        bl = _bitlen(cur)
+        code = torch.where(more, code | (cur << length), code)
+        length = torch.where(more, length + bl, length)
+        cur = torch.where(more, bl - 1, cur)
+    return code, length
+
+
+def write_bits(codes: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate variable-length codes (MSB first) into bytes; returns (uint8 tensor, bit count)."""
+    total = int(lengths.sum()) if lengths.numel() else 0
+    if total == 0:
+        return torch.zeros(0, dtype=torch.uint8, device=codes.device), 0
+    width = int(lengths.max())
+    j = torch.arange(width, device=codes.device)
+    # bit j of a code of length L is bit (L-1-j) of its value; only j < L exist.
+    sh = (lengths[:, None] - 1 - j).clamp_(min=0)
+    bits = ((codes[:, None] >> sh) & 1).to(torch.uint8)
+    bits = bits[j < lengths[:, None]]  # row-major: codes in order, each MSB first
+    return _pack_bits(bits), total
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    w = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
+    return (bits.view(-1, 8) * w).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def _unpack_bits(data: torch.Tensor, nbits: int) -> torch.Tensor:
+    sh = torch.arange(7, -1, -1, device=data.device, dtype=torch.uint8)
+    return ((data[:, None] >> sh) & 1).reshape(-1)[:nbits]
+
+
+def _windows(data: torch.Tensor) -> torch.Tensor:
+    """56-bit big-endian window starting at every byte (zero past the end), as int64."""
+    b = torch.cat([data, data.new_zeros(7)]).to(torch.int64)
+    m = data.numel()
+    w = torch.zeros(m, dtype=torch.int64, device=data.device)
+    for k in range(7):
+        w = (w << 8) | b[k : k + m]
+    return w
+
+
+def _read(win: torch.Tensor, pos: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """``width`` (<= 49) bits starting at bit ``pos`` of the stream behind ``win``."""
+    w = win[pos >> 3] << (pos & 7)
+    return (w >> (56 - width)) & ((1 << width) - 1)
+
+
+def omega_decode(data: torch.Tensor, nbits: int, count: int) -> tuple[torch.Tensor, int]:
+    """Decode ``count`` consecutive omega codes from the start of a bit stream, vectorized.
+
+    Returns (values, bits consumed). A code's length depends only on the bits at its start, so
+    the length of "a code starting at p" is computed for every bit position p at once (a fixed
+    number of rounds); the true code starts are the chain 0 -> next(0) -> ..., found for all
+    codes together by pointer doubling in log2(count) rounds. Malformed streams (a chain that
+    runs off the end or needs an absurd group width) raise ``ValueError``.
+    """
+    dev = data.device
+    if count == 0:
+        return torch.zeros(0, dtype=torch.int64, device=dev), 0
+    if nbits <= 0:
+        raise ValueError("Elias stream is empty but codes are declared")
+    win = _windows(data)
+    pos = torch.arange(nbits, dtype=torch.int64, device=dev)
+    val = torch.ones(nbits, dtype=torch.int64, device=dev)
+    end = torch.full((nbits,), -1, dtype=torch.int64, device=dev)  # -1: not finished
+    bad = torch.zeros(nbits, dtype=torch.bool, device=dev)
+    for _ in range(8):
+        live = (end < 0) & ~bad
+        if not bool(live.any()):
+            break
+        inside = pos < nbits
+        bit = torch.where(inside, _read(win, pos.clamp(max=nbits - 1), torch.ones_like(pos)), 0)
+        stop = live & inside & (bit == 0)
+        end = torch.where(stop, pos + 1, end)
+        width = val + 1
+        grow = live & inside & (bit == 1)
+        bad = bad | (live & ~inside) | (grow & ((width > _OMEGA_MAX_GROUP) | (pos + width > nbits)))
+        grow = grow & ~bad
+        safe_w = torch.where(grow, width, torch.ones_like(width))
+        nv = _read(win, pos.clamp(max=nbits - 1), safe_w)
+        val = torch.where(grow, nv, val)
+        pos = torch.where(grow, pos + width, pos)
+    bad = bad | (end < 0)
+    # Jump table over positions 0..nbits, with nbits (the end) and nbits+1 (invalid) absorbing.
+    jump = torch.empty(nbits + 2, dtype=torch.int64, device=dev)
+    jump[:nbits] = torch.where(bad, nbits + 1, end)
+    jump[nbits] = nbits + 1  # a code cannot start at the very end
+    jump[nbits + 1] = nbits + 1
+    on = torch.zeros(nbits + 2, dtype=torch.bool, device=dev)
+    on[0] = True
+    rounds = max(1, math.ceil(math.log2(count + 1)))
+    for _ in range(rounds):
+        on[jump[on]] = True
+        jump = jump[jump]
+    starts = torch.nonzero(on[:nbits]).view(-1)
+    if starts.numel() < count:
+        raise ValueError(f"Elias stream holds fewer than the {count} codes it declares")
+    starts = starts[:count]
+    if bool(bad[starts].any()):
+        raise ValueError("Elias stream holds a malformed code")
+    return val[starts], int(end[starts[-1]])
+
+
+# --- the codec ------------------------------------------------------------------------------
+class QSGD(LinearCodec):
+    """QSGD stream. ``build("qsgd", bits=4, bucket_size=512, norm="max", coding="dense")``.
+
+    Options: ``bits`` in (2, 4, 8); ``bucket_size`` a multiple of 8 in [8, 2**20]; ``norm``
+    "max" or "l2"; ``coding`` "dense" or "elias"; ``min_numel`` (tensors smaller than this are
+    sent uncompressed, default 1024); ``backend`` "auto", "compiled" or "eager" (see
+    :mod:`.kernels`); ``seed``, ``rank``, ``stream`` for the random draws.
+    """
+
+    name = "qsgd"
+
+    def __init__(
+        self,
+        bits: int = 4,
+        bucket_size: int = 512,
+        norm: str = "max",
+        coding: str = "dense",
+        min_numel: int = 1024,
+        backend: str = "auto",
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        stream: int = 0,
+    ) -> None:
+        super().__init__(seed=seed, rank=rank, stream=stream)
+        if bits not in (2, 4, 8):
+            raise ValueError(f"qsgd bits must be 2, 4 or 8, got {bits!r}")
+        if not isinstance(bucket_size, int) or bucket_size % 8 or not 8 <= bucket_size <= 1 << 20:
+            raise ValueError(f"qsgd bucket_size must be a multiple of 8 in [8, 2**20], got {bucket_size!r}")
+        if norm not in NORMS:
+            raise ValueError(f"qsgd norm must be one of {sorted(NORMS)}, got {norm!r}")
+        if coding not in CODINGS:
+            raise ValueError(f"qsgd coding must be one of {CODINGS}, got {coding!r}")
+        if not isinstance(min_numel, int) or min_numel < 0:
+            raise ValueError(f"qsgd min_numel must be an int >= 0, got {min_numel!r}")
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"qsgd backend must be one of {kernels.BACKENDS}, got {backend!r}")
+        self.bits = bits
+        self.s = (1 << (bits - 1)) - 1
+        self.bucket_size = bucket_size
+        self.norm = norm
+        self.coding = coding
+        self.min_numel = min_numel
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return (
+            f"QSGD(bits={self.bits}, bucket_size={self.bucket_size}, norm={self.norm!r}, "
+            f"coding={self.coding!r}, seed={self.seed}, rank={self.rank}, stream={self.stream})"
+        )
+
+    # --- helpers --------------------------------------------------------------------------
+    def _check(self, g: torch.Tensor) -> torch.Tensor:
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"qsgd compresses a torch.Tensor, got {type(g).__name__}")
+        if g.dtype not in _FLOATS:
+            raise ValueError(f"qsgd compresses floating tensors {_FLOATS}, got {g.dtype}")
+        return g.detach().reshape(-1)
+
+    def _raw(self, g: torch.Tensor) -> bool:
+        return g.numel() < max(self.min_numel, 1)
+
+    def _meta(self, mode: str, nnz: int = 0, nbits: int = 0) -> tuple[int, ...]:
+        return (MODES[mode], self.bits, self.bucket_size, NORMS[self.norm], nnz, nbits)
+
+    def _key(self, device: torch.device) -> torch.Tensor:
+        return kernels.split_key(self.next_key(), device)
+
+    @staticmethod
+    def _finite(scale: torch.Tensor) -> None:
+        # Every value enters its bucket's scale (max or 2-norm), so a NaN/inf anywhere shows here.
+        if not bool(torch.isfinite(scale).all()):
+            raise ValueError("qsgd input holds non-finite values (NaN or inf)")
+
+    # --- Compressor ---------------------------------------------------------------------
+    def compress(self, g: torch.Tensor) -> Payload:
+        flat = self._check(g)
+        shape, cid = tuple(g.shape), CODEC_IDS[self.name]
+        if self._raw(flat):
+            self.step += 1  # every call advances the step, whatever the mode
+            return Payload(cid, shape, g.dtype, self._meta("raw"), [flat.clone()])
+        n, d = flat.numel(), self.bucket_size
+        key = self._key(flat.device)
+        scale, packed = kernels.run(
+            kernels.qsgd_encode, (flat, key), dict(bits=self.bits, d=d, norm=self.norm), self.backend, n
+        )
+        self._finite(scale)
+        if self.coding == "dense":
+            packed = packed[: (n * self.bits + 7) // 8]
+            return Payload(cid, shape, g.dtype, self._meta("dense"), [scale, packed])
+        # elias: levels from the same kernel (unpacked) so both codings draw identically
+        q = kernels.qsgd_decode(
+            torch.ones_like(scale) * self.s, packed, n, bits=self.bits, d=d, dtype=torch.float32
+        ).to(torch.int64)
+        nz = torch.nonzero(q).view(-1)
+        gaps = torch.diff(nz, prepend=nz.new_full((1,), -1))
+        lv = q[nz]
+        gc, gl = omega_codes(gaps)
+        lc, ll = omega_codes(lv.abs())
+        signs = (lv < 0).to(torch.int64)
+        data, nbits = write_bits(torch.cat([gc, lc, signs]), torch.cat([gl, ll, torch.ones_like(signs)]))
+        return Payload(cid, shape, g.dtype, self._meta("elias", nz.numel(), nbits), [scale, data])
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        validate(payload)
+        mode = payload.meta[0]
+        n = payload.numel
+        if mode == MODES["raw"]:
+            return payload.parts[0].to(payload.dtype).reshape(payload.shape).clone()
+        bits, d = payload.meta[1], payload.meta[2]
+        scale, data = payload.parts
+        s = (1 << (bits - 1)) - 1
+        if mode == MODES["dense"]:
+            nb = scale.numel()
+            full = nb * d * bits // 8
+            if data.numel() < full:
+                data = torch.cat([data, data.new_zeros(full - data.numel())])
+            out = kernels.run(
+                kernels.qsgd_decode, (scale, data, n), dict(bits=bits, d=d, dtype=payload.dtype), self.backend, n
+            )
+            return out.reshape(payload.shape)
+        nnz, nbits = payload.meta[4], payload.meta[5]
+        vals, used = omega_decode(data, nbits, 2 * nnz)
+        if used + nnz != nbits:
+            raise ValueError(f"qsgd elias stream: codes end at bit {used}, {nbits - used} bits left for {nnz} signs")
+        gaps, lv = vals[:nnz], vals[nnz:]
+        idx = torch.cumsum(gaps, 0) - 1
+        if nnz and int(idx[-1]) >= n:
+            raise ValueError(f"qsgd elias stream: position {int(idx[-1])} outside a tensor of {n} values")
+        if nnz and int(lv.max()) > s:
+            raise ValueError(f"qsgd elias stream: level {int(lv.max())} above s = {s}")
+        sign = _unpack_bits(data, nbits)[used:].to(torch.int64)
+        q = torch.zeros(scale.numel() * d, dtype=torch.float32, device=data.device)
+        q[idx] = (lv * (1 - 2 * sign)).to(torch.float32)
+        out = (q.view(-1, d) * (scale / s)[:, None]).view(-1)[:n]
+        return out.to(payload.dtype).reshape(payload.shape)
+
+    # --- LinearCodec (shared scale) --------------------------------------------------------
+    def agreement(self, g: torch.Tensor, rank: int, world_size: int):
+        flat = self._check(g)
+        if self._raw(flat):
+            return None
+        xb = kernels._buckets(flat, self.bucket_size)
+        scale = kernels._norms(xb, self.norm)
+        self._finite(scale)
+        return scale, "max"
+
+    def encode_sum(self, g: torch.Tensor, agreed: torch.Tensor | None, world_size: int) -> torch.Tensor:
+        flat = self._check(g)
+        if self._raw(flat):
+            self.step += 1
+            return flat.to(torch.float32, copy=True)
+        if agreed is None:
+            raise ValueError("qsgd encode_sum needs the agreed (all-reduced max) bucket scales")
+        nb = -(-flat.numel() // self.bucket_size)
+        if agreed.shape != (nb,) or agreed.dtype != torch.float32:
+            raise ValueError(f"qsgd agreed scales must be float32 of shape ({nb},), got {tuple(agreed.shape)} {agreed.dtype}")
+        out = sum_dtype(world_size, self.s)
+        return kernels.run(
+            kernels.qsgd_levels,
+            (flat, agreed, self._key(flat.device)),
+            dict(s=self.s, d=self.bucket_size, out=out),
+            self.backend,
+            flat.numel(),
+        )
+
+    def _unlevel(self, total: torch.Tensor, agreed: torch.Tensor | None, divide: int) -> torch.Tensor:
+        if agreed is None:  # raw tensor: the wire is fp32 values
+            return total.to(torch.float32) / divide
+        return kernels.qsgd_unlevel(total, agreed, s=self.s, d=self.bucket_size, divide=divide, dtype=torch.float32)
+
+    def decode_sum(self, total: torch.Tensor, agreed: torch.Tensor | None, world_size: int) -> torch.Tensor:
+        """Mean of the ranks' quantized tensors, flat float32 (reshape with the caller's shape)."""
+        return self._unlevel(total, agreed, world_size)
+
+    def decode_local(self, wire: torch.Tensor, agreed: torch.Tensor | None, world_size: int) -> torch.Tensor:
+        return self._unlevel(wire, agreed, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+
+def validate(p: Payload) -> None:
+    """Structural check of a QSGD payload (``from_bytes`` runs it; so does ``decompress``)."""
+    if len(p.meta) != 6:
+        raise ValueError(f"qsgd payload needs 6 meta values, has {len(p.meta)}")
+    mode, bits, d, norm, nnz, nbits = p.meta
+    n = p.numel
+    if mode == MODES["raw"]:
+        if p.dtype not in _FLOATS:
+            raise ValueError(f"qsgd raw payload dtype must be floating, is {p.dtype}")
+        p.expect("qsgd", 6, [(p.dtype, n)])
+        return
+    if mode not in MODES.values():
+        raise ValueError(f"qsgd payload mode {mode} unknown; known: {MODES}")
+    if bits not in (2, 4, 8) or d % 8 or not 8 <= d <= 1 << 20 or norm not in NORMS.values():
+        raise ValueError(f"qsgd payload parameters out of range: bits={bits}, bucket_size={d}, norm={norm}")
+    if p.dtype not in _FLOATS:
+        raise ValueError(f"qsgd payload dtype must be floating, is {p.dtype}")
+    nb = -(-n // d)
+    if mode == MODES["dense"]:
+        if nnz or nbits:
+            raise ValueError("qsgd dense payload must have zero elias fields")
+        p.expect("qsgd", 6, [(torch.float32, nb), (torch.uint8, (n * bits + 7) // 8)])
+    else:
+        if not 0 <= nnz <= n or nbits < 3 * nnz or nbits > _OMEGA_MAX_BITS * 2 * nnz + nnz:
+            raise ValueError(f"qsgd elias payload: {nnz} nonzeros in {nbits} bits is impossible for {n} values")
+        p.expect("qsgd", 6, [(torch.float32, nb), (torch.uint8, (nbits + 7) // 8)])
+    scale = p.parts[0]
+    if nb and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        raise ValueError("qsgd payload scales must be finite and >= 0")
+
+
+register(QSGD, validate)
