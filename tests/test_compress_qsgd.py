@@ -184,13 +184,14 @@ def _allreduce(P, g_list, bits, norm="max", **kw):
     return wires, means, locals_, agreed
 
 
-@pytest.mark.parametrize("P,bits", [(4, 4), (3, 8), (20, 8)])
-def test_linear_path_matches_mean(P, bits):
+@pytest.mark.parametrize("P,bits,int16", [(4, 4, False), (3, 8, True), (20, 8, True), (3, 8, False)])
+def test_linear_path_matches_mean(P, bits, int16):
     g_list = [torch.randn(3000, generator=_gen(20 + r)) * (r + 1) for r in range(P)]
-    wires, means, locals_, agreed = _allreduce(P, g_list, bits)
+    wires, means, locals_, agreed = _allreduce(P, g_list, bits, wire_int16=int16)
     s = (1 << (bits - 1)) - 1
-    assert wires[0].dtype == sum_dtype(P, s) and wires[0].numel() == 3000
-    assert wires[0].dtype == {(4, 4): torch.int8, (3, 8): torch.int16, (20, 8): torch.int16}[(P, bits)]
+    assert wires[0].dtype == sum_dtype(P, s, int16) and wires[0].numel() == 3000
+    want = {(4, 4): torch.int8, (3, 8): torch.int16, (20, 8): torch.int16}[(P, bits)]
+    assert wires[0].dtype == (want if int16 or want == torch.int8 else torch.int32)
     assert all(torch.equal(means[0], m) for m in means)  # every rank decodes the same mean
     assert torch.allclose(means[0], torch.stack(locals_).mean(0), atol=1e-5)
     true = torch.stack(g_list).mean(0)

@@ -51,14 +51,19 @@ _OMEGA_MAX_BITS = 63
 _OMEGA_MAX_GROUP = 41  # widest group a code of a value below 2**40 contains (40 bits + slack)
 
 
-def sum_dtype(world_size: int, s: int) -> torch.dtype:
-    """Smallest integer dtype that holds any sum of ``world_size`` levels in [-s, s]."""
+def sum_dtype(world_size: int, s: int, int16: bool = True) -> torch.dtype:
+    """Smallest integer dtype that holds any sum of ``world_size`` levels in [-s, s].
+
+    ``int16=False`` skips int16: gloo's all_reduce rejects it ("Invalid scalar type").
+    """
     m = world_size * s
     if m <= 127:
         return torch.int8
-    if m <= 32767:
+    if m <= 32767 and int16:
         return torch.int16
-    return torch.int32
+    if m <= 2**31 - 1:
+        return torch.int32
+    return torch.int64
 
 
 # --- Elias omega, vectorized -----------------------------------------------------------------
@@ -194,7 +199,8 @@ class QSGD(LinearCodec):
 
     Options: ``bits`` in (2, 4, 8); ``bucket_size`` a multiple of 8 in [8, 2**20]; ``norm``
     "max" or "l2"; ``coding`` "dense" or "elias"; ``min_numel`` (tensors smaller than this are
-    sent uncompressed, default 1024); ``backend`` "auto", "compiled" or "eager" (see
+    sent uncompressed, default 1024); ``wire_int16`` (allreduce mode: allow int16 sums; off by
+    default because gloo cannot all-reduce int16, so sums beyond int8 travel as int32); ``backend`` "auto", "compiled" or "eager" (see
     :mod:`.kernels`); ``seed``, ``rank``, ``stream`` for the random draws.
     """
 
@@ -208,6 +214,7 @@ class QSGD(LinearCodec):
         coding: str = "dense",
         min_numel: int = 1024,
         backend: str = "auto",
+        wire_int16: bool = False,
         *,
         seed: int = 0,
         rank: int = 0,
@@ -233,6 +240,7 @@ class QSGD(LinearCodec):
         self.coding = coding
         self.min_numel = min_numel
         self.backend = backend
+        self.wire_int16 = bool(wire_int16)
 
     def __repr__(self) -> str:
         return (
@@ -346,7 +354,7 @@ class QSGD(LinearCodec):
         nb = -(-flat.numel() // self.bucket_size)
         if agreed.shape != (nb,) or agreed.dtype != torch.float32:
             raise ValueError(f"qsgd agreed scales must be float32 of shape ({nb},), got {tuple(agreed.shape)} {agreed.dtype}")
-        out = sum_dtype(world_size, self.s)
+        out = sum_dtype(world_size, self.s, self.wire_int16)
         return kernels.run(
             kernels.qsgd_levels,
             (flat, agreed, self._key(flat.device)),
