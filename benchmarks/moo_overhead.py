@@ -1,0 +1,175 @@
+"""Step time of the soup step over plain unitary scalarization, with torchjd as the anchor.
+
+    python benchmarks/moo_overhead.py [--ks 4 8] [--steps 20] [--quality-steps 300]
+
+Model: a 2.6M-parameter MLP trunk (1024 -> 1024 -> 1024 -> 512, ReLU) with K linear heads,
+batch 64, one CPU thread, one process. Per K it times (median over steps, after warm-up):
+
+  plain      sum of the K losses, one backward, optimizer step (the baseline, 1.00x)
+  torchjd    torchjd's Jacobian descent with MGDA (mtl_backward + jac_to_grad): the anchor
+  full       SoupEngine, MGDA on the Jacobian of every trunk tensor at every step
+  defaults   SoupEngine with its defaults (layer selection, solve cadence, QSGD on the wire)
+
+Then quality: multidigits (left/right/sum/parity) trained with `full` and with `defaults` for
+the same number of steps; test accuracy per objective and Delta_m% against the plain sum.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from dist_soup import SoupEngine
+
+
+class Trunk(nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(512, 10) for _ in range(k))
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return h, [head(h) for head in self.heads]
+
+
+def batch(k: int, step: int):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(64, 1024, generator=g), torch.randint(0, 10, (64, k), generator=g)
+
+
+def losses_of(model, x, y):
+    h, outs = model(x)
+    return h, [nn.functional.cross_entropy(o, y[:, i]) for i, o in enumerate(outs)]
+
+
+def time_steps(step_fn, steps: int, warmup: int = 3) -> float:
+    times = []
+    for s in range(warmup + steps):
+        t = time.perf_counter()
+        step_fn(s)
+        if s >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_k(k: int, steps: int) -> dict[str, float]:
+    out = {}
+    torch.manual_seed(0)
+
+    model = Trunk(k)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def plain(s):
+        x, y = batch(k, s)
+        _, ls = losses_of(model, x, y)
+        opt.zero_grad()
+        sum(ls).backward()
+        opt.step()
+
+    out["plain"] = time_steps(plain, steps)
+
+    try:
+        from torchjd.aggregation import MGDA
+        from torchjd.autojac import jac_to_grad, mtl_backward
+
+        agg = MGDA()
+        shared = list(model.trunk.parameters())
+
+        def torchjd_step(s):
+            x, y = batch(k, s)
+            h, ls = losses_of(model, x, y)
+            opt.zero_grad()
+            mtl_backward(ls, h)
+            jac_to_grad(shared, agg)
+            opt.step()
+
+        out["torchjd"] = time_steps(torchjd_step, steps)
+    except ImportError:
+        out["torchjd"] = float("nan")
+
+    names = [f"t{i}" for i in range(k)]
+    for label, kw in (
+        ("full", dict(selection={"rule": "all"}, solve_every=1, jacobian_compressor="identity", update_compressor="identity")),
+        ("defaults", {}),
+    ):
+        engine = SoupEngine(model, opt, names, "trunk", "vs", **kw)
+
+        def soup(s):
+            x, y = batch(k, s)
+            _, ls = losses_of(model, x, y)
+            engine.step(dict(zip(names, ls)))
+
+        out[label] = time_steps(soup, steps)
+    return out
+
+
+def quality(steps: int) -> dict[str, dict]:
+    from dist_soup import tasks
+    from dist_soup.tasks.base import delta_m
+
+    task = tasks.build("multidigits", objectives=("left", "right", "sum", "parity"))
+    results = {}
+    settings = {
+        "plain sum": None,
+        "full": dict(selection={"rule": "all"}, solve_every=1, jacobian_compressor="identity", update_compressor="identity"),
+        "defaults": {},
+    }
+    for label, kw in settings.items():
+        model = task.build_model(0)
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        engine = None if kw is None else SoupEngine(model, opt, task.objectives, task.shared, "vs", **kw)
+        gen = torch.Generator().manual_seed(1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            losses = task.losses(model, task.batch(torch.randint(0, task.train_size(), (64,), generator=gen)))
+            if engine is None:
+                opt.zero_grad()
+                sum(losses.values()).backward()
+                opt.step()
+            else:
+                engine.step(losses)
+        elapsed = time.perf_counter() - t0
+        with torch.no_grad():
+            results[label] = {"metrics": task.evaluate(model), "time_s": elapsed}
+    base = results["plain sum"]["metrics"]
+    for label in ("full", "defaults"):
+        results[label]["delta_m"] = delta_m(results[label]["metrics"], base, task)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ks", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--quality-steps", type=int, default=300)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    import inspect
+
+    params = inspect.signature(SoupEngine.__init__).parameters
+    shown = ("gram", "selection", "probe_every", "solve_every", "jacobian_compressor", "update_compressor", "mode")
+    print("engine defaults: " + ", ".join(f"{k}={params[k].default!r}" for k in shown))
+    print(f"{'K':>3} {'plain ms':>9} {'torchjd':>14} {'full':>14} {'defaults':>14}")
+    for k in args.ks:
+        r = bench_k(k, args.steps)
+        base = r["plain"]
+        cells = " ".join(f"{r[n] * 1e3:7.1f} {r[n] / base:4.2f}x " for n in ("torchjd", "full", "defaults"))
+        print(f"{k:>3} {base * 1e3:9.1f} {cells}")
+        verdict = "meets" if r["defaults"] / base <= 1.5 else "misses"
+        print(f"    defaults at K={k}: {r['defaults'] / base:.2f}x plain ({verdict} the <= 1.5x target at K=8)" if k == 8 else "", end="")
+        print()
+    if args.quality_steps:
+        print(f"\nquality: multidigits (left, right, sum, parity), {args.quality_steps} steps, batch 64, Adam 2e-3")
+        q = quality(args.quality_steps)
+        for label, r in q.items():
+            m = " ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items())
+            dm = f" delta_m={r['delta_m']:+.2f}%" if "delta_m" in r else ""
+            print(f"  {label:<10} {m}{dm} ({r['time_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
