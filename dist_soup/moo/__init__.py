@@ -1,0 +1,23 @@
+"""Multi-objective math, free of processes: Jacobians on selected tensors, Gram estimates,
+layer selection, solvers and recipes. Nothing here touches torch.distributed."""
+from . import solvers
+from .gram import check_finite, cross_gram, local_grams, plain_gram, psd_clip
+from .jacobian import jacobian
+from .recipe import Level, Recipe, Schedule, build_recipe
+from .selection import conflict_scores, select
+
+__all__ = [
+    "solvers",
+    "jacobian",
+    "local_grams",
+    "plain_gram",
+    "cross_gram",
+    "psd_clip",
+    "check_finite",
+    "conflict_scores",
+    "select",
+    "Schedule",
+    "Level",
+    "Recipe",
+    "build_recipe",
+]

@@ -1,0 +1,133 @@
+"""Per-objective gradients of a few shared tensors in one batched backward.
+
+For K scalar losses ``L_1..L_K`` and parameters ``theta_1..theta_n`` the Jacobian row block of
+tensor ``theta_l`` is ``J_l[k] = dL_k / dtheta_l`` (shape ``(K, *theta_l.shape)``). It is the
+vector-Jacobian product of the stacked losses with each basis vector ``e_k``; autograd computes
+all K of them in one pass over the graph when the cotangents are batched
+(``is_grads_batched=True``, a vmap over the backward), instead of K separate backward calls.
+
+Some backward formulas have no batching rule; the batched call then raises. The function falls
+back to one ``autograd.grad`` per objective and remembers it (module state, see
+:func:`fallback_reason`), so later calls go straight to the loop instead of failing again.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["jacobian", "fallback_reason", "reset_fallback"]
+
+# Why the batched path was abandoned (None while it is in use), and whether it has worked once.
+_state: dict[str, object] = {"fallback": None, "verified": False}
+
+
+def fallback_reason() -> str | None:
+    """The error that made :func:`jacobian` switch to the per-objective loop, or None."""
+    reason = _state["fallback"]
+    return None if reason is None else str(reason)
+
+
+def reset_fallback() -> None:
+    """Forget a previous fallback: the next call tries the batched backward again."""
+    _state["fallback"] = None
+    _state["verified"] = False
+
+
+def _validate(losses: Sequence[Tensor], params: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    if isinstance(losses, Tensor):
+        raise TypeError("losses must be a sequence of scalar tensors, not one tensor")
+    losses = list(losses)
+    params = list(params)
+    if not losses:
+        raise ValueError("jacobian needs at least one loss")
+    if not params:
+        raise ValueError("jacobian needs at least one parameter tensor")
+    for k, loss in enumerate(losses):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss {k} is a {type(loss).__name__}, expected a scalar torch.Tensor")
+        if loss.numel() != 1:
+            raise ValueError(f"loss {k} has shape {tuple(loss.shape)}; each loss must be a scalar")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad")
+    if not any(loss.requires_grad for loss in losses):
+        raise ValueError("no loss requires grad: the losses are not connected to any parameter")
+    dtype = torch.promote_types(losses[0].dtype, torch.float32)
+    for loss in losses[1:]:
+        dtype = torch.promote_types(dtype, loss.dtype)
+    device = losses[0].device
+    stacked = torch.stack([loss.reshape(()).to(dtype=dtype, device=device) for loss in losses])
+    return stacked, params
+
+
+def _zeros_rows(k: int, params: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+
+
+def _batched(stacked: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor]:
+    k = stacked.shape[0]
+    eye = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
+    grads = torch.autograd.grad(
+        stacked,
+        params,
+        grad_outputs=eye,
+        is_grads_batched=True,
+        retain_graph=retain_graph,
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    return [g.reshape(k, *p.shape) for g, p in zip(grads, params)]
+
+
+def _loop(stacked: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor]:
+    k = stacked.shape[0]
+    rows = _zeros_rows(k, params)
+    for i in range(k):
+        if not stacked.requires_grad:
+            break
+        # The last objective may release the graph when the caller does not need it any more.
+        keep = retain_graph or i < k - 1
+        grads = torch.autograd.grad(
+            stacked[i], params, retain_graph=keep, allow_unused=True, materialize_grads=True
+        )
+        for row, g in zip(rows, grads):
+            row[i].copy_(g)
+    return rows
+
+
+def jacobian(
+    losses: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    retain_graph: bool = True,
+    batched: bool = True,
+) -> list[Tensor]:
+    """Per-objective gradients ``J_l`` of shape ``(K, *params[l].shape)``, one per parameter.
+
+    ``J_l[k] = dL_k / d params[l]``; zeros where objective k does not reach ``params[l]`` (e.g.
+    the head of another objective). One batched backward (``is_grads_batched``) when possible,
+    else one ``autograd.grad`` per objective (never ``.backward()``, so no gradient hooks such as
+    DDP's fire and ``.grad`` is untouched).
+
+    ``retain_graph=False`` frees the graph after the call. Until the batched path has succeeded
+    once in this process, its first attempt keeps the graph, so that a failure part-way through
+    the graph can still fall back to the loop.
+    """
+    stacked, params = _validate(losses, params)
+    if batched and _state["fallback"] is None:
+        keep = retain_graph or not _state["verified"]
+        try:
+            rows = _batched(stacked, params, keep)
+        except RuntimeError as err:  # e.g. an op without a batching rule for its backward
+            # Remember the fallback only if the loop works: an error the loop shares (a freed
+            # graph, a bad input) is the caller's and must surface unchanged.
+            rows = _loop(stacked, params, retain_graph)
+            _state["fallback"] = f"{type(err).__name__}: {err}"
+            return rows
+        _state["verified"] = True
+        return rows
+    return _loop(stacked, params, retain_graph)

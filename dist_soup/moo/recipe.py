@@ -1,0 +1,305 @@
+"""Recipes (Objective Soups): ordered levels of objectives, each with a solver and a penalty.
+
+A recipe is a list of levels ``j``; level j holds a group of objectives ``O_j`` (disjoint
+across levels), a solver and a weight schedule ``eta_j(t)`` (t in epochs). Each level's solver
+sees only the sub-Gram and losses of its own objectives and returns ``lambda^j`` (|O_j|
+weights), which is embedded into the K objectives (zeros elsewhere). The final weights are
+
+    ``w = sum_j eta_j(t) * lambda^j``
+
+and the update direction is ``J^T w``; the same ``w`` weights the losses of every layer.
+
+* VS (single level): all objectives in one MOO level.
+* VC (constrained): the supervised objectives in one MOO level (eta = 1), the constraint
+  group (e.g. the self-supervised "ssl" group) as a penalty level summed with ``ew`` and weight
+  ``eta(t) = min(cap, start + step t)``, default 0.1 + 0.02 t capped at 1.5 (the paper's code).
+* VM (multilevel): ordered MOO levels, e.g. ASR, ST, SSL ("uas") or ST, ASR, SSL ("usa");
+  level 0 has eta = 1, later levels the ramp schedule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from . import solvers as solver_registry
+from .gram import check_finite, psd_clip
+
+__all__ = ["Schedule", "Level", "Recipe", "build_recipe", "RECIPE_KINDS", "VM_ORDERS", "DEFAULT_RAMP"]
+
+RECIPE_KINDS = ("vs", "vc", "vm")
+VM_ORDERS = {"uas": ("asr", "st", "ssl"), "usa": ("st", "asr", "ssl")}
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"schedule {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """``eta(t) = min(cap, start + step * t)`` for epoch ``t >= 0`` (no cap when ``cap`` is None)."""
+
+    start: float = 1.0
+    step: float = 0.0
+    cap: float | None = None
+
+    def __post_init__(self) -> None:
+        _finite("start", self.start)
+        _finite("step", self.step)
+        if self.cap is not None:
+            _finite("cap", self.cap)
+
+    def value(self, epoch: float) -> float:
+        e = _finite("epoch", epoch)
+        if e < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch!r}")
+        v = self.start + self.step * e
+        return v if self.cap is None else min(self.cap, v)
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> "Schedule":
+        """A Schedule from a number (constant), a mapping (start/step/cap) or a Schedule."""
+        if isinstance(spec, Schedule):
+            return spec
+        if isinstance(spec, Mapping):
+            unknown = sorted(set(spec) - {"start", "step", "cap"})
+            if unknown:
+                raise ValueError(f"schedule got unknown keys {unknown}; allowed: start, step, cap")
+            return cls(**dict(spec))
+        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            return cls(start=float(spec))
+        raise ValueError(f"a schedule is a number or a mapping with start/step/cap, got {spec!r}")
+
+
+DEFAULT_RAMP = Schedule(start=0.1, step=0.02, cap=1.5)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level: objectives, the solver (name and options) and the weight schedule ``eta``.
+
+    ``penalty`` marks a constraint level (VC); it changes nothing in the arithmetic, it is
+    reported in the recipe's info.
+    """
+
+    objectives: tuple[str, ...]
+    solver: str
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    eta: Schedule = field(default_factory=Schedule)
+    penalty: bool = False
+
+    def __post_init__(self) -> None:
+        objs = self.objectives
+        if isinstance(objs, str) or not all(isinstance(o, str) for o in objs):
+            raise ValueError(f"level objectives must be a tuple of names, got {objs!r}")
+        object.__setattr__(self, "objectives", tuple(objs))
+        if not self.objectives:
+            raise ValueError("a level needs at least one objective")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"level lists an objective twice: {self.objectives}")
+        solver_registry.solver_class(self.solver)  # unknown solver: ValueError now
+        if not isinstance(self.eta, Schedule):
+            object.__setattr__(self, "eta", Schedule.from_spec(self.eta))
+        object.__setattr__(self, "solver_options", dict(self.solver_options or {}))
+
+
+class Recipe:
+    """An ordered list of levels with one solver object each (state kept across calls)."""
+
+    def __init__(self, levels: Sequence[Level]) -> None:
+        levels = list(levels)
+        if not levels:
+            raise ValueError("a recipe needs at least one level")
+        seen: dict[str, int] = {}
+        for j, level in enumerate(levels):
+            if not isinstance(level, Level):
+                raise TypeError(f"levels[{j}] must be a Level, got {type(level).__name__}")
+            for o in level.objectives:
+                if o in seen:
+                    raise ValueError(f"objective {o!r} is in level {seen[o]} and level {j}; levels must be disjoint")
+                seen[o] = j
+        self.levels = levels
+        self.solvers = [solver_registry.build(lv.solver, **lv.solver_options) for lv in levels]
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """All objectives, level by level, in level order."""
+        return tuple(o for lv in self.levels for o in lv.objectives)
+
+    @property
+    def needs_gram(self) -> bool:
+        """Whether any level's solver uses the Gram (if not, no Jacobian is needed)."""
+        return any(s.needs_gram for s in self.solvers)
+
+    def check_names(self, names: Sequence[str]) -> None:
+        """ValueError unless ``names`` is exactly the recipe's objectives (any order, no repeats)."""
+        names = list(names)
+        if len(set(names)) != len(names):
+            raise ValueError(f"objective names repeat: {names}")
+        unknown = sorted(set(names) - set(self.objectives))
+        missing = sorted(set(self.objectives) - set(names))
+        if unknown or missing:
+            raise ValueError(
+                f"objective names do not match the recipe: unknown {unknown}, missing {missing}; "
+                f"recipe objectives: {list(self.objectives)}"
+            )
+
+    def etas(self, epoch: float) -> list[float]:
+        return [lv.eta.value(epoch) for lv in self.levels]
+
+    def weights(
+        self, gram: Tensor | None, losses: Tensor, names: Sequence[str], epoch: float
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """``w = sum_j eta_j(epoch) lambda^j`` over the K objectives ordered as ``names``.
+
+        ``gram`` is (K, K) in the order of ``names`` (None is allowed when no level needs it);
+        each level sees its sub-Gram, PSD-clipped first when its solver needs PSD. Returns the
+        float32 weights (K,) and ``info`` with ``etas`` (list of floats), ``lambdas`` (list of
+        per-level float32 tensors, in level objective order) and ``levels`` (per level dict:
+        objectives, solver, eta, lambda, penalty).
+        """
+        names = list(names)
+        self.check_names(names)
+        k = len(names)
+        if not isinstance(losses, Tensor) or losses.shape != (k,):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(f"losses must be a tensor of shape ({k},), got {shape}")
+        if gram is not None:
+            if not isinstance(gram, Tensor) or gram.shape != (k, k):
+                shape = tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__
+                raise ValueError(f"gram must be a tensor of shape ({k}, {k}), got {shape}")
+            check_finite(gram, "gram")
+        elif self.needs_gram:
+            raise ValueError("this recipe has a solver that needs the Gram; got gram=None")
+        pos = {n: i for i, n in enumerate(names)}
+        w = torch.zeros(k, dtype=torch.float64)
+        info: dict[str, Any] = {"etas": [], "lambdas": [], "levels": []}
+        for level, solver in zip(self.levels, self.solvers):
+            idx = torch.tensor([pos[o] for o in level.objectives])
+            sub_l = losses.detach().cpu()[idx]
+            sub_g = None
+            if gram is not None and solver.needs_gram:
+                sub_g = gram.detach().cpu().to(torch.float64)[idx][:, idx]
+                if solver.needs_psd:
+                    sub_g = psd_clip(sub_g)
+            lam = solver.weights(sub_g, sub_l)
+            eta = level.eta.value(epoch)
+            w[idx] += eta * lam.to(torch.float64)
+            info["etas"].append(eta)
+            info["lambdas"].append(lam)
+            info["levels"].append(
+                {"objectives": level.objectives, "solver": level.solver, "eta": eta, "lambda": lam, "penalty": level.penalty}
+            )
+        return w.to(dtype=torch.float32, device=losses.device), info
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"levels": [s.state_dict() for s in self.solvers]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if set(state) != {"levels"} or len(state["levels"]) != len(self.solvers):
+            raise ValueError(f"recipe state must be {{'levels': [{len(self.solvers)} solver states]}}")
+        for s, st in zip(self.solvers, state["levels"]):
+            s.load_state_dict(st)
+
+    @classmethod
+    def from_levels(cls, spec: Sequence[Mapping[str, Any]]) -> "Recipe":
+        """A recipe from a user list: each item has ``objectives`` and ``solver`` and optionally
+        ``solver_options`` (mapping), ``eta`` (number or {start, step, cap}), ``penalty`` (bool)."""
+        if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
+            raise ValueError("a recipe spec is a list of level mappings")
+        levels = []
+        allowed = {"objectives", "solver", "solver_options", "eta", "penalty"}
+        for j, item in enumerate(spec):
+            if not isinstance(item, Mapping):
+                raise ValueError(f"level {j} must be a mapping, got {type(item).__name__}")
+            unknown = sorted(set(item) - allowed)
+            if unknown:
+                raise ValueError(f"level {j} has unknown keys {unknown}; allowed: {sorted(allowed)}")
+            for key in ("objectives", "solver"):
+                if key not in item:
+                    raise ValueError(f"level {j} needs key {key!r}")
+            opts = item.get("solver_options") or {}
+            if not isinstance(opts, Mapping):
+                raise ValueError(f"level {j}: solver_options must be a mapping")
+            penalty = item.get("penalty", False)
+            if not isinstance(penalty, bool):
+                raise ValueError(f"level {j}: penalty must be true or false, got {penalty!r}")
+            objs = item["objectives"]
+            if isinstance(objs, str):
+                raise ValueError(f"level {j}: objectives must be a list of names, got the string {objs!r}")
+            levels.append(
+                Level(tuple(objs), item["solver"], dict(opts), Schedule.from_spec(item.get("eta", 1.0)), penalty)
+            )
+        return cls(levels)
+
+    def __repr__(self) -> str:
+        parts = [f"{lv.objectives}:{lv.solver}" for lv in self.levels]
+        return f"Recipe({', '.join(parts)})"
+
+
+def build_recipe(
+    kind: str,
+    objectives: Sequence[str],
+    groups: Mapping[str, Sequence[str]],
+    *,
+    solver: str = "mgda",
+    solver_options: Mapping[str, Any] | None = None,
+    order: str | None = None,
+    eta: Schedule | None = None,
+) -> Recipe:
+    """The recipe ``kind`` ("vs", "vc", "vm") for ``objectives`` and task ``groups``.
+
+    * ``vs``: one level, all objectives, ``solver``, eta = 1.
+    * ``vc``: level 0 = objectives outside ``groups["ssl"]`` with ``solver`` (eta = 1); level 1 =
+      the ``ssl`` group, solver ``ew``, ``penalty=True``, eta = ``eta`` or 0.1 + 0.02 t capped at 1.5.
+    * ``vm``: one level per group in ``order`` ("uas": asr, st, ssl — the default; "usa": st,
+      asr, ssl), each with ``solver``; groups absent from ``groups`` are skipped; level 0 has
+      eta = 1, later levels ``eta`` or the default ramp. Every objective must belong to one of
+      the ordered groups.
+    """
+    if kind not in RECIPE_KINDS:
+        raise ValueError(f"unknown recipe kind {kind!r}; allowed: {', '.join(RECIPE_KINDS)}")
+    objectives = tuple(objectives)
+    if not objectives or len(set(objectives)) != len(objectives):
+        raise ValueError(f"objectives must be a non-empty list of distinct names, got {list(objectives)}")
+    for g, members in groups.items():
+        unknown = sorted(set(members) - set(objectives))
+        if unknown:
+            raise ValueError(f"group {g!r} names unknown objectives {unknown}; objectives: {list(objectives)}")
+    opts = dict(solver_options or {})
+    ramp = eta if eta is not None else DEFAULT_RAMP
+    if order is not None and kind != "vm":
+        raise ValueError(f"option order is only used by recipe 'vm', not {kind!r}")
+    if kind == "vs":
+        return Recipe([Level(objectives, solver, opts, Schedule(1.0))])
+    if kind == "vc":
+        if "ssl" not in groups or not groups["ssl"]:
+            raise ValueError("recipe 'vc' needs a non-empty group 'ssl' (the constraint objectives)")
+        ssl = tuple(o for o in objectives if o in set(groups["ssl"]))
+        sup = tuple(o for o in objectives if o not in set(ssl))
+        if not sup:
+            raise ValueError("recipe 'vc' needs supervised objectives outside group 'ssl'")
+        return Recipe([Level(sup, solver, opts, Schedule(1.0)), Level(ssl, "ew", {}, ramp, penalty=True)])
+    order = order or "uas"
+    if order not in VM_ORDERS:
+        raise ValueError(f"unknown vm order {order!r}; allowed: {', '.join(VM_ORDERS)}")
+    levels: list[Level] = []
+    covered: set[str] = set()
+    for gname in VM_ORDERS[order]:
+        members = tuple(o for o in objectives if o in set(groups.get(gname, ())))
+        if not members:
+            continue
+        overlap = sorted(covered & set(members))
+        if overlap:
+            raise ValueError(f"objectives {overlap} are in more than one of the groups {VM_ORDERS[order]}")
+        covered |= set(members)
+        levels.append(Level(members, solver, opts, Schedule(1.0) if not levels else ramp))
+    left = [o for o in objectives if o not in covered]
+    if left:
+        raise ValueError(f"recipe 'vm' ({order}): objectives {left} belong to none of the groups {VM_ORDERS[order]}")
+    return Recipe(levels)

@@ -1,0 +1,63 @@
+"""Solvers: weights of K objectives from their Gram matrix (and losses).
+
+``build(name, **options)`` makes one solver; ``solver.weights(gram, losses)`` returns K
+float32 weights ``lambda`` and the update direction is ``J^T lambda``.
+
+========  =========================================================  =====  =====
+name      what                                                        gram   psd
+========  =========================================================  =====  =====
+ew        plain sum (unitary scalarization)                           no     no
+mgda      exact min-norm point of the hull (normalization option)     yes    yes
+modo      one projected step on the MGDA objective per call           yes    no
+cagrad    conflict-averse direction (c, rescale)                      yes    yes
+pcgrad    gradient surgery, seeded orders                             yes    yes
+upgrad    rows projected onto the dual cone, summed                   yes    yes
+nash      Nash bargaining (G alpha = 1/alpha)                         yes    yes
+famo      fast adaptive weighting from loss decreases                 no     no
+dwa       dynamic weight average (T)                                  no     no
+========  =========================================================  =====  =====
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .base import Solver
+from .cagrad import CAGrad
+from .loss_based import DWA, FAMO
+from .mgda import MGDA
+from .modo import MoDo
+from .nash import NashMTL
+from .pcgrad import PCGrad
+from .scalar import EW
+from .upgrad import UPGrad
+
+__all__ = ["Solver", "build", "names", "EW", "MGDA", "MoDo", "CAGrad", "PCGrad", "UPGrad", "NashMTL", "FAMO", "DWA"]
+
+_REGISTRY: dict[str, type[Solver]] = {
+    cls.name: cls for cls in (EW, MGDA, MoDo, CAGrad, PCGrad, UPGrad, NashMTL, FAMO, DWA)
+}
+
+
+def names() -> tuple[str, ...]:
+    """The registered solver names."""
+    return tuple(_REGISTRY)
+
+
+def solver_class(name: str) -> type[Solver]:
+    """The class registered under ``name`` (ValueError listing the names otherwise)."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown solver {name!r}; allowed: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def build(name: str, **options: Any) -> Solver:
+    """A new solver ``name`` with ``options``; unknown names and options raise ValueError."""
+    cls = solver_class(name)
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"solver {name!r} got unknown options {unknown}; allowed: {allowed if allowed else 'none'}"
+        )
+    return cls(**options)
