@@ -8,5 +8,18 @@ from .payload import Payload
 from .registry import build, names
 from . import cast  # noqa: F401  (registers identity, fp16, bf16)
 from .qsgd import QSGD
+from .feedback import ErrorFeedback
+from .sparse import CLTK, RandomK, TopK
 
-__all__ = ["Compressor", "LinearCodec", "Payload", "QSGD", "build", "names"]
+__all__ = [
+    "CLTK",
+    "Compressor",
+    "ErrorFeedback",
+    "LinearCodec",
+    "Payload",
+    "QSGD",
+    "RandomK",
+    "TopK",
+    "build",
+    "names",
+]

@@ -1,0 +1,138 @@
+"""Error feedback (Seide et al. 2014; Karimireddy et al. 2019) around any lossy codec.
+
+The stream keeps a residue r (zero at first) of everything compression has lost so far::
+
+    x = g + r
+    p = C(x)
+    r = x - D(p)
+
+so the sum of what was sent over t steps differs from the sum of the inputs only by the current
+residue: nothing is lost, only delayed. ``build(name, error_feedback=True)`` wraps a codec.
+
+Around a :class:`~.base.LinearCodec` the wrapper is linear too (``mode="allreduce"``): it feeds
+``x = g + r`` to the inner codec's agreement and ``encode_sum``, and sets ``r = x - D_local(wire)``
+from the inner ``decode_local``, i.e. from what this rank itself contributed to the sum.
+
+Memory must never absorb a NaN or inf (it would poison every later step): a non-finite input
+raises ``ValueError`` before the residue is touched.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Compressor, LinearCodec
+from .payload import Payload
+
+
+def check_finite(g: torch.Tensor, who: str) -> None:
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError(f"{who}: input holds non-finite values (NaN or inf); the residue was left unchanged")
+
+
+class ErrorFeedback(Compressor):
+    """Error-feedback stream around ``inner`` (a built codec stream without memory of its own).
+
+    ``ErrorFeedback(stream)`` returns an instance of a linear subclass when ``stream`` is a
+    :class:`LinearCodec`, so ``isinstance(ef, LinearCodec)`` tells a collective what it can do.
+    The residue is float32 (float64 for float64 inputs) and keeps the shape of the first input.
+    """
+
+    def __new__(cls, inner: Compressor):
+        if cls is ErrorFeedback and isinstance(inner, LinearCodec):
+            cls = LinearErrorFeedback
+        return super().__new__(cls)
+
+    def __init__(self, inner: Compressor) -> None:
+        if not isinstance(inner, Compressor):
+            raise TypeError(f"ErrorFeedback wraps a Compressor, got {type(inner).__name__}")
+        if isinstance(inner, ErrorFeedback) or getattr(inner, "builtin_feedback", False):
+            raise ValueError(
+                f"{inner!r} already keeps an error-feedback memory; wrapping it again would count the "
+                "error twice (for topk pass feedback=False to use this wrapper instead)"
+            )
+        self.inner = inner
+        self.name = inner.name
+        self.residue: torch.Tensor | None = None
+
+    # seed/rank/stream/step belong to the inner codec (it draws the random numbers)
+    seed = property(lambda self: self.inner.seed)
+    rank = property(lambda self: self.inner.rank)
+    stream = property(lambda self: self.inner.stream)
+
+    @property
+    def step(self) -> int:
+        return self.inner.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.inner.step = value
+
+    def __repr__(self) -> str:
+        return f"ErrorFeedback({self.inner!r})"
+
+    def _accumulate(self, g: torch.Tensor) -> torch.Tensor:
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"error feedback compresses a torch.Tensor, got {type(g).__name__}")
+        if not g.is_floating_point():
+            raise ValueError(f"error feedback needs a floating tensor, got {g.dtype}")
+        check_finite(g, f"{self!r}")
+        g = g.detach()
+        if self.residue is None:
+            rdtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+            return g.to(rdtype, copy=True)
+        if self.residue.shape != g.shape:
+            raise ValueError(
+                f"error feedback stream saw shape {tuple(self.residue.shape)} before and now {tuple(g.shape)}; "
+                "use one stream per tensor"
+            )
+        return self.residue.to(g.device) + g
+
+    def compress(self, g: torch.Tensor) -> Payload:
+        x = self._accumulate(g)
+        p = self.inner.compress(x.to(g.dtype))
+        self.residue = x - self.inner.decompress(p).to(x.dtype)
+        return p
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        return self.inner.decompress(payload)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "residue": None if self.residue is None else self.residue.clone(),
+            "inner": self.inner.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        r = state["residue"]
+        if r is not None and (not isinstance(r, torch.Tensor) or not r.is_floating_point()):
+            raise ValueError("error feedback state: residue must be a floating tensor or None")
+        self.inner.load_state_dict(state["inner"])
+        self.residue = None if r is None else r.clone()
+
+
+class LinearErrorFeedback(ErrorFeedback, LinearCodec):
+    """Error feedback around a linear codec; the residue follows what this rank contributed."""
+
+    def agreement(self, g, rank, world_size):
+        return self.inner.agreement(self._accumulate(g), rank, world_size)
+
+    def leader(self, world_size: int) -> int:
+        return self.inner.leader(world_size)
+
+    def encode_sum(self, g, agreed, world_size):
+        x = self._accumulate(g)
+        wire = self.inner.encode_sum(x, agreed, world_size)
+        mine = self.inner.decode_local(wire, agreed, world_size)
+        self.residue = x - mine.reshape(x.shape).to(x.dtype)
+        return wire
+
+    def decode_sum(self, total, agreed, world_size):
+        return self.inner.decode_sum(total, agreed, world_size)
+
+    def decode_local(self, wire, agreed, world_size):
+        return self.inner.decode_local(wire, agreed, world_size)
+
+    def wire_nbytes(self, wire, agreed):
+        return self.inner.wire_nbytes(wire, agreed)

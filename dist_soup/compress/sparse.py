@@ -1,0 +1,325 @@
+"""Sparsifiers: ``topk`` (with error feedback), ``randomk`` (shared seed) and ScaleCom's ``cltk``.
+
+Each keeps k of the n values of a tensor, ``k = k`` if given, else ``max(1, round(ratio * n))``.
+
+* **topk** sends the k largest ``|x|`` as (index, value) pairs. Biased, so by default it keeps an
+  error-feedback residue: ``x = g + r``, send top-k of x, ``r = x - sent``
+  (``feedback=False`` drops it; then ``error_feedback=True`` can wrap it instead).
+* **randomk** sends the values at k positions drawn from a key that all ranks share: it mixes
+  ``(seed, stream, step)`` but not the rank, so every rank picks the same positions at the
+  same step and the payload carries only the values (and the key). Linear: the values of P
+  ranks are summed directly. ``rescale=True`` multiplies by n/k, making it unbiased.
+* **cltk** (ScaleCom, Chen et al. 2020, cyclic local top-k): at step t the leader ``t mod P``
+  takes the top-k indices of its own ``|m + g|`` and every rank sends its values there; the
+  collective averages them. Each rank keeps a low-pass-filtered memory::
+
+      p = m + g,      m <- (1 - beta) m + beta (p - CLT_k(p))
+
+  where ``CLT_k(p)`` is p restricted to the leader's indices. ``beta = 1`` is plain error
+  feedback; smaller beta smooths the memory across steps (default 0.1).
+
+The step counters must advance identically on every rank (one call per step): randomk's
+positions and cltk's leader come from them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Compressor, LinearCodec, mix_key
+from .feedback import check_finite
+from .payload import Payload
+from .registry import CODEC_IDS, register
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def index_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n <= 2**31 - 1 else torch.int64
+
+
+def _resolve_k(n: int, ratio: float | None, k: int | None) -> int:
+    if k is not None:
+        return max(0, min(int(k), n))
+    return min(n, max(1, round(ratio * n))) if n else 0
+
+
+def _check_options(name: str, ratio: float | None, k: int | None) -> None:
+    if k is not None:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"{name} k must be a positive int, got {k!r}")
+    elif not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+        raise ValueError(f"{name} ratio must be in (0, 1], got {ratio!r}")
+
+
+def _check_input(name: str, g: torch.Tensor) -> torch.Tensor:
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{name} compresses a torch.Tensor, got {type(g).__name__}")
+    if g.dtype not in _FLOATS:
+        raise ValueError(f"{name} compresses floating tensors {_FLOATS}, got {g.dtype}")
+    return g.detach().reshape(-1)
+
+
+def _scatter(n: int, idx: torch.Tensor, vals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros(n, dtype=dtype, device=vals.device)
+    out[idx.to(torch.int64)] = vals.to(dtype)
+    return out
+
+
+def _validate_pairs(name: str):
+    """Payload with (indices, values): indices unique, in range, as many as values."""
+
+    def check(p: Payload) -> None:
+        if len(p.parts) != 2:
+            raise ValueError(f"{name} payload needs 2 parts, has {len(p.parts)}")
+        n = p.numel
+        p.expect(name, 0, [(index_dtype(n), None), (p.dtype, p.parts[0].numel())])
+        if p.dtype not in _FLOATS:
+            raise ValueError(f"{name} payload dtype must be floating, is {p.dtype}")
+        idx = p.parts[0]
+        if idx.numel() > n:
+            raise ValueError(f"{name} payload holds {idx.numel()} indices for {n} values")
+        if idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= n:
+                raise ValueError(f"{name} payload index out of range [0, {n}): {lo if lo < 0 else hi}")
+            if torch.unique(idx).numel() != idx.numel():
+                raise ValueError(f"{name} payload repeats an index")
+
+    return check
+
+
+class _Sparse(Compressor):
+    def __init__(self, ratio: float | None = 0.01, k: int | None = None, *, seed: int = 0, rank: int = 0, stream: int = 0):
+        super().__init__(seed=seed, rank=rank, stream=stream)
+        _check_options(self.name, ratio, k)
+        self.ratio = ratio
+        self.k = k
+
+    def _k(self, n: int) -> int:
+        return _resolve_k(n, self.ratio, self.k)
+
+    def _pairs(self, shape, dtype, idx, vals) -> Payload:
+        n = 1
+        for s in shape:
+            n *= s
+        return Payload(CODEC_IDS[self.name], tuple(shape), dtype, (), [idx.to(index_dtype(n)), vals.to(dtype)])
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        validate = _VALIDATORS[self.name]
+        validate(payload)
+        idx, vals = payload.parts
+        return _scatter(payload.numel, idx, vals, payload.dtype).reshape(payload.shape)
+
+
+class TopK(_Sparse):
+    """``build("topk", ratio=0.01)`` or ``k=...``; ``feedback`` (default True) keeps the residue."""
+
+    name = "topk"
+
+    def __init__(self, ratio: float | None = 0.01, k: int | None = None, feedback: bool = True, *, seed: int = 0, rank: int = 0, stream: int = 0):
+        super().__init__(ratio, k, seed=seed, rank=rank, stream=stream)
+        self.builtin_feedback = bool(feedback)
+        self.residue: torch.Tensor | None = None
+
+    def compress(self, g: torch.Tensor) -> Payload:
+        flat = _check_input(self.name, g)
+        if self.builtin_feedback:
+            check_finite(flat, self.name)
+            if self.residue is not None and self.residue.numel() != flat.numel():
+                raise ValueError(f"topk stream saw {self.residue.numel()} values before and now {flat.numel()}")
+            x = flat.to(torch.float32) if self.residue is None else self.residue + flat
+        else:
+            x = flat
+        k = self._k(x.numel())
+        idx = torch.topk(x.abs(), k, sorted=False).indices
+        vals = x[idx].to(g.dtype)
+        self.step += 1
+        if self.builtin_feedback:
+            r = x.to(torch.float32, copy=True)
+            r[idx] -= vals.to(torch.float32)  # what was sent leaves the residue, its cast error stays
+            self.residue = r
+        return self._pairs(g.shape, g.dtype, idx, vals)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "residue": None if self.residue is None else self.residue.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        r = state.get("residue")
+        self.residue = None if r is None else r.clone()
+
+
+class RandomK(_Sparse, LinearCodec):
+    """``build("randomk", ratio=0.01, seed=s)``: k values at positions shared by all ranks."""
+
+    name = "randomk"
+
+    def __init__(self, ratio: float | None = 0.01, k: int | None = None, rescale: bool = False, *, seed: int = 0, rank: int = 0, stream: int = 0):
+        super().__init__(ratio, k, seed=seed, rank=rank, stream=stream)
+        self.rescale = bool(rescale)
+        self._last: tuple[int, torch.Tensor, float] | None = None
+
+    def shared_key(self) -> int:
+        """This step's key: (seed, stream, step), deliberately not the rank. Advances the step."""
+        key = mix_key(self.seed, self.stream, self.step, 0x52414E44)
+        self.step += 1
+        return key
+
+    @staticmethod
+    def positions(key: int, n: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """k distinct positions in [0, n) drawn from ``key`` (sorted, so reading x is cache-friendly)."""
+        gen = torch.Generator().manual_seed(key)
+        return torch.randperm(n, generator=gen)[:k].sort().values.to(device)
+
+    def _gain(self, n: int, k: int) -> float:
+        return n / k if self.rescale and k else 1.0
+
+    def compress(self, g: torch.Tensor) -> Payload:
+        flat = _check_input(self.name, g)
+        n = flat.numel()
+        k = self._k(n)
+        key = self.shared_key()
+        vals = flat[self.positions(key, n, k, flat.device)].to(g.dtype)
+        return Payload(CODEC_IDS[self.name], tuple(g.shape), g.dtype, (key, k, int(self.rescale)), [vals])
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        validate_randomk(payload)
+        key, k, rescale = payload.meta
+        n = payload.numel
+        vals = payload.parts[0]
+        idx = self.positions(key, n, k, vals.device)
+        gain = n / k if rescale and k else 1.0
+        out = _scatter(n, idx, vals, torch.float32 if payload.dtype != torch.float64 else torch.float64)
+        if gain != 1.0:
+            out *= gain
+        return out.to(payload.dtype).reshape(payload.shape)
+
+    # LinearCodec: positions agreed through the shared key, no agreement round needed
+    def encode_sum(self, g, agreed, world_size):
+        flat = _check_input(self.name, g)
+        n = flat.numel()
+        k = self._k(n)
+        idx = self.positions(self.shared_key(), n, k, flat.device)
+        self._last = (n, idx, self._gain(n, k))
+        return flat[idx].to(torch.float32)
+
+    def _decode(self, wire: torch.Tensor, divide: int) -> torch.Tensor:
+        if self._last is None:
+            raise ValueError("randomk decode_sum/decode_local must follow encode_sum on the same stream")
+        n, idx, gain = self._last
+        if wire.numel() != idx.numel():
+            raise ValueError(f"randomk wire holds {wire.numel()} values, this step sent {idx.numel()}")
+        return _scatter(n, idx, wire.to(torch.float32) * (gain / divide), torch.float32)
+
+    def decode_sum(self, total, agreed, world_size):
+        return self._decode(total, world_size)
+
+    def decode_local(self, wire, agreed, world_size):
+        return self._decode(wire, 1)
+
+
+def validate_randomk(p: Payload) -> None:
+    p.expect("randomk", 3, [(p.dtype, None)])
+    key, k, rescale = p.meta
+    if p.dtype not in _FLOATS:
+        raise ValueError(f"randomk payload dtype must be floating, is {p.dtype}")
+    if not 0 <= key < 2**63 or rescale not in (0, 1) or not 0 <= k <= p.numel or p.parts[0].numel() != k:
+        raise ValueError(f"randomk payload fields inconsistent: key={key}, k={k}, rescale={rescale}, n={p.numel}")
+
+
+class CLTK(_Sparse, LinearCodec):
+    """ScaleCom cyclic local top-k: ``build("cltk", ratio=0.01, beta=0.1)``."""
+
+    name = "cltk"
+    builtin_feedback = True
+
+    def __init__(self, ratio: float | None = 0.01, k: int | None = None, beta: float = 0.1, *, seed: int = 0, rank: int = 0, stream: int = 0):
+        super().__init__(ratio, k, seed=seed, rank=rank, stream=stream)
+        if not (isinstance(beta, (int, float)) and 0 < beta <= 1):
+            raise ValueError(f"cltk beta must be in (0, 1], got {beta!r}")
+        self.beta = float(beta)
+        self.memory: torch.Tensor | None = None
+        self._n: int | None = None
+
+    def leader(self, world_size: int) -> int:
+        """The rank whose top-k indices everyone uses at this step: ``step mod P``."""
+        return self.step % world_size
+
+    def _p(self, g: torch.Tensor) -> torch.Tensor:
+        flat = _check_input(self.name, g)
+        check_finite(flat, self.name)
+        if self.memory is None:
+            return flat.to(torch.float32, copy=True)
+        if self.memory.numel() != flat.numel():
+            raise ValueError(f"cltk stream saw {self.memory.numel()} values before and now {flat.numel()}")
+        return self.memory + flat
+
+    def _remember(self, p: torch.Tensor, idx: torch.Tensor) -> None:
+        err = p.clone()
+        err[idx.to(torch.int64)] = 0  # p - CLT_k(p)
+        if self.memory is None:
+            self.memory = self.beta * err
+        else:
+            self.memory.mul_(1 - self.beta).add_(err, alpha=self.beta)
+        self.step += 1
+
+    def _topk(self, p: torch.Tensor) -> torch.Tensor:
+        k = self._k(p.numel())
+        return torch.topk(p.abs(), k, sorted=False).indices.sort().values.to(index_dtype(p.numel()))
+
+    # single-stream use (mode "allgather"): this rank is its own leader
+    def compress(self, g: torch.Tensor) -> Payload:
+        p = self._p(g)
+        idx = self._topk(p)
+        vals = p[idx.to(torch.int64)]
+        self._remember(p, idx)
+        return self._pairs(g.shape, g.dtype, idx, vals)
+
+    def agreement(self, g, rank, world_size):
+        p = self._p(g)
+        n = p.numel()
+        if rank == self.leader(world_size):
+            idx = self._topk(p)
+        else:
+            idx = torch.zeros(self._k(n), dtype=index_dtype(n), device=p.device)
+        return idx, "leader"
+
+    def encode_sum(self, g, agreed, world_size):
+        p = self._p(g)
+        n = p.numel()
+        if agreed is None or agreed.dtype != index_dtype(n) or agreed.numel() != self._k(n):
+            raise ValueError(f"cltk needs the leader's {self._k(n)} {index_dtype(n)} indices as agreement")
+        idx = agreed.to(torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError("cltk agreed indices out of range")
+        wire = p[idx]
+        self._n = n
+        self._remember(p, idx)
+        return wire
+
+    def _decode(self, wire, agreed, divide):
+        if self._n is None or agreed is None:
+            raise ValueError("cltk decode_sum/decode_local must follow encode_sum with the same agreement")
+        return _scatter(self._n, agreed, wire.to(torch.float32) / divide, torch.float32)
+
+    def decode_sum(self, total, agreed, world_size):
+        return self._decode(total, agreed, world_size)
+
+    def decode_local(self, wire, agreed, world_size):
+        return self._decode(wire, agreed, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "memory": None if self.memory is None else self.memory.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        m = state.get("memory")
+        self.memory = None if m is None else m.clone()
+
+
+_VALIDATORS = {"topk": _validate_pairs("topk"), "cltk": _validate_pairs("cltk")}
+register(TopK, _VALIDATORS["topk"])
+register(RandomK, validate_randomk)
+register(CLTK, _VALIDATORS["cltk"])
