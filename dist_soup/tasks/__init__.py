@@ -1,0 +1,122 @@
+"""Built-in tasks and their registry.
+
+``build(name, **options)`` makes a task by name; ``names()`` lists the registered names. Each
+task class takes keyword-only options with defaults; an unknown name or option is a ValueError
+listing what is allowed. Task modules are imported on first use, so importing
+``dist_soup.tasks`` stays cheap (scikit-learn is only loaded for ``multidigits``).
+
+Built-in: ``toy2`` (dist_soup.tasks.toy2.Toy2), ``multidigits``
+(dist_soup.tasks.multidigits.MultiDigits), ``msp_synth`` (dist_soup.tasks.msp_synth.MSPSynth).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .base import Metric, Task, delta_m
+
+__all__ = ["Metric", "Task", "build", "delta_m", "names", "register", "task_class"]
+
+# name -> class, or "module:Class" resolved on first use.
+_REGISTRY: dict[str, type[Task] | str] = {
+    "toy2": "dist_soup.tasks.toy2:Toy2",
+    "multidigits": "dist_soup.tasks.multidigits:MultiDigits",
+    "msp_synth": "dist_soup.tasks.msp_synth:MSPSynth",
+}
+
+
+def names() -> tuple[str, ...]:
+    """The registered task names, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def register(name: str, cls: type[Task]) -> None:
+    """Add a user task class under ``name`` (its ``__init__`` takes keyword options)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"task name must be a non-empty str, got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"register({name!r}, ...) needs a subclass of dist_soup.tasks.Task, got {cls!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"task {name!r} is already registered")
+    _REGISTRY[name] = cls
+
+
+def task_class(name: str) -> type[Task]:
+    """The class registered under ``name`` (importing its module if needed)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(names())}")
+    entry = _REGISTRY[name]
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+        _REGISTRY[name] = entry
+    return entry
+
+
+def _options(cls: type) -> dict[str, Any]:
+    """Keyword options of ``cls.__init__`` with their defaults."""
+    params = inspect.signature(cls.__init__).parameters
+    return {p.name: p.default for p in params.values()
+            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def options(name: str) -> dict[str, Any]:
+    """The options task ``name`` accepts, with their default values."""
+    return _options(task_class(name))
+
+
+def build(name: str, **opts: Any) -> Task:
+    """Make the task ``name`` with these options (unknown options raise ValueError)."""
+    cls = task_class(name)
+    allowed = _options(cls)
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        listing = ", ".join(f"{k}={v!r}" for k, v in allowed.items())
+        raise ValueError(f"task {name!r} has no option(s) {unknown}; allowed options: {listing}")
+    return cls(**opts)
+
+
+# Option checks shared by the task modules: a clear ValueError naming the option and the range.
+
+def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"option {name!r} must be an int, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"option {name!r} must be in [{lo if lo is not None else '-inf'}, "
+                         f"{hi if hi is not None else 'inf'}], got {value}")
+    return value
+
+
+def _check_real(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"option {name!r} must be a finite number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"option {name!r} must be in [{lo if lo is not None else '-inf'}, "
+                         f"{hi if hi is not None else 'inf'}], got {value}")
+    return float(value)
+
+
+def _check_indices(indices: Any, size: int) -> torch.Tensor:
+    """A 1-D int64 CPU tensor of example ids in [0, size)."""
+    idx = torch.as_tensor(indices)
+    if idx.dim() != 1 or idx.numel() == 0 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise ValueError(f"batch indices must be a non-empty 1-D integer tensor, got dtype "
+                         f"{idx.dtype} shape {tuple(idx.shape)}")
+    idx = idx.to(device="cpu", dtype=torch.long)
+    if int(idx.min()) < 0 or int(idx.max()) >= size:
+        raise ValueError(f"batch indices must lie in [0, {size}), got min {int(idx.min())} "
+                         f"max {int(idx.max())}")
+    return idx
+
+
+def _seeded_init(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
+    """``make()`` under ``torch.manual_seed(seed)`` without disturbing the caller's RNG."""
+    _check_int("seed", seed, 0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
