@@ -1,0 +1,33 @@
+"""Compressed collectives: transports (torch.distributed, mpi4py, a local group of one), the
+three collective modes, bucketing, configuration agreement and byte accounting.
+
+``Exchange(compressor, mode, **options).all_reduce(name, tensor)`` is the entry point; comm knows
+codecs (``dist_soup.compress``) but nothing of objectives.
+"""
+from .exchange import Exchange, ExchangeHandle, make_transport
+from .modes import DecodeError
+from .stats import ExchangeStats
+from .transport import LocalTransport, TorchTransport, Transport, Work
+
+
+def __getattr__(name: str):
+    # mpi4py is optional: import its transport only when asked for.
+    if name == "MPITransport":
+        from .mpi import MPITransport
+
+        return MPITransport
+    raise AttributeError(name)
+
+
+__all__ = [
+    "DecodeError",
+    "Exchange",
+    "ExchangeHandle",
+    "ExchangeStats",
+    "LocalTransport",
+    "MPITransport",
+    "TorchTransport",
+    "Transport",
+    "Work",
+    "make_transport",
+]

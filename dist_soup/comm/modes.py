@@ -1,0 +1,399 @@
+"""The three compressed collectives, one bucket at a time.
+
+Each mode turns the P ranks' copies of one bucket of tensors ``g^p`` into the mean
+``(1/P) sum_p C(g^p)`` that every rank then holds bit for bit, where ``C`` is the codec's
+encode-then-decode (with whatever residue the stream keeps):
+
+``allgather``
+    every rank compresses each tensor with its own stream, the payloads of the bucket are
+    concatenated, their sizes all-gathered (one int64 per tensor per rank), then the payloads
+    all-gathered in one collective; every rank decodes all P payloads and averages them in rank
+    order. Works for every codec. Per rank: sends S/rho, receives (P-1) S/rho.
+``allreduce``
+    linear codecs only (:class:`~dist_soup.compress.LinearCodec`): the codecs' agreement tensors
+    are reduced (MAX or SUM, fused per op and dtype) or broadcast from their leader, every rank
+    encodes against the agreed values, and the wire tensors of the bucket (fused per dtype) are
+    summed in one all-reduce and decoded. Sends and receives about S/rho whatever P is.
+``two_phase``
+    the bucket is flattened and cut into P chunks; chunk j of every rank is compressed with that
+    rank's stream for chunk j and sent to rank j (one all-to-all, sizes exchanged first); rank j
+    decodes the P versions of its chunk, averages them, compresses the average with its own
+    *server* stream (which keeps its own residue), and the P server payloads are all-gathered and
+    decoded by everyone. Per rank: sends about S/rho (1 - 1/P) + S/(P rho), receives about
+    2 S/rho (1 - 1/P): about twice the payload, whatever P is.
+
+A mode's ``start`` encodes and launches the bucket's collectives and returns a
+:class:`BucketWork`; its ``finish`` waits, decodes and returns ``(means, locals)``, where
+``locals`` (when asked for) are this rank's own decoded contributions: what the other ranks
+decode from it. Decoding a payload another rank sent never touches a stream's state.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Callable, ClassVar, Iterator, Sequence
+
+import torch
+
+from ..compress.base import Compressor, LinearCodec
+from ..compress.payload import Payload
+from .buckets import Bucket
+from .stats import ExchangeStats
+from .transport import Transport, Work
+
+Result = tuple[list[torch.Tensor], list[torch.Tensor] | None]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Averages of half-precision decodes are formed in fp32, then cast once.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class DecodeError(ValueError):
+    """A received payload that does not decode; ``sender`` is the rank it came from."""
+
+    def __init__(self, message: str, sender: int) -> None:
+        super().__init__(message)
+        self.sender = sender
+
+
+def decode_payload(stream: Compressor, buf: torch.Tensor, *, sender: int, name: str,
+                   shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Decode one received payload, or raise :class:`DecodeError` naming the sender and the tensor."""
+    try:
+        payload = Payload.from_bytes(buf)
+        if tuple(payload.shape) != tuple(shape) or payload.dtype != dtype:
+            raise ValueError(
+                f"it declares shape {tuple(payload.shape)} {payload.dtype}, expected {tuple(shape)} {dtype}"
+            )
+        out = stream.decompress(payload)
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"it decoded to shape {tuple(out.shape)}, expected {tuple(shape)}")
+    except (ValueError, RuntimeError, IndexError, TypeError, OverflowError) as exc:
+        raise DecodeError(f"payload for {name!r} from rank {sender} failed to decode: {exc}", sender) from exc
+    return out
+
+
+def _own(t: torch.Tensor, buffers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``t``, copied when it still shares memory with a receive buffer (so that a returned
+    tensor never pins a whole bucket's buffer or changes under a later call)."""
+    ptr = t.untyped_storage().data_ptr()
+    if any(b.untyped_storage().data_ptr() == ptr for b in buffers if b.numel()):
+        return t.clone()
+    return t
+
+
+class BucketWork(ABC):
+    @abstractmethod
+    def finish(self) -> Result:
+        """Wait for the bucket's collectives and return ``(means, locals)`` in entry order."""
+
+
+class Mode(ABC):
+    """One way of running a compressed all-reduce over a bucket."""
+
+    name: ClassVar[str]
+
+    def __init__(self, transport: Transport, stats: ExchangeStats,
+                 stream: Callable[[str], Compressor], server: Callable[[str], Compressor]) -> None:
+        self.transport = transport
+        self.stats = stats
+        self.stream = stream
+        self.server = server
+
+    @abstractmethod
+    def start(self, bucket: Bucket, tensors: Sequence[torch.Tensor], want_local: bool) -> BucketWork:
+        """Encode ``tensors`` (one per bucket entry) and launch the bucket's collectives."""
+
+    # --- accounting helpers -------------------------------------------------------------------
+    @contextmanager
+    def timed(self, field: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self.stats, field, getattr(self.stats, field) + time.perf_counter() - t0)
+
+    def count(self, *, sent: int = 0, received: int = 0, overhead: int = 0, collectives: int = 0) -> None:
+        if self.transport.world_size > 1:
+            self.stats.bytes_sent += int(sent)
+            self.stats.bytes_received += int(received)
+            self.stats.overhead_bytes += int(overhead)
+        self.stats.collectives += collectives
+
+    def gather_padding(self, counts: Sequence[int]) -> int:
+        return max(counts) - counts[self.transport.rank] if self.transport.pads_gather else 0
+
+    def to_wire(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.transport.device else t.to(self.transport.device)
+
+    def gather_sizes(self, sizes: Sequence[int]) -> list[list[int]]:
+        """All-gather one int64 list per rank (same length everywhere); a control collective."""
+        t = torch.tensor(list(sizes), dtype=torch.int64, device=self.transport.device)
+        rows = self.transport.all_gather_v(t, [t.numel()] * self.transport.world_size)
+        self.count(overhead=t.numel() * 8 + self.gather_padding([t.numel()] * self.transport.world_size),
+                   collectives=1)
+        return [r.cpu().tolist() for r in rows]
+
+
+def _pack(payloads: Sequence[Payload | None]) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate payloads into one CPU uint8 buffer (a None payload takes 0 bytes)."""
+    sizes = [p.nbytes if p is not None else 0 for p in payloads]
+    buf = torch.empty(sum(sizes), dtype=torch.uint8)
+    off = 0
+    for p, n in zip(payloads, sizes):
+        if p is not None:
+            p.write_into(buf[off : off + n])
+        off += n
+    return buf, sizes
+
+
+def _cut(buf: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    out, off = [], 0
+    for n in sizes:
+        out.append(buf[off : off + n])
+        off += n
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+class AllGather(Mode):
+    name = "allgather"
+
+    def start(self, bucket, tensors, want_local):
+        with self.timed("encode_s"):
+            payloads = [self.stream(e.name).compress(t) for e, t in zip(bucket.entries, tensors)]
+            buf, sizes = _pack(payloads)
+        with self.timed("comm_s"):
+            rows = self.gather_sizes(sizes)
+            counts = [sum(r) for r in rows]
+            work = self.transport.all_gather_v_async(self.to_wire(buf), counts)
+        rank = self.transport.rank
+        self.count(sent=counts[rank], received=sum(counts) - counts[rank],
+                   overhead=self.gather_padding(counts), collectives=1)
+        return _AllGatherWork(self, bucket, rows, work, want_local)
+
+
+class _AllGatherWork(BucketWork):
+    def __init__(self, mode: AllGather, bucket: Bucket, rows: list[list[int]], work: Work, want_local: bool):
+        self.mode, self.bucket, self.rows, self.work, self.want_local = mode, bucket, rows, work, want_local
+
+    def finish(self) -> Result:
+        m, b = self.mode, self.bucket
+        with m.timed("comm_s"):
+            pieces = [p.cpu() for p in self.work.wait()]
+        with m.timed("decode_s"):
+            P, rank = m.transport.world_size, m.transport.rank
+            acc: list[torch.Tensor | None] = [None] * len(b.entries)
+            mine: list[torch.Tensor] = []
+            for r in range(P):
+                for i, (e, part) in enumerate(zip(b.entries, _cut(pieces[r], self.rows[r]))):
+                    d = decode_payload(m.stream(e.name), part, sender=r, name=e.name, shape=e.shape, dtype=b.dtype)
+                    if r == rank and self.want_local:
+                        mine.append(_own(d, pieces).to(b.device))
+                    if acc[i] is None:
+                        acc[i] = d.to(_acc_dtype(b.dtype), copy=True)
+                    else:
+                        acc[i] += d
+            means = [(a / P).to(b.dtype).to(b.device) for a in acc]  # type: ignore[operator]
+        return means, (mine if self.want_local else None)
+
+
+# ------------------------------------------------------------------------------------------
+class AllReduce(Mode):
+    name = "allreduce"
+
+    def start(self, bucket, tensors, want_local):
+        P, rank = self.transport.world_size, self.transport.rank
+        streams: list[LinearCodec] = [self.stream(e.name) for e in bucket.entries]  # type: ignore[misc]
+        with self.timed("encode_s"):
+            asks = [s.agreement(t, rank, P) for s, t in zip(streams, tensors)]
+        agreed = self._agree(streams, asks)
+        with self.timed("encode_s"):
+            wires = [s.encode_sum(t, a, P) for s, t, a in zip(streams, tensors, agreed)]
+            # Own decode first: the SUM below may run in place on a wire.
+            mine = ([s.decode_local(w, a, P).reshape(e.shape).to(bucket.dtype).to(bucket.device)
+                     for s, w, a, e in zip(streams, wires, agreed, bucket.entries)] if want_local else None)
+            groups: dict[torch.dtype, list[int]] = {}
+            for i, w in enumerate(wires):
+                groups.setdefault(w.dtype, []).append(i)
+            flats = {}
+            for dtype, idx in groups.items():
+                rdtype = self.transport.reduce_dtype(dtype)
+                parts = [wires[i].reshape(-1) for i in idx]
+                flats[dtype] = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(rdtype)
+        launched = []
+        with self.timed("comm_s"):
+            for dtype, flat in flats.items():
+                n = flat.numel() * flat.element_size()
+                launched.append((dtype, self.transport.all_reduce_async_(flat, "sum")))
+                self.count(sent=n, received=n, collectives=1)
+        return _AllReduceWork(self, bucket, streams, wires, agreed, groups, launched, mine)
+
+    def _agree(self, streams: Sequence[LinearCodec], asks: Sequence[tuple[torch.Tensor, str] | None]) -> list[torch.Tensor | None]:
+        """Reduce or broadcast the codecs' agreement tensors, fused per (op, dtype, leader)."""
+        P, rank = self.transport.world_size, self.transport.rank
+        agreed: list[torch.Tensor | None] = [None] * len(asks)
+        groups: dict[tuple[str, torch.dtype, int], list[int]] = {}
+        for i, ask in enumerate(asks):
+            if ask is None:
+                continue
+            t, op = ask
+            if op not in ("max", "sum", "leader"):
+                raise ValueError(f"codec agreement op {op!r} is not one of 'max', 'sum', 'leader'")
+            leader = streams[i].leader(P) if op == "leader" else -1
+            groups.setdefault((op, t.dtype, leader), []).append(i)
+        if not groups:
+            return agreed
+        with self.timed("comm_s"):
+            for (op, dtype, leader), idx in groups.items():
+                parts = [asks[i][0].reshape(-1) for i in idx]  # type: ignore[index]
+                flat = torch.cat(parts).to(self.transport.reduce_dtype(dtype))
+                n = flat.numel() * flat.element_size()
+                if op == "leader":
+                    self.transport.broadcast_(flat, leader)
+                    self.count(sent=n if rank == leader else 0, received=0 if rank == leader else n, collectives=1)
+                else:
+                    self.transport.all_reduce_(flat, op)
+                    self.count(sent=n, received=n, collectives=1)
+                off = 0
+                for i in idx:
+                    t = asks[i][0]  # type: ignore[index]
+                    agreed[i] = flat[off : off + t.numel()].to(dtype).reshape(t.shape)
+                    off += t.numel()
+        return agreed
+
+
+class _AllReduceWork(BucketWork):
+    def __init__(self, mode, bucket, streams, wires, agreed, groups, launched, mine):
+        self.mode, self.bucket, self.streams, self.wires = mode, bucket, streams, wires
+        self.agreed, self.groups, self.launched, self.mine = agreed, groups, launched, mine
+
+    def finish(self) -> Result:
+        m, b = self.mode, self.bucket
+        P = m.transport.world_size
+        totals: dict[int, torch.Tensor] = {}
+        with m.timed("comm_s"):
+            done = [(dtype, work.wait()) for dtype, work in self.launched]
+        with m.timed("decode_s"):
+            for dtype, flat in done:
+                off = 0
+                for i in self.groups[dtype]:
+                    n = self.wires[i].numel()
+                    totals[i] = flat[off : off + n].to(dtype).reshape(self.wires[i].shape)
+                    off += n
+            means = []
+            for i, e in enumerate(b.entries):
+                mean = self.streams[i].decode_sum(totals[i], self.agreed[i], P)
+                means.append(mean.reshape(e.shape).to(b.dtype).to(b.device))
+        return means, self.mine
+
+
+# ------------------------------------------------------------------------------------------
+def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
+    """(offset, length) of ``parts`` near-equal consecutive chunks (the first ``numel % parts``
+    one longer), like ``torch.tensor_split``."""
+    base, extra = divmod(numel, parts)
+    out, off = [], 0
+    for j in range(parts):
+        n = base + (1 if j < extra else 0)
+        out.append((off, n))
+        off += n
+    return out
+
+
+class TwoPhase(Mode):
+    name = "two_phase"
+
+    def start(self, bucket, tensors, want_local):
+        P, rank = self.transport.world_size, self.transport.rank
+        with self.timed("encode_s"):
+            flats = [t.detach().reshape(-1) for t in tensors]
+            flat = torch.cat(flats) if len(flats) > 1 else flats[0]
+            bounds = chunk_bounds(bucket.numel, P)
+            payloads = [
+                self.stream(f"{bucket.key}/chunk{j}").compress(flat[o : o + n]) if n else None
+                for j, (o, n) in enumerate(bounds)
+            ]
+            buf, send = _pack(payloads)
+        with self.timed("comm_s"):
+            sizes = torch.tensor(send, dtype=torch.int64, device=self.transport.device)
+            recv = [int(x) for x in torch.cat(self.transport.all_to_all_v(sizes, [1] * P, [1] * P)).cpu().tolist()]
+            self.count(overhead=8 * (P - 1), collectives=1)
+            work = self.transport.all_to_all_v_async(self.to_wire(buf), send, recv)
+        self.count(sent=sum(send) - send[rank], received=sum(recv) - recv[rank], collectives=1)
+        return _TwoPhaseWork(self, bucket, bounds, payloads, work, want_local)
+
+
+class _TwoPhaseWork(BucketWork):
+    def __init__(self, mode, bucket, bounds, payloads, work, want_local):
+        self.mode, self.bucket, self.bounds, self.payloads = mode, bucket, bounds, payloads
+        self.work, self.want_local = work, want_local
+
+    def finish(self) -> Result:
+        m, b = self.mode, self.bucket
+        P, rank = m.transport.world_size, m.transport.rank
+        off, n = self.bounds[rank]
+        with m.timed("comm_s"):
+            pieces = [p.cpu() for p in self.work.wait()]
+        # Phase 1 ends here: decode and average this rank's chunk. A failure is not raised yet:
+        # it rides on the next size exchange, so every rank stops instead of waiting for this one.
+        failure: Exception | None = None
+        failed_sender = -1
+        chunk_mean = None
+        with m.timed("decode_s"):
+            if n:
+                key = f"{b.key}/chunk{rank}"
+                try:
+                    acc = None
+                    for r in range(P):
+                        d = decode_payload(m.stream(key), pieces[r], sender=r, name=f"{key} (bucket of "
+                                           f"{', '.join(b.names[:3])}{', ...' if len(b.names) > 3 else ''})",
+                                           shape=(n,), dtype=b.dtype)
+                        if acc is None:
+                            acc = d.to(_acc_dtype(b.dtype), copy=True)
+                        else:
+                            acc += d
+                    chunk_mean = (acc / P).to(b.dtype)
+                except DecodeError as exc:
+                    failure, failed_sender = exc, exc.sender
+        with m.timed("encode_s"):
+            payload = m.server(f"{b.key}/server").compress(chunk_mean) if chunk_mean is not None else None
+            buf, (size,) = _pack([payload])
+        with m.timed("comm_s"):
+            rows = m.gather_sizes([size, failed_sender + 1])
+        if failure is not None:
+            raise failure
+        for r, (_, sender) in enumerate(rows):
+            if sender:
+                raise ValueError(
+                    f"rank {r} could not decode the payload rank {sender - 1} sent it in phase 1 of "
+                    f"two_phase (rank {r}'s own error names the cause); rank {rank} stops too"
+                )
+        counts = [row[0] for row in rows]
+        with m.timed("comm_s"):
+            gathered = [p.cpu() for p in m.transport.all_gather_v(m.to_wire(buf), counts)]
+        m.count(sent=counts[rank], received=sum(counts) - counts[rank],
+                overhead=m.gather_padding(counts), collectives=1)
+        with m.timed("decode_s"):
+            server = m.server(f"{b.key}/server")
+            chunks = [
+                decode_payload(server, gathered[r], sender=r, name=f"{b.key}/server", shape=(ln,), dtype=b.dtype)
+                if ln else torch.empty(0, dtype=b.dtype)
+                for r, (_, ln) in enumerate(self.bounds)
+            ]
+            flat = torch.cat(chunks).to(b.device)
+            means = [flat[e.offset : e.offset + e.numel].reshape(e.shape).clone() for e in b.entries]
+            mine = None
+            if self.want_local:
+                own = torch.cat([
+                    m.stream(f"{b.key}/chunk{j}").decompress(p).reshape(-1).to(b.dtype) if p is not None
+                    else torch.empty(0, dtype=b.dtype)
+                    for j, p in enumerate(self.payloads)
+                ]).to(b.device)
+                mine = [own[e.offset : e.offset + e.numel].reshape(e.shape).clone() for e in b.entries]
+        return means, mine
+
+
+MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (AllGather, AllReduce, TwoPhase)}
