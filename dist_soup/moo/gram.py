@@ -43,11 +43,12 @@ def local_grams(rows: Sequence[Tensor], *, dtype: torch.dtype | None = None) -> 
     rows = list(rows)
     if not rows:
         raise ValueError("local_grams needs at least one tensor of rows")
-    k = rows[0].shape[0] if rows[0].dim() > 0 else 0
-    out = []
     for l, r in enumerate(rows):
         if not isinstance(r, Tensor):
             raise TypeError(f"rows[{l}] must be a torch.Tensor, got {type(r).__name__}")
+    k = rows[0].shape[0] if rows[0].dim() > 0 else 0
+    out = []
+    for l, r in enumerate(rows):
         if r.dim() == 0 or r.shape[0] != k or k == 0:
             raise ValueError(
                 f"rows[{l}] has shape {tuple(r.shape)}; every entry must be (K, ...) with the same K >= 1"
