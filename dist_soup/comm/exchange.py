@@ -109,6 +109,9 @@ class Exchange:
         self._servers: dict[str, Compressor] = {}
         self._known: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._plans: dict[tuple, list[Bucket]] = {}
+        # Names of an asynchronous call not yet waited for: a stream runs one call at a time
+        # (linear codecs keep what decode_sum needs between encode_sum and decode_sum).
+        self._inflight: set[str] = set()
         self._settings = exchange_settings(compressor, self.options, seed, mode,
                                            self.transport.world_size, self.bucket_mb)
         self._n_settings = len(self._settings) + len(tensor_settings([]))
@@ -175,7 +178,13 @@ class Exchange:
         buckets = self._plans.get(layout)
         if buckets is None:
             buckets = self._plans[layout] = plan(layout, int(self.bucket_mb * 2**20))
-        works = [self._mode.start(b, [tensors[e.name] for e in b.entries], return_local) for b in buckets]
+        names = {n for n, _, _ in specs}
+        self._inflight |= names
+        try:
+            works = [self._mode.start(b, [tensors[e.name] for e in b.entries], return_local) for b in buckets]
+        except BaseException:
+            self._inflight -= names
+            raise
         return ExchangeHandle(self, tensors, specs, buckets, works, return_local)
 
     def _inspect(self, tensors: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
@@ -190,6 +199,11 @@ class Exchange:
             if t.dtype not in FLOAT_DTYPES:
                 raise ValueError(
                     f"tensor {name!r} has dtype {t.dtype}; allowed: {', '.join(map(str, FLOAT_DTYPES))}"
+                )
+            if name in self._inflight:
+                raise ValueError(
+                    f"tensor {name!r} is still in flight in an earlier all_reduce_many_async call; "
+                    "wait() for that handle before using the stream again"
                 )
             known = self._known.get(name)
             shape = tuple(t.shape)
@@ -271,6 +285,7 @@ class ExchangeHandle:
 
     def __init__(self, exchange: Exchange, tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec],
                  buckets: list[Bucket], works: list[BucketWork], return_local: bool) -> None:
+        self._exchange = exchange
         self._tensors = {n: tensors[n] for n, _, _ in specs}
         self._names = [n for n, _, _ in specs]
         self._buckets = buckets
@@ -294,7 +309,9 @@ class ExchangeHandle:
                         mine.update(zip(bucket.names, l))
             except BaseException as exc:
                 self._error = exc
+                self._exchange._inflight -= set(self._names)
                 raise
+            self._exchange._inflight -= set(self._names)
             for name, t in self._tensors.items():
                 if name not in means:  # tensors with no values travel nowhere
                     means[name] = torch.empty_like(t)

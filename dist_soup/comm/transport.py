@@ -261,7 +261,8 @@ class TorchTransport(Transport):
         src = torch.zeros(width, dtype=t.dtype, device=self.device)
         src[: t.numel()].copy_(t)
         out = torch.empty(width * self.world_size, dtype=t.dtype, device=self.device)
-        work = self._dist.all_gather_into_tensor(out, src, group=self.group, async_op=True)
+        gather = getattr(self._dist, "all_gather_single", None) or self._dist.all_gather_into_tensor
+        work = gather(out, src, group=self.group, async_op=True)
         return Work([work.wait], lambda: split_counts(out, counts, stride=width))
 
     def all_to_all_v_async(self, t, send_counts, recv_counts):

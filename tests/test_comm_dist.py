@@ -1,0 +1,334 @@
+"""dist_soup.comm across real processes: torch.multiprocessing spawn, gloo on 127.0.0.1.
+
+Each test function spawns one group and runs several checks in it (spawning costs seconds on
+this 2-core machine). Workers assert themselves; a failing assertion on any rank fails the test
+through ``mp.spawn``. The gloo timeout is short so a hang would surface as an error, not a stall.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist_soup.comm import DecodeError, Exchange, TorchTransport
+from dist_soup.compress import build
+
+MODES = ("allgather", "allreduce", "two_phase")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
+    os.environ["DIST_SOUP_COMPILE"] = "0"  # eager kernels: no compile time in tests
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world_size: int, *args) -> None:
+    mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
+
+
+def rank_tensors(rank: int, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Values on a 1/8 grid: every sum is exact in fp32 whatever the order of addition."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    return {n: torch.randint(-400, 400, s, generator=g).float() / 8 for n, s in shapes.items()}
+
+
+def exact_mean(world_size: int, shapes, seed: int = 0) -> dict[str, torch.Tensor]:
+    per_rank = [rank_tensors(r, shapes, seed) for r in range(world_size)]
+    return {n: sum(t[n] for t in per_rank) / world_size for n in shapes}
+
+
+def same_on_all_ranks(tensors: dict[str, torch.Tensor]) -> bool:
+    """Bit-for-bit comparison of this rank's results with every other rank's."""
+    bits = torch.cat([t.detach().reshape(-1).to(torch.float32).view(torch.int32) for t in tensors.values()])
+    gathered = [torch.empty_like(bits) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, bits)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def identity_nbytes(shape) -> int:
+    return build("identity").compress(torch.zeros(shape)).nbytes
+
+
+# --------------------------------------------------------------------------------------------
+SHAPES = {"w1": (7, 5), "b1": (7,), "w2": (300,), "big": (64, 33)}
+
+
+def _worker_modes(rank: int, P: int) -> None:
+    mine = rank_tensors(rank, SHAPES)
+    exact = exact_mean(P, SHAPES)
+    numel = {n: torch.Size(s).numel() for n, s in SHAPES.items()}
+    total = sum(numel.values())
+    for mode in MODES:
+        # identity: the exact mean, bit-identical everywhere, locals are this rank's inputs
+        ex = Exchange("identity", mode)
+        means, locals_ = ex.all_reduce_many(mine, return_local=True)
+        for n in SHAPES:
+            assert means[n].shape == mine[n].shape and means[n].dtype == torch.float32
+            assert torch.equal(means[n], exact[n]), (mode, n)
+            assert torch.equal(locals_[n], mine[n]), (mode, n)
+        assert same_on_all_ranks(means)
+        st = ex.stats
+        assert st.calls == 1 and st.dense_bytes == 4 * total
+        if mode == "allgather":
+            own = sum(identity_nbytes(s) for s in SHAPES.values())
+            assert (st.bytes_sent, st.bytes_received) == (own, (P - 1) * own), st
+            assert st.collectives == 3  # control, sizes, payloads: one bucket
+        elif mode == "allreduce":
+            assert (st.bytes_sent, st.bytes_received) == (4 * total, 4 * total), st
+            assert st.collectives == 2  # control, one fused SUM
+        else:
+            chunks = [total // P + (1 if j < total % P else 0) for j in range(P)]
+            nb = [identity_nbytes((c,)) for c in chunks]
+            sent = sum(nb) - nb[rank] + nb[rank]  # phase 1 to others, phase 2 own server chunk
+            received = (P - 1) * nb[rank] + sum(nb) - nb[rank]
+            assert (st.bytes_sent, st.bytes_received) == (sent, received), st
+            assert st.collectives == 5  # control, sizes, a2a, sizes, gather
+        # single tensor, stats accumulate, reset works
+        one = ex.all_reduce("w2", mine["w2"])
+        assert torch.equal(one, exact["w2"]) and ex.stats.calls == 2
+        ex.stats.reset()
+        assert ex.stats.as_dict()["bytes_sent"] == 0 and ex.stats.calls == 0
+
+        # fp16 / bf16: within the cast's rounding, identical on all ranks, fp16 halves the bytes
+        for codec, tol in (("fp16", 1e-3), ("bf16", 8e-3)):
+            ex = Exchange(codec, mode)
+            means = ex.all_reduce_many(mine)
+            for n in SHAPES:
+                scale = exact[n].abs().max().item() + 1
+                assert (means[n] - exact[n]).abs().max().item() <= tol * scale, (mode, codec, n)
+            assert same_on_all_ranks(means)
+            assert ex.stats.bytes_sent < 0.55 * 4 * total + 400, (mode, codec, ex.stats)
+
+        # half-precision inputs keep their dtype
+        half = {n: t.to(torch.bfloat16) for n, t in mine.items()}
+        means = Exchange("identity", mode).all_reduce_many(half)
+        for n in SHAPES:
+            want = sum(rank_tensors(r, SHAPES)[n].to(torch.bfloat16).float() for r in range(P)) / P
+            assert means[n].dtype == torch.bfloat16
+            assert (means[n].float() - want).abs().max() <= want.abs().max() / 128, (mode, n)
+
+        # async: launch, compute meanwhile, then wait; a stream in flight refuses a second call
+        ex = Exchange("identity", mode, bucket_mb=0.004)
+        handle = ex.all_reduce_many_async(mine, return_local=True)
+        busy = torch.randn(200, 200) @ torch.randn(200, 200)
+        with pytest.raises(ValueError, match="in flight"):
+            ex.all_reduce("w1", mine["w1"])
+        means, locals_ = handle.wait()
+        assert busy.shape == (200, 200)
+        assert all(torch.equal(means[n], exact[n]) for n in SHAPES)
+        assert handle.wait()[0] is means  # the result is kept
+        assert torch.equal(ex.all_reduce("w1", mine["w1"]), exact["w1"])
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_modes_identity_cast_bytes_async(world_size):
+    spawn(_worker_modes, world_size)
+
+
+# --------------------------------------------------------------------------------------------
+def _worker_bucketing_state(rank: int, P: int) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+        torch.nn.ReLU(), torch.nn.Linear(32, 10),
+    )
+    g = torch.Generator().manual_seed(rank)
+    grads = {n: torch.randint(-64, 64, p.shape, generator=g).float() / 8 for n, p in model.named_parameters()}
+    everyone = [dict() for _ in range(P)]
+    for r in range(P):
+        gr = torch.Generator().manual_seed(r)
+        everyone[r] = {n: torch.randint(-64, 64, p.shape, generator=gr).float() / 8 for n, p in model.named_parameters()}
+    exact = {n: sum(e[n] for e in everyone) / P for n in grads}
+    assert len(grads) == 10
+    for mode in MODES:
+        ex = Exchange("identity", mode)  # default 25 MB: the whole model is one bucket
+        means = ex.all_reduce_many(grads)
+        assert all(torch.equal(means[n], exact[n]) for n in grads), mode
+        per_bucket = {"allgather": 2, "allreduce": 1, "two_phase": 4}[mode]
+        assert ex.stats.collectives == 1 + per_bucket, (mode, ex.stats)
+        # small buckets: more collectives, same result
+        ex = Exchange("identity", mode, bucket_mb=0.01)
+        means = ex.all_reduce_many(grads)
+        assert all(torch.equal(means[n], exact[n]) for n in grads), mode
+        from dist_soup.comm.buckets import plan
+
+        nb = len(plan([(n, tuple(t.shape), t.dtype, t.device) for n, t in grads.items()], int(0.01 * 2**20)))
+        assert 1 < nb < len(grads)
+        assert ex.stats.collectives == 1 + per_bucket * nb, (mode, nb, ex.stats)
+
+    # state_dict round trip through torch.save / torch.load(weights_only=True): a copy resumed
+    # from the saved state continues exactly like the original
+    cases = [("allgather", "topk", {"ratio": 0.1}), ("allreduce", "cltk", {"ratio": 0.1, "beta": 0.5}),
+             ("allreduce", "fp16", {"error_feedback": True}), ("two_phase", "adacomp", {})]
+    gs = torch.Generator().manual_seed(50 + rank)
+    grads = {n: torch.randn(t.shape, generator=gs) for n, t in grads.items()}  # off-grid values
+    for mode, codec, opts in cases:
+        a = Exchange(codec, mode, seed=3, **opts)
+        for step in range(2):
+            a.all_reduce_many({n: t * (step + 1) for n, t in grads.items()})
+        buf = io.BytesIO()
+        torch.save(a.state_dict(), buf)
+        sd = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+        if mode == "two_phase":
+            assert sd["server"], "two_phase keeps server residues"
+        b = Exchange(codec, mode, seed=3, **opts)
+        b.load_state_dict(sd)
+        ra = a.all_reduce_many(grads)
+        rb = b.all_reduce_many(grads)
+        assert all(torch.equal(ra[n], rb[n]) for n in grads), (mode, codec)
+        fresh = Exchange(codec, mode, seed=3, **opts).all_reduce_many(grads)
+        assert any(not torch.equal(ra[n], fresh[n]) for n in grads), (mode, codec, "state had no effect")
+
+
+def test_bucketing_of_a_model_and_state_dict():
+    spawn(_worker_bucketing_state, 2)
+
+
+# --------------------------------------------------------------------------------------------
+def _worker_qsgd(rank: int, P: int) -> None:
+    shapes = {"a": (1500,), "b": (40, 25), "c": (700,)}
+    g = torch.Generator().manual_seed(100 + rank)
+    mine = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    everyone = []
+    for r in range(P):
+        gr = torch.Generator().manual_seed(100 + r)
+        everyone.append({n: torch.randn(s, generator=gr) for n, s in shapes.items()})
+    exact = {n: sum(e[n] for e in everyone) / P for n in shapes}
+    rounds = 60
+    for mode in MODES:
+        ex = Exchange("qsgd", mode, bits=4, bucket_size=64, min_numel=0, seed=11, bucket_mb=0.01)
+        avg = {n: torch.zeros(s) for n, s in shapes.items()}
+        first_err = None
+        for t in range(rounds):
+            means = ex.all_reduce_many(mine)
+            if t == 0:
+                assert same_on_all_ranks(means), mode
+                first_err = sum((means[n] - exact[n]).norm() ** 2 for n in shapes).sqrt().item()
+                st = ex.stats
+                # 4-bit packed payloads; allreduce sums int8 levels (1 byte a value) plus scales
+                assert st.bytes_sent < (0.3 if mode == "allreduce" else 0.2) * st.dense_bytes, (mode, st)
+            for n in shapes:
+                avg[n] += means[n] / rounds
+        err = sum((avg[n] - exact[n]).norm() ** 2 for n in shapes).sqrt().item()
+        assert first_err > 0
+        # unbiased and independent across rounds: error of the average ~ first_err / sqrt(rounds)
+        assert err < 0.35 * first_err, (mode, err, first_err)
+
+
+def test_qsgd_means_converge_in_every_mode():
+    spawn(_worker_qsgd, 2)
+
+
+# --------------------------------------------------------------------------------------------
+def _expect_everywhere(fn, *patterns: str, bound_s: float = 10.0) -> str:
+    t0 = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        fn()
+    took = time.monotonic() - t0
+    msg = str(info.value)
+    assert took < bound_s, (took, msg)
+    for p in patterns:
+        assert p in msg, (p, msg)
+    return msg
+
+
+def _worker_mismatch(rank: int, P: int) -> None:
+    x = {"a": torch.ones(10), "b": torch.ones(3, 4)}
+    cases = [
+        (lambda: Exchange("identity" if rank == 0 else "fp16"), x, "compressor"),
+        (lambda: Exchange("qsgd", bits=4 if rank == 0 else 8), x, "codec option 'bits'"),
+        (lambda: Exchange("qsgd", **({"bucket_size": 256} if rank == 0 else {})), x, "codec option"),
+        (lambda: Exchange("identity", "allgather" if rank == 0 else "allreduce"), x, "mode"),
+        (lambda: Exchange("identity", "two_phase" if rank == 0 else "allgather"), x, "mode"),
+        (lambda: Exchange("identity", seed=rank), x, "seed"),
+        (lambda: Exchange("identity", bucket_mb=1.0 + rank), x, "bucket_mb"),
+        (lambda: Exchange("identity"), {"a": x["a"], ("b" if rank == 0 else "B"): x["b"]}, "tensor #1 name"),
+        (lambda: Exchange("identity"), {"a": torch.ones(10 + rank), "b": x["b"]}, "tensor #0 shape/dtype"),
+        (lambda: Exchange("identity"), {"a": x["a"], "b": x["b"].double() if rank else x["b"]}, "tensor #1 shape/dtype"),
+        (lambda: Exchange("identity", "two_phase"), x if rank == 0 else {"a": x["a"]}, "number of tensors"),
+    ]
+    for make, tensors, label in cases:
+        ex = make()
+        _expect_everywhere(lambda: ex.all_reduce_many(tensors), "differs across ranks", label)
+    # an input error on one rank stops every rank before anything is encoded
+    ex = Exchange("fp16", error_feedback=True)
+    ex.all_reduce("a", x["a"])
+    before = ex.state_dict()["streams"]["a"]["residue"].clone()
+    bad = x["a"].clone()
+    if rank == 1:
+        bad[3] = float("nan")
+    msg = _expect_everywhere(lambda: ex.all_reduce("a", bad), "'a'", "non-finite", "rank 1")
+    assert torch.equal(ex.state_dict()["streams"]["a"]["residue"], before), msg
+    wrong = x["a"].long() if rank == 0 else x["a"]
+    _expect_everywhere(lambda: ex.all_reduce("a", wrong), "dtype" if rank == 0 else "rank 0 rejected")
+    # the group is still healthy: a correct call goes through on every rank
+    assert torch.equal(Exchange("identity").all_reduce("a", x["a"] * (rank + 1)), x["a"] * (P + 1) / 2)
+
+
+def test_mismatched_configurations_fail_on_every_rank():
+    spawn(_worker_mismatch, 2)
+
+
+# --------------------------------------------------------------------------------------------
+class CorruptingTransport(TorchTransport):
+    """gloo, but rank ``bad`` damages the bytes it sends (only uint8 payload buffers)."""
+
+    def __init__(self, bad: int, offset: int) -> None:
+        super().__init__()
+        self.bad, self.offset = bad, offset
+
+    def _damage(self, t: torch.Tensor) -> torch.Tensor:
+        if self.rank == self.bad and t.dtype == torch.uint8 and t.numel() > self.offset:
+            t = t.clone()
+            t[self.offset] ^= 0x5A
+        return t
+
+    def all_gather_v_async(self, t, counts):
+        return super().all_gather_v_async(self._damage(t), counts)
+
+    def all_to_all_v_async(self, t, send_counts, recv_counts):
+        return super().all_to_all_v_async(self._damage(t), send_counts, recv_counts)
+
+
+def _worker_corrupt(rank: int, P: int) -> None:
+    x = {"a": torch.ones(10) * (rank + 1), "b": torch.ones(3, 4)}
+    # allgather: everyone decodes rank 1's damaged payload and names rank 1
+    for offset, what in ((0, "magic"), (16, "")):  # the magic, then the first shape word
+        ex = Exchange("identity", "allgather", transport=CorruptingTransport(1, offset))
+        msg = _expect_everywhere(lambda: ex.all_reduce_many(x), "from rank 1", "'a'", what)
+        assert "failed to decode" in msg
+    with pytest.raises(DecodeError) as info:
+        Exchange("fp16", "allgather", transport=CorruptingTransport(0, 0)).all_reduce_many(x)
+    assert info.value.sender == 0
+    # two_phase: rank 1 damages only the chunk it sends to rank 0; rank 0 names rank 1, and
+    # rank 1 learns of it in the next size exchange instead of waiting forever
+    ex = Exchange("identity", "two_phase", transport=CorruptingTransport(1, 0))
+    if rank == 0:
+        _expect_everywhere(lambda: ex.all_reduce_many(x), "from rank 1", "failed to decode")
+    else:
+        _expect_everywhere(lambda: ex.all_reduce_many(x), "rank 0 could not decode", "rank 1")
+    # the group still works afterwards
+    assert torch.equal(Exchange("identity", "two_phase").all_reduce("a", x["a"]), torch.full((10,), 1.5))
+
+
+def test_corrupted_payloads_name_the_sender():
+    spawn(_worker_corrupt, 2)
