@@ -23,6 +23,9 @@ def test_schedule():
     assert s.value(1000) == 1.5
     assert Schedule().value(7.5) == 1.0
     assert Schedule(2.0, -0.5).value(2) == pytest.approx(1.0)
+    assert Schedule(2.0, -0.5).value(10) == 0.0  # a decaying weight stops at 0
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        Schedule(-0.1)
     assert Schedule.from_spec({"start": 0.5, "step": 0.1}).value(1) == pytest.approx(0.6)
     assert Schedule.from_spec(0.3).value(9) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="epoch"):

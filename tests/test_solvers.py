@@ -86,6 +86,18 @@ def test_shape_and_loss_errors(name):
         s.weights(torch.eye(2), torch.tensor([1.0, float("nan")]))
 
 
+@pytest.mark.parametrize("name", ["mgda", "cagrad", "upgrad", "pcgrad", "nash"])
+def test_psd_solvers_clip_an_indefinite_gram(name):
+    from dist_soup.moo.gram import psd_clip
+
+    j = _jac(3, 5, 11)
+    g = j @ j.T
+    g[0, 0] -= 4.0 * float(g[0, 0])  # indefinite, as a noisy cross-worker estimate can be
+    assert float(torch.linalg.eigvalsh(g).min()) < 0
+    w = build(name).weights(g, torch.ones(3))
+    torch.testing.assert_close(w, build(name).weights(psd_clip(g), torch.ones(3)), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- MGDA
 
 

@@ -42,23 +42,26 @@ def _finite(name: str, value: Any) -> float:
 
 @dataclass(frozen=True)
 class Schedule:
-    """``eta(t) = min(cap, start + step * t)`` for epoch ``t >= 0`` (no cap when ``cap`` is None)."""
+    """``eta(t) = min(cap, max(0, start + step * t))`` for epoch ``t >= 0`` (no cap when None)."""
 
     start: float = 1.0
     step: float = 0.0
     cap: float | None = None
 
     def __post_init__(self) -> None:
-        _finite("start", self.start)
+        # A negative weight would ascend its objectives: start and cap must be >= 0; a negative
+        # step (a decaying weight) is clamped at 0 in value().
+        if _finite("start", self.start) < 0:
+            raise ValueError(f"schedule start must be >= 0, got {self.start!r}")
         _finite("step", self.step)
-        if self.cap is not None:
-            _finite("cap", self.cap)
+        if self.cap is not None and _finite("cap", self.cap) < 0:
+            raise ValueError(f"schedule cap must be >= 0, got {self.cap!r}")
 
     def value(self, epoch: float) -> float:
         e = _finite("epoch", epoch)
         if e < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch!r}")
-        v = self.start + self.step * e
+        v = max(0.0, self.start + self.step * e)
         return v if self.cap is None else min(self.cap, v)
 
     @classmethod

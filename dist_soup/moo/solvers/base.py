@@ -29,11 +29,22 @@ def check_nonnegative(name: str, value: Any, solver: str) -> float:
     return float(value)
 
 
+def _psd(gram: np.ndarray) -> np.ndarray:
+    """The Gram itself when PSD, else its eigenvalues clipped at 0 (an indefinite estimate,
+    e.g. the cross-worker Gram, would make a convex QP non-convex)."""
+    evals, evecs = np.linalg.eigh(gram)
+    if evals[0] >= 0.0:
+        return gram
+    clipped = (evecs * np.clip(evals, 0.0, None)) @ evecs.T
+    return 0.5 * (clipped + clipped.T)
+
+
 class Solver(ABC):
     """Base class. Subclasses implement :meth:`_solve` on float64 numpy arrays.
 
     ``needs_gram``: whether the Gram is used at all (loss-based solvers accept ``gram=None``).
-    ``needs_psd``: whether the Gram must be PSD (callers clip an indefinite estimate first).
+    ``needs_psd``: whether the Gram must be PSD; :meth:`weights` then clips a Gram with a
+    negative eigenvalue onto the PSD cone (eigenvalues at 0) before solving.
     """
 
     name: ClassVar[str]
@@ -67,8 +78,9 @@ class Solver(ABC):
             g_np = gram.detach().to(torch.float64).cpu().numpy()
             if self.needs_gram and not np.all(np.isfinite(g_np)):
                 raise ValueError(f"{self.name}: gram has non-finite (NaN or Inf) entries")
-            if g_np is not None:
-                g_np = 0.5 * (g_np + g_np.T)
+            g_np = 0.5 * (g_np + g_np.T)
+            if self.needs_psd and g_np.shape[0] > 1:
+                g_np = _psd(g_np)
         w = np.asarray(self._solve(g_np, l_np), dtype=np.float64)
         if w.shape != (k,) or not np.all(np.isfinite(w)):
             # A solver bug must never leak NaN weights into a training step.

@@ -74,7 +74,7 @@ class CAGrad(Solver):
         else:
             for _ in range(200):
                 mid = 0.5 * (lo + hi)
-                if mid <= lo or mid >= hi:
+                if hi - lo <= 1e-13 * hi:
                     break
                 w = inner(mid, w)
                 if mid - norm_w(w) >= 0.0:
