@@ -89,7 +89,9 @@ class Toy2Task(Task):
     metrics = {"f1": Metric("loss", higher_is_better=False), "f2": Metric("loss", higher_is_better=False)}
     shared = "trunk"
 
-    def __init__(self, start: int | tuple[float, float] | list[float] = 0, scale: float = 1.0, scale_both: float = 1.0) -> None:
+    def __init__(
+        self, *, start: int | tuple[float, float] | list[float] = 0, scale: float = 1.0, scale_both: float = 1.0
+    ) -> None:
         if isinstance(start, bool):
             raise ValueError(f"start must be an index 0..{len(START_POINTS) - 1} or a pair (x1, x2), got {start!r}")
         if isinstance(start, int):
@@ -106,13 +108,16 @@ class Toy2Task(Task):
         for nm, v in (("scale", scale), ("scale_both", scale_both)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{nm} must be a number > 0, got {v!r}")
-        self.start = (float(point[0]), float(point[1]))
+        self.start = start  # the option as given (the registry compares options to defaults)
+        self.point = (float(point[0]), float(point[1]))
         self.scale = float(scale)
         self.scale_both = float(scale_both)
 
     def build_model(self, seed: int) -> nn.Module:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         # Deterministic start: the seed has nothing to initialise.
-        return Toy2Model(self.start, self.scale, self.scale_both)
+        return Toy2Model(self.point, self.scale, self.scale_both)
 
     def train_size(self) -> int:
         return 1
