@@ -87,8 +87,6 @@ def _loop(stacked: Tensor, params: list[Tensor], retain_graph: bool) -> list[Ten
     k = stacked.shape[0]
     rows = _zeros_rows(k, params)
     for i in range(k):
-        if not stacked.requires_grad:
-            break
         # The last objective may release the graph when the caller does not need it any more.
         keep = retain_graph or i < k - 1
         grads = torch.autograd.grad(
