@@ -215,7 +215,7 @@ def _bench(rank, world, args, torch, dist, default_hooks, powerSGD_hook) -> list
             bucket.set_buffer(work)
             return powerSGD_hook.powerSGD_hook(state, bucket).wait()
 
-        ms, out = timed(psgd, extra_warmup=start)
+        ms, out = timed(psgd, extra_warmup=start + 2)
         sent = 4.0 * r * (shape[0] + shape[1])
         rows.append(Row(f"torch PowerSGD r={r}", ms, sent, sent, dense, _rel_err(torch, out, exact),
                         note=f"{shape[0]}x{shape[1]}"))
