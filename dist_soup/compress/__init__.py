@@ -10,8 +10,10 @@ from . import cast  # noqa: F401  (registers identity, fp16, bf16)
 from .qsgd import QSGD
 from .feedback import ErrorFeedback
 from .sparse import CLTK, RandomK, TopK
+from .adacomp import AdaComp
 
 __all__ = [
+    "AdaComp",
     "CLTK",
     "Compressor",
     "ErrorFeedback",

@@ -190,3 +190,19 @@ def run(fn: Callable[..., Any], args: tuple, static: dict[str, Any], backend: st
         _failed.add(ckey)
         _warn_once(exc)
         return fn(*args, **static)
+
+
+# --- AdaComp ---------------------------------------------------------------------------------
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Sorted int64 positions of the True flags of a bool tensor whose length is a multiple of 8.
+
+    ``nonzero`` over n flags costs about as much as the rest of AdaComp's encoder; scanning the
+    flags as int64 words first touches n/8 elements, then only the non-zero words are expanded.
+    When most words hold a flag the plain scan is cheaper and is used instead.
+    """
+    words = mask.view(torch.uint8).view(torch.int64)
+    w = words.nonzero().view(-1)
+    if w.numel() * 4 > words.numel():
+        return mask.nonzero().view(-1)
+    f = mask.view(-1, 8)[w].view(-1).nonzero().view(-1)
+    return w[f >> 3] * 8 + (f & 7)
