@@ -181,8 +181,12 @@ class Exchange:
         names = {n for n, _, _ in specs}
         self._inflight |= names
         try:
-            works = [self._mode.start(b, [tensors[e.name] for e in b.entries], return_local) for b in buckets]
+            works: list[BucketWork] = []
+            for b in buckets:
+                works.append(self._mode.start(b, [tensors[e.name].detach() for e in b.entries], return_local))
         except BaseException:
+            for work in works:
+                work.abandon()
             self._inflight -= names
             raise
         return ExchangeHandle(self, tensors, specs, buckets, works, return_local)
@@ -268,12 +272,16 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
     """
     if not tensors:
         return None
-    sums = torch.stack([
-        t.detach().sum(dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype).to(
-            torch.float64).cpu() if t.numel() else torch.zeros((), dtype=torch.float64)
+    sums = [
+        t.detach().sum(dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype).to(torch.float64)
         for t in tensors
-    ])
-    bad = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+    ]
+    devices = {s.device for s in sums}
+    if len(devices) == 1:  # one device-to-host transfer, not one per tensor
+        flags = (~torch.isfinite(torch.stack(sums))).cpu()
+    else:
+        flags = torch.stack([~torch.isfinite(s).cpu() for s in sums])
+    bad = flags.nonzero().flatten().tolist()
     for i in bad:
         if not bool(torch.isfinite(tensors[i]).all()):
             return i
@@ -301,14 +309,19 @@ class ExchangeHandle:
         if not self._done:
             means: dict[str, torch.Tensor] = {}
             mine: dict[str, torch.Tensor] = {}
+            done = 0
             try:
                 for bucket, work in zip(self._buckets, self._works):
+                    done += 1
                     m, l = work.finish()
                     means.update(zip(bucket.names, m))
                     if l is not None:
                         mine.update(zip(bucket.names, l))
             except BaseException as exc:
+                for work in self._works[done:]:
+                    work.abandon()
                 self._error = exc
+                self._works = []
                 self._exchange._inflight -= set(self._names)
                 raise
             self._exchange._inflight -= set(self._names)

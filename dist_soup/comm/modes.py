@@ -89,6 +89,19 @@ class BucketWork(ABC):
     def finish(self) -> Result:
         """Wait for the bucket's collectives and return ``(means, locals)`` in entry order."""
 
+    @abstractmethod
+    def _launched(self) -> list[Work]:
+        """The transport operations this bucket has in flight."""
+
+    def abandon(self) -> None:
+        """Let the launched collectives complete (their buffers must outlive them: MPI reads
+        them in the background), issuing no new one; used when an earlier bucket failed."""
+        for work in self._launched():
+            try:
+                work.wait()
+            except Exception:  # the earlier failure is the one worth reporting
+                pass
+
 
 class Mode(ABC):
     """One way of running a compressed all-reduce over a bucket."""
@@ -178,6 +191,9 @@ class AllGather(Mode):
 class _AllGatherWork(BucketWork):
     def __init__(self, mode: AllGather, bucket: Bucket, rows: list[list[int]], work: Work, want_local: bool):
         self.mode, self.bucket, self.rows, self.work, self.want_local = mode, bucket, rows, work, want_local
+
+    def _launched(self) -> list[Work]:
+        return [self.work]
 
     def finish(self) -> Result:
         m, b = self.mode, self.bucket
@@ -270,6 +286,9 @@ class _AllReduceWork(BucketWork):
         self.mode, self.bucket, self.streams, self.wires = mode, bucket, streams, wires
         self.agreed, self.groups, self.launched, self.mine = agreed, groups, launched, mine
 
+    def _launched(self) -> list[Work]:
+        return [w for _, w in self.launched]
+
     def finish(self) -> Result:
         m, b = self.mode, self.bucket
         P = m.transport.world_size
@@ -330,6 +349,9 @@ class _TwoPhaseWork(BucketWork):
     def __init__(self, mode, bucket, bounds, payloads, work, want_local):
         self.mode, self.bucket, self.bounds, self.payloads = mode, bucket, bounds, payloads
         self.work, self.want_local = work, want_local
+
+    def _launched(self) -> list[Work]:
+        return [self.work]
 
     def finish(self) -> Result:
         m, b = self.mode, self.bucket
