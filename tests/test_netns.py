@@ -92,7 +92,8 @@ def test_exchange_between_two_namespace_hosts():
         subprocess.run(["bash", str(SCRIPT), "up", "--prefix", prefix, "--hosts", "2"],
                        check=True, capture_output=True, text=True, timeout=20)
         port = 29000 + os.getpid() % 2000
-        env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0", OMP_NUM_THREADS="1",
+        # DIST_SOUP_COMPILE=0: eager codec kernels, so the test pays no torch.compile time.
+        env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0", OMP_NUM_THREADS="1", DIST_SOUP_COMPILE="0",
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         for rank in range(2):
             procs.append(subprocess.Popen(
