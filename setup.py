@@ -17,10 +17,10 @@ setup(
         "matplotlib>=3.6",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "torchjd>=0.5"],
+        "dev": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "torchjd[quadprog-projector,cagrad]>=0.18"],
         "mpi": ["mpi4py>=3.1", "mpich"],
         "deepspeed": ["deepspeed>=0.14"],
-        "bench": ["torchjd>=0.5"],
+        "bench": ["torchjd>=0.18"],
     },
     entry_points={"console_scripts": ["dist-soup=dist_soup.cli:main"]},
 )

@@ -97,6 +97,7 @@ class SoupEngine:
         reuse_jacobian: the rows of S take ``Jbar^T w`` on solve steps instead of a second
             exchange.
         nonfinite: "skip" (all ranks skip the step, counted in ``skipped_steps``) or "raise".
+            Either way no residue ever sees a non-finite value.
         steps_per_epoch: converts the step counter into the epoch of the penalty schedules
             when ``step`` is not given ``epoch``.
     """
@@ -157,9 +158,7 @@ class SoupEngine:
                 order=order,
                 eta=eta,
             )
-        unknown = [k for k in recipe.objectives if k not in self.objectives]
-        if unknown:
-            raise ValueError(f"recipe names objectives {unknown} that are not among {list(self.objectives)}")
+        recipe.check_names(self.objectives)
         self.recipe = recipe
         self.selection = {"rule": "threshold", "tau": 0.0, **dict(selection or {})}
         self.probe_every = int(probe_every)
@@ -198,8 +197,10 @@ class SoupEngine:
         loss_list = self._check_losses(losses)
         if epoch is None:
             epoch = self.step_count / self.steps_per_epoch
-        probed = self.step_count % self.probe_every == 0
-        solved = probed or self.step_count % self.solve_every == 0
+        # With one objective there is nothing to weigh: plain (compressed) training.
+        multi = len(self.objectives) > 1
+        probed = multi and self.step_count % self.probe_every == 0
+        solved = multi and (probed or self.step_count % self.solve_every == 0)
         sent0, recv0, dense0 = self._bytes()
 
         # Agree on the losses (their mean drives loss-based solvers and the logs) and on
