@@ -14,7 +14,6 @@ from dist_soup.comm import Exchange, LocalTransport, make_transport  # noqa: E40
 from dist_soup.comm.agreement import exchange_settings, stream_id, word  # noqa: E402
 from dist_soup.comm.buckets import plan  # noqa: E402
 from dist_soup.comm.modes import chunk_bounds  # noqa: E402
-from dist_soup.compress import build  # noqa: E402
 
 MODES = ("allgather", "allreduce", "two_phase")
 
