@@ -11,6 +11,7 @@ mean over ``--seeds`` model seeds. One thread (``torch.set_num_threads(1)``).
 
     python benchmarks/task_baselines.py --task msp_synth
     python benchmarks/task_baselines.py --task multidigits --joint
+    python benchmarks/task_baselines.py --task multidigits --option objectives=[left,right,sum,parity]
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import time
 
 import torch
+import yaml
 
 from dist_soup import tasks
 
@@ -48,10 +50,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--joint", action="store_true", help="also train the equal-weight sum")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="task option (YAML value), e.g. --option languages=2")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    task = tasks.build(args.task)
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--option needs KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    task = tasks.build(args.task, **options)
     baselines: dict[str, float] = {}
     for k in task.objectives:
         runs = [train(task, (k,), seed=s, steps=args.steps, batch=args.batch, lr=args.lr)

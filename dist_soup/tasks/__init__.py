@@ -5,7 +5,7 @@ task class takes keyword-only options with defaults; an unknown name or option i
 listing what is allowed. Task modules are imported on first use, so importing
 ``dist_soup.tasks`` stays cheap (scikit-learn is only loaded for ``multidigits``).
 
-Built-in: ``toy2`` (dist_soup.tasks.toy2.Toy2), ``multidigits``
+Built-in: ``toy2`` (module dist_soup.tasks.toy2), ``multidigits``
 (dist_soup.tasks.multidigits.MultiDigits), ``msp_synth`` (dist_soup.tasks.msp_synth.MSPSynth).
 """
 from __future__ import annotations
@@ -22,11 +22,12 @@ from .base import Metric, Task, delta_m
 
 __all__ = ["Metric", "Task", "build", "delta_m", "names", "register", "task_class"]
 
-# name -> class, or "module:Class" resolved on first use.
+# name -> class, or the module defining it, imported on first use; the class is the Task
+# subclass of that module whose ``name`` is the registered name.
 _REGISTRY: dict[str, type[Task] | str] = {
-    "toy2": "dist_soup.tasks.toy2:Toy2",
-    "multidigits": "dist_soup.tasks.multidigits:MultiDigits",
-    "msp_synth": "dist_soup.tasks.msp_synth:MSPSynth",
+    "toy2": "dist_soup.tasks.toy2",
+    "multidigits": "dist_soup.tasks.multidigits",
+    "msp_synth": "dist_soup.tasks.msp_synth",
 }
 
 
@@ -52,9 +53,14 @@ def task_class(name: str) -> type[Task]:
         raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(names())}")
     entry = _REGISTRY[name]
     if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        entry = getattr(importlib.import_module(module), attr)
-        _REGISTRY[name] = entry
+        module = importlib.import_module(entry)
+        found = [obj for obj in vars(module).values()
+                 if isinstance(obj, type) and issubclass(obj, Task) and obj.__module__ == entry
+                 and getattr(obj, "name", None) == name]
+        if len(found) != 1:
+            raise ImportError(f"module {entry} should define exactly one Task subclass with "
+                              f"name = {name!r}, found {[c.__name__ for c in found]}")
+        entry = _REGISTRY[name] = found[0]
     return entry
 
 
@@ -112,6 +118,12 @@ def _check_indices(indices: Any, size: int) -> torch.Tensor:
         raise ValueError(f"batch indices must lie in [0, {size}), got min {int(idx.min())} "
                          f"max {int(idx.max())}")
     return idx
+
+
+def _changed_options(task: Task) -> set[str]:
+    """Names of the options of ``task`` that differ from their defaults (each option is stored
+    as the attribute of the same name)."""
+    return {k for k, v in _options(type(task)).items() if getattr(task, k) != v}
 
 
 def _seeded_init(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
