@@ -137,6 +137,31 @@ def _worker_modes(rank: int, P: int) -> None:
         assert handle.wait()[0] is means  # the result is kept
         assert torch.equal(ex.all_reduce("w1", mine["w1"]), exact["w1"])
 
+    # the transport's plain primitives (the engine's Gram sums and lambda broadcast use them)
+    tr = Exchange("identity").transport
+    assert isinstance(tr, TorchTransport) and (tr.rank, tr.world_size) == (rank, P)
+    assert tr.all_reduce_(torch.tensor([rank, -rank], dtype=torch.int16), "max").tolist() == [P - 1, 0]
+    assert tr.all_reduce_(torch.full((2,), rank + 1.0)).tolist() == [P * (P + 1) / 2] * 2
+    assert tr.broadcast_(torch.full((3,), float(rank)), P - 1).tolist() == [P - 1.0] * 3
+    assert [t.tolist() for t in tr.all_gather(torch.full((2, 1), rank))] == [[[r], [r]] for r in range(P)]
+    out = torch.empty(P, dtype=torch.int64)
+    tr.all_to_all_single(out, torch.arange(P) + 10 * rank)
+    assert out.tolist() == [rank + 10 * r for r in range(P)]
+    tr.barrier()
+    # a sub-group: group ranks differ from global ranks, the others take no part
+    if P > 2:
+        members = list(range(1, P))
+        sub = dist.new_group(members)
+        if rank in members:
+            sub_exact = {n: sum(rank_tensors(r, SHAPES)[n] for r in members) / len(members) for n in SHAPES}
+            for mode in MODES:
+                ex = Exchange("identity", mode, group=sub)
+                assert (ex.transport.rank, ex.transport.world_size) == (rank - 1, P - 1)
+                means = ex.all_reduce_many(mine)
+                assert all(torch.equal(means[n], sub_exact[n]) for n in SHAPES), mode
+            got = ex.transport.broadcast_(torch.full((2,), float(rank)), 0)  # group rank 0 = rank 1
+            assert got.tolist() == [1.0, 1.0]
+
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_modes_identity_cast_bytes_async(world_size):
