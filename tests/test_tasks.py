@@ -185,6 +185,28 @@ def test_stored_baselines_cover_the_objectives(name):
     assert delta_m(dict(task.baselines), task.baselines, task) == 0.0
 
 
+def test_baselines_apply_only_to_default_data_and_model_options():
+    assert tasks.build("msp_synth", n_train=10, n_test=10).baselines == {}  # other data
+    assert tasks.build("msp_synth", seed=5, eval_batch=7).baselines.keys() == {
+        "asr_l0", "asr_l1", "asr_l2", "st", "ssl"}
+    four = tasks.build("multidigits", objectives=["parity", "left", "sum", "right"])
+    assert list(four.baselines) == ["parity", "left", "sum", "right"]
+    assert tasks.build("multidigits", hidden=32).baselines == {}
+
+
+def test_baseline_script_trains_one_objective(monkeypatch):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "task_baselines.py"
+    spec = importlib.util.spec_from_file_location("task_baselines", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    task = _make("msp_synth")
+    metrics, per_step = script.train(task, ("st",), seed=0, steps=3, batch=8, lr=1e-3)
+    assert set(metrics) == set(task.objectives) and per_step > 0
+
+
 def test_delta_m_sign_follows_metric_direction():
     task = tasks.build("msp_synth", n_train=10, n_test=10, languages=1)
     base = {"asr_l0": 0.2, "st": 40.0, "ssl": 0.5}

@@ -20,7 +20,7 @@ from torch import nn
 
 from .base import Metric, Task, delta_m
 
-__all__ = ["Metric", "Task", "build", "delta_m", "names", "register", "task_class"]
+__all__ = ["Metric", "Task", "build", "delta_m", "names", "options", "register", "task_class"]
 
 # name -> class, or the module defining it, imported on first use; the class is the Task
 # subclass of that module whose ``name`` is the registered name.

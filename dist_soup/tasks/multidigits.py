@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Metric, Task
-from . import _changed_options, _check_indices as check_indices, _check_int as check_int, _check_real as check_real, _seeded_init as seeded_init
+from . import _changed_options, _check_indices, _check_int, _check_real, _seeded_init
 
 _CLASSES = {"left": 10, "right": 10, "sum": 19, "parity": 2}
 
@@ -104,7 +104,7 @@ class MultiDigits(Task):
                  n_train: int = 6000, n_test: int = 1000, overlap: int = 3, noise: float = 0.1,
                  test_fraction: float = 0.3, channels: int = 8, hidden: int = 64,
                  eval_batch: int = 1000):
-        self.seed = check_int("seed", seed, 0)
+        self.seed = _check_int("seed", seed, 0)
         objectives = tuple(objectives) if isinstance(objectives, (list, tuple)) else objectives
         if not isinstance(objectives, tuple) or not objectives:
             raise ValueError(f"multidigits: objectives must be a non-empty list of names from "
@@ -118,14 +118,14 @@ class MultiDigits(Task):
         derived = tuple(k for k in objectives if k not in _DIGIT_OBJECTIVES)
         self.groups = {g: ks for g, ks in (("digits", digits), ("derived", derived)) if ks}
         self.metrics = {k: Metric("accuracy", higher_is_better=True) for k in objectives}
-        self.n_train = check_int("n_train", n_train, 1)
-        self.n_test = check_int("n_test", n_test, 1)
-        self.overlap = check_int("overlap", overlap, 0, 7)
-        self.noise = check_real("noise", noise, 0.0)
-        self.test_fraction = check_real("test_fraction", test_fraction, 0.05, 0.95)
-        self.channels = check_int("channels", channels, 1)
-        self.hidden = check_int("hidden", hidden, 1)
-        self.eval_batch = check_int("eval_batch", eval_batch, 1)
+        self.n_train = _check_int("n_train", n_train, 1)
+        self.n_test = _check_int("n_test", n_test, 1)
+        self.overlap = _check_int("overlap", overlap, 0, 7)
+        self.noise = _check_real("noise", noise, 0.0)
+        self.test_fraction = _check_real("test_fraction", test_fraction, 0.05, 0.95)
+        self.channels = _check_int("channels", channels, 1)
+        self.hidden = _check_int("hidden", hidden, 1)
+        self.eval_batch = _check_int("eval_batch", eval_batch, 1)
         self.width = 16 - self.overlap
 
         from sklearn.datasets import load_digits  # bundled with scikit-learn, read from disk
@@ -156,14 +156,14 @@ class MultiDigits(Task):
         return DigitsBatch(torch.from_numpy(canvas).unsqueeze(1), torch.from_numpy(targets))
 
     def build_model(self, seed: int) -> DigitsNet:
-        return seeded_init(seed, lambda: DigitsNet(self.width, self.objectives, self.channels,
+        return _seeded_init(seed, lambda: DigitsNet(self.width, self.objectives, self.channels,
                                                    self.hidden))
 
     def train_size(self) -> int:
         return self.n_train
 
     def batch(self, indices: torch.Tensor) -> DigitsBatch:
-        idx = check_indices(indices, self.n_train)
+        idx = _check_indices(indices, self.n_train)
         return DigitsBatch(self._train.x[idx], self._train.targets[idx])
 
     def losses(self, model: nn.Module, batch: DigitsBatch) -> dict[str, torch.Tensor]:
