@@ -390,8 +390,14 @@ def _worker_corrupt(rank: int, P: int) -> None:
         _expect_everywhere(lambda: ex.all_reduce_many(x), "from rank 1", "failed to decode")
     else:
         _expect_everywhere(lambda: ex.all_reduce_many(x), "rank 0 could not decode", "rank 1")
-    # the group still works afterwards
-    assert torch.equal(Exchange("identity", "two_phase").all_reduce("a", x["a"]), torch.full((10,), 1.5))
+    # the group still works afterwards, also with fewer values than ranks (an empty chunk) and
+    # with buckets of several dtypes
+    mixed = {"one": torch.tensor([rank + 1.0]), "d": torch.full((3,), rank + 1.0, dtype=torch.float64),
+             "h": torch.full((5,), rank + 1.0, dtype=torch.float16), "a": x["a"]}
+    for mode in ("two_phase", "allreduce", "allgather"):
+        means = Exchange("identity", mode).all_reduce_many(mixed)
+        for n, t in mixed.items():
+            assert means[n].dtype == t.dtype and torch.equal(means[n], torch.full_like(t, 1.5)), (mode, n)
 
 
 def test_corrupted_payloads_name_the_sender():
