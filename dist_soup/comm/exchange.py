@@ -177,6 +177,8 @@ class Exchange:
         layout = tuple((n, s, d, tensors[n].device) for n, s, d in specs if math.prod(s) > 0)
         buckets = self._plans.get(layout)
         if buckets is None:
+            if len(self._plans) >= 256:  # callers with ever-new layouts: keep the cache bounded
+                self._plans.clear()
             buckets = self._plans[layout] = plan(layout, int(self.bucket_mb * 2**20))
         names = {n for n, _, _ in specs}
         self._inflight |= names
