@@ -2,8 +2,8 @@
 
 Every kernel here is a plain torch function (the *eager* path). ``fused(name, fn, **static)``
 returns a callable that, on first use for one static configuration (bits, bucket size, norm,
-output dtype), compiles ``fn`` with ``torch.compile(dynamic=True)`` so one compilation serves
-every tensor length; inductor turns it into one or two vectorized C++ loops on CPU (Triton on
+output dtype), compiles ``fn`` with the configuration as constants and tensor lengths marked
+dynamic, so one compilation serves every tensor length; inductor turns it into one or two vectorized C++ loops on CPU (Triton on
 GPU). If compilation is unavailable or fails, it warns once and runs the same function eagerly.
 Both paths compute the same integer hash and the same float operations, so for one key they
 give the same levels (checked by the tests).
@@ -19,6 +19,7 @@ not pay compile time); ``backend="eager"`` on a codec does the same for one stre
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -57,80 +58,79 @@ def uniform(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * _INV24
 
 
-def split_key(key: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A 63-bit stream key as the two-element int64 tensor the kernels take.
+def split_key(key: int, offset: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A 63-bit stream key as the int64 tensor the kernels take: two 32-bit halves and the
+    index offset of the first value (for a tail encoded apart from the whole buckets).
 
-    A tensor, not a Python int, so the compiled kernels do not specialise (and recompile) on it.
+    A tensor, not Python ints, so the compiled kernels do not specialise (and recompile) on it.
     """
-    return torch.tensor([key & _M32, (key >> 32) & _M32], dtype=torch.int64, device=device)
+    return torch.tensor([key & _M32, (key >> 32) & _M32, offset], dtype=torch.int64, device=device)
 
 
 # --- QSGD -------------------------------------------------------------------------------------
-def _buckets(x: torch.Tensor, d: int) -> torch.Tensor:
-    n = x.shape[0]
-    nb = (n + d - 1) // d
-    return F.pad(x.to(torch.float32), (0, nb * d - n)).view(nb, d)
-
-
+# The kernels take whole buckets, a (nb, d) view of the input (the caller encodes a partial last
+# bucket separately, zero padded), so the compiled loops carry no bounds masks. Packing puts the
+# ``per = 8 // bits`` values that share a byte ``d / per`` apart inside their bucket (byte j of a
+# bucket holds values j, j + d/per, ...): every value group is then a contiguous slice, and the
+# encoder is one vectorized loop that never materialises the levels.
 def _norms(xb: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "max":
         return xb.abs().amax(dim=1)
     return xb.square().sum(dim=1).sqrt()
 
 
-def _levels(xb: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, s: int) -> torch.Tensor:
-    """Signed levels in [-s, s]: ``sign(v) * floor(s|v|/n + u)``, u uniform (so E = s v / n)."""
-    nb, d = xb.shape
-    inv = torch.where(scale > 0, s / scale, torch.zeros_like(scale))
-    idx = torch.arange(nb * d, dtype=torch.int64, device=xb.device).view(nb, d)
+def _inv(scale: torch.Tensor, s: int) -> torch.Tensor:
+    return torch.where(scale > 0, s / scale, torch.zeros_like(scale))[:, None]
+
+
+def _level(v: torch.Tensor, inv: torch.Tensor, index: torch.Tensor, key: torch.Tensor, s: int) -> torch.Tensor:
+    """Unsigned level ``floor(s|v|/n + u)`` in [0, s], u uniform from (key, index): E = s|v|/n."""
     # The clamp only catches float round-off of |v|*s/n just above s when |v| == n.
-    lvl = torch.floor(xb.abs() * inv[:, None] + uniform(idx, key)).clamp_(max=s)
-    return torch.where(xb < 0, -lvl, lvl)
+    return torch.floor(v.abs() * inv + uniform(index, key)).clamp(max=s)
 
 
-def qsgd_encode(x: torch.Tensor, key: torch.Tensor, *, bits: int, d: int, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat x -> (fp32 scale per bucket, packed codes ``level + s``, ``8 // bits`` per byte).
+def _index(nb: int, d: int, key: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Global value index of each bucket start (key[2] is the first bucket's offset)."""
+    return torch.arange(nb, dtype=torch.int64, device=device)[:, None] * d + key[2]
 
-    The packed tensor covers the zero-padded last bucket: ``nb * d * bits / 8`` bytes.
-    """
+
+def qsgd_encode(xb: torch.Tensor, key: torch.Tensor, *, bits: int, d: int, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole buckets (nb, d) -> (fp32 scale per bucket, packed codes ``sign*level + s``: nb*d*bits/8 bytes)."""
     s = (1 << (bits - 1)) - 1
-    xb = _buckets(x, d)
+    per = 8 // bits
+    q = d // per
+    xb = xb.to(torch.float32)
     scale = _norms(xb, norm)
-    code = (_levels(xb, scale, key, s) + s).to(torch.uint8).view(-1)
-    per = 8 // bits
-    if per == 1:
-        return scale, code
-    code = code.view(-1, per)
-    packed = code[:, 0]
-    for j in range(1, per):
-        packed = packed | (code[:, j] << (bits * j))
-    return scale, packed
+    inv = _inv(scale, s)
+    base = _index(xb.shape[0], d, key, xb.device) + torch.arange(q, dtype=torch.int64, device=xb.device)
+    packed = None
+    for t in range(per):
+        v = xb[:, t * q : (t + 1) * q]
+        lvl = _level(v, inv, base + t * q, key, s)
+        code = torch.where(v < 0, s - lvl, s + lvl).to(torch.uint8)
+        packed = code if packed is None else packed | (code << (bits * t))
+    return scale, packed.reshape(-1)
 
 
-def qsgd_decode(scale: torch.Tensor, packed: torch.Tensor, n: int, *, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`qsgd_encode`: ``(code - s) * scale / s``, first n values, in ``dtype``."""
+def qsgd_decode(scale: torch.Tensor, packed: torch.Tensor, *, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`qsgd_encode`: ``(code - s) * scale / s`` for all nb*d values, in ``dtype``."""
     s = (1 << (bits - 1)) - 1
     per = 8 // bits
-    if per == 1:
-        code = packed
-    else:
-        mask = (1 << bits) - 1
-        code = torch.stack([(packed >> (bits * j)) & mask for j in range(per)], dim=1)
-    q = code.view(scale.shape[0], d).to(torch.float32) - s
-    return (q * (scale / s)[:, None]).view(-1)[:n].to(dtype)
+    q = d // per
+    pb = packed.view(scale.shape[0], q)
+    f = (scale / s)[:, None]
+    mask = (1 << bits) - 1
+    pieces = [(((pb >> (bits * t)) & mask).to(torch.float32) - s) * f for t in range(per)]
+    out = pieces[0] if per == 1 else torch.cat(pieces, dim=1)
+    return out.reshape(-1).to(dtype)
 
 
-def qsgd_levels(x: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, *, s: int, d: int, out: torch.dtype) -> torch.Tensor:
-    """Signed integer levels of flat x against given (shared) bucket scales, n values."""
-    n = x.shape[0]
-    return _levels(_buckets(x, d), scale, key, s).view(-1)[:n].to(out)
-
-
-def qsgd_unlevel(total: torch.Tensor, scale: torch.Tensor, *, s: int, d: int, divide: int, dtype: torch.dtype) -> torch.Tensor:
-    """``total * scale / (s * divide)`` per bucket, for summed (or own) integer levels."""
-    n = total.shape[0]
-    tb = _buckets(total, d)
-    return (tb * (scale / (s * divide))[:, None]).view(-1)[:n].to(dtype)
+def qsgd_levels(xb: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, *, s: int, d: int, out: torch.dtype) -> torch.Tensor:
+    """Signed integer levels of whole buckets (nb, d) against given (shared) bucket scales."""
+    xb = xb.to(torch.float32)
+    index = _index(xb.shape[0], d, key, xb.device) + torch.arange(d, dtype=torch.int64, device=xb.device)
+    lvl = _level(xb, _inv(scale, s), index, key, s)
+    return torch.where(xb < 0, -lvl, lvl).to(out).reshape(-1)
 
 
 # --- compilation cache --------------------------------------------------------------------------
@@ -178,12 +178,14 @@ def run(fn: Callable[..., Any], args: tuple, static: dict[str, Any], backend: st
         with _lock:
             compiled = _cache.get(ckey)
             if compiled is None:
-                def bound(*a, _fn=fn, _static=dict(static)):
-                    return _fn(*a, **_static)
-
-                compiled = torch.compile(bound, dynamic=True)
+                # The static config is bound as constants (dynamic=True would turn these ints
+                # into symbols and lose vectorization); only tensor lengths are marked dynamic.
+                compiled = torch.compile(functools.partial(fn, **static), dynamic=False)
                 _cache[ckey] = compiled
     try:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
         with torch.no_grad():
             return compiled(*args)
     except Exception as exc:  # any compiler/toolchain failure: fall back, same math

@@ -11,7 +11,9 @@ With l2 scaling the variance is bounded: ``E||Q(v) - v||^2 <= min(d/s^2, sqrt(d)
 Wire modes (the ``mode`` meta field):
 
 * ``dense`` (default): ``sign * level + s`` in ``bits`` bits, ``8 / bits`` values per byte, plus
-  one fp32 scale per bucket: ``bits + 32 / d`` bits per value (4.0625 at 4 bits, d = 512).
+  one fp32 scale per bucket: ``bits + 32 / d`` bits per value (4.0625 at 4 bits, d = 512; a
+  partial last bucket is zero padded, at most ``d * bits / 8`` bytes). Inside a bucket, byte j
+  holds values j, j + d/per, ... (per = 8 / bits), which keeps the fused kernels vectorized.
 * ``elias`` (``coding="elias"``): variable length, for few levels. After the scales, the
   Elias-omega codes of the gaps between nonzero positions, then those of their levels, then one
   sign bit per nonzero. Sparse level vectors (2 bits, or l2 scaling) cost far fewer bits.
@@ -262,8 +264,34 @@ class QSGD(LinearCodec):
     def _meta(self, mode: str, nnz: int = 0, nbits: int = 0) -> tuple[int, ...]:
         return (MODES[mode], self.bits, self.bucket_size, NORMS[self.norm], nnz, nbits)
 
-    def _key(self, device: torch.device) -> torch.Tensor:
-        return kernels.split_key(self.next_key(), device)
+    def _split(self, flat: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+        """(whole buckets as an (nb, d) view, zero-padded last partial bucket (1, d), its offset)."""
+        d = self.bucket_size
+        n = flat.numel()
+        nf = n - n % d
+        main = flat[:nf].view(-1, d) if nf else None
+        tail = None
+        if n > nf:
+            tail = torch.zeros(1, d, dtype=torch.float32, device=flat.device)
+            tail[0, : n - nf] = flat[nf:]
+        return main, tail, nf
+
+    def _encode(self, flat: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        main, tail, nf = self._split(flat)
+        static = dict(bits=self.bits, d=self.bucket_size, norm=self.norm)
+        out = []
+        if main is not None:
+            out.append(kernels.run(kernels.qsgd_encode, (main, kernels.split_key(key, 0, flat.device)), static, self.backend, nf))
+        if tail is not None:  # one bucket: eager, same arithmetic
+            out.append(kernels.qsgd_encode(tail, kernels.split_key(key, nf, flat.device), **static))
+        if len(out) == 1:
+            return out[0]
+        return torch.cat([out[0][0], out[1][0]]), torch.cat([out[0][1], out[1][1]])
+
+    def _scales(self, flat: torch.Tensor) -> torch.Tensor:
+        main, tail, _ = self._split(flat)
+        parts = [kernels._norms(b.to(torch.float32), self.norm) for b in (main, tail) if b is not None]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
     def _finite(scale: torch.Tensor) -> None:
@@ -279,18 +307,13 @@ class QSGD(LinearCodec):
             self.step += 1  # every call advances the step, whatever the mode
             return Payload(cid, shape, g.dtype, self._meta("raw"), [flat.clone()])
         n, d = flat.numel(), self.bucket_size
-        key = self._key(flat.device)
-        scale, packed = kernels.run(
-            kernels.qsgd_encode, (flat, key), dict(bits=self.bits, d=d, norm=self.norm), self.backend, n
-        )
+        scale, packed = self._encode(flat, self.next_key())
         self._finite(scale)
         if self.coding == "dense":
-            packed = packed[: (n * self.bits + 7) // 8]
             return Payload(cid, shape, g.dtype, self._meta("dense"), [scale, packed])
         # elias: levels from the same kernel (unpacked) so both codings draw identically
-        q = kernels.qsgd_decode(
-            torch.ones_like(scale) * self.s, packed, n, bits=self.bits, d=d, dtype=torch.float32
-        ).to(torch.int64)
+        q = kernels.qsgd_decode(torch.full_like(scale, self.s), packed, bits=self.bits, d=d, dtype=torch.float32)
+        q = q[:n].to(torch.int64)
         nz = torch.nonzero(q).view(-1)
         gaps = torch.diff(nz, prepend=nz.new_full((1,), -1))
         lv = q[nz]
@@ -310,14 +333,8 @@ class QSGD(LinearCodec):
         scale, data = payload.parts
         s = (1 << (bits - 1)) - 1
         if mode == MODES["dense"]:
-            nb = scale.numel()
-            full = nb * d * bits // 8
-            if data.numel() < full:
-                data = torch.cat([data, data.new_zeros(full - data.numel())])
-            out = kernels.run(
-                kernels.qsgd_decode, (scale, data, n), dict(bits=bits, d=d, dtype=payload.dtype), self.backend, n
-            )
-            return out.reshape(payload.shape)
+            out = kernels.run(kernels.qsgd_decode, (scale, data), dict(bits=bits, d=d, dtype=payload.dtype), self.backend, n)
+            return out[:n].view(payload.shape)
         nnz, nbits = payload.meta[4], payload.meta[5]
         vals, used = omega_decode(data, nbits, 2 * nnz)
         if used + nnz != nbits:
@@ -339,8 +356,7 @@ class QSGD(LinearCodec):
         flat = self._check(g)
         if self._raw(flat):
             return None
-        xb = kernels._buckets(flat, self.bucket_size)
-        scale = kernels._norms(xb, self.norm)
+        scale = self._scales(flat)
         self._finite(scale)
         return scale, "max"
 
@@ -354,19 +370,31 @@ class QSGD(LinearCodec):
         nb = -(-flat.numel() // self.bucket_size)
         if agreed.shape != (nb,) or agreed.dtype != torch.float32:
             raise ValueError(f"qsgd agreed scales must be float32 of shape ({nb},), got {tuple(agreed.shape)} {agreed.dtype}")
-        out = sum_dtype(world_size, self.s, self.wire_int16)
-        return kernels.run(
-            kernels.qsgd_levels,
-            (flat, agreed, self._key(flat.device)),
-            dict(s=self.s, d=self.bucket_size, out=out),
-            self.backend,
-            flat.numel(),
-        )
+        static = dict(s=self.s, d=self.bucket_size, out=sum_dtype(world_size, self.s, self.wire_int16))
+        key = self.next_key()
+        main, tail, nf = self._split(flat)
+        out = []
+        if main is not None:
+            nbf = main.shape[0]
+            out.append(kernels.run(kernels.qsgd_levels, (main, agreed[:nbf], kernels.split_key(key, 0, flat.device)), static, self.backend, nf))
+        if tail is not None:
+            out.append(kernels.qsgd_levels(tail, agreed[-1:], kernels.split_key(key, nf, flat.device), **static)[: flat.numel() - nf])
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _unlevel(self, total: torch.Tensor, agreed: torch.Tensor | None, divide: int) -> torch.Tensor:
         if agreed is None:  # raw tensor: the wire is fp32 values
             return total.to(torch.float32) / divide
-        return kernels.qsgd_unlevel(total, agreed, s=self.s, d=self.bucket_size, divide=divide, dtype=torch.float32)
+        # one multiply per value: eager torch is already a single pass
+        d = self.bucket_size
+        n = total.numel()
+        nf = n - n % d
+        f = agreed / (self.s * divide)
+        out = torch.empty(n, dtype=torch.float32, device=total.device)
+        if nf:
+            torch.mul(total[:nf].view(-1, d), f[: nf // d, None], out=out[:nf].view(-1, d))
+        if n > nf:
+            torch.mul(total[nf:], f[-1], out=out[nf:])
+        return out
 
     def decode_sum(self, total: torch.Tensor, agreed: torch.Tensor | None, world_size: int) -> torch.Tensor:
         """Mean of the ranks' quantized tensors, flat float32 (reshape with the caller's shape)."""
@@ -400,7 +428,7 @@ def validate(p: Payload) -> None:
     if mode == MODES["dense"]:
         if nnz or nbits:
             raise ValueError("qsgd dense payload must have zero elias fields")
-        p.expect("qsgd", 6, [(torch.float32, nb), (torch.uint8, (n * bits + 7) // 8)])
+        p.expect("qsgd", 6, [(torch.float32, nb), (torch.uint8, nb * d * bits // 8)])
     else:
         if not 0 <= nnz <= n or nbits < 3 * nnz or nbits > _OMEGA_MAX_BITS * 2 * nnz + nnz:
             raise ValueError(f"qsgd elias payload: {nnz} nonzeros in {nbits} bits is impossible for {n} values")
