@@ -155,3 +155,18 @@ def test_fuzz_mutated_payloads(which, flips, cut):
     if cut:
         buf = buf[: buf.numel() - 8 * cut] if cut < 3 else buf[: buf.numel() // 2]
     _decode_or_refuse(buf)
+
+
+@pytest.mark.parametrize("name,opts", CODECS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CODECS)])
+def test_state_dict_survives_save_load_and_resumes(name, opts, tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    gs = [torch.randn(24, 8, 3, 3, generator=gen) for _ in range(4)]
+    a = build(name, seed=5, **opts)
+    for g in gs[:2]:
+        a.compress(g)
+    path = tmp_path / "state.pt"
+    torch.save(a.state_dict(), path)
+    b = build(name, seed=5, **opts)
+    b.load_state_dict(torch.load(path, weights_only=True))
+    for g in gs[2:]:
+        assert torch.equal(a.compress(g).to_bytes(), b.compress(g).to_bytes())
