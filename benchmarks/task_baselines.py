@@ -7,7 +7,9 @@ sum of all losses (equal weights) under the same protocol and prints its metrics
 
 Protocol: ``build_model(model_seed)``, Adam, ``--steps`` steps of ``--batch`` examples drawn
 uniformly with replacement from a torch.Generator seeded by the model seed; the metric is the
-mean over ``--seeds`` model seeds. One thread (``torch.set_num_threads(1)``).
+mean over ``--seeds`` model seeds. One thread (``torch.set_num_threads(1)``). The defaults
+(200 steps of 32 examples, lr 3e-3) are the budget of configs/quickstart.yaml (200 steps, 2 ranks
+x 16 examples), so Delta_m% of a quickstart run compares like with like.
 
     python benchmarks/task_baselines.py --task msp_synth
     python benchmarks/task_baselines.py --task multidigits --joint
@@ -45,8 +47,8 @@ def train(task: tasks.Task, objectives: tuple[str, ...], *, seed: int, steps: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="msp_synth", choices=["msp_synth", "multidigits"])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--joint", action="store_true", help="also train the equal-weight sum")
@@ -69,6 +71,7 @@ def main() -> None:
         baselines[k] = sum(m[k] for m, _ in runs) / len(runs)
         print(f"{k:>8s} alone: {baselines[k]:.4f}  per seed {[round(m[k], 4) for m, _ in runs]}  "
               f"{1000 * runs[0][1]:.1f} ms/step", flush=True)
+    print("options =", json.dumps(options), "| steps", args.steps, "batch", args.batch, "lr", args.lr)
     print("baselines =", json.dumps({k: round(v, 4) for k, v in baselines.items()}))
     if args.joint:
         runs = [train(task, task.objectives, seed=s, steps=args.steps, batch=args.batch, lr=args.lr)

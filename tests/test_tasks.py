@@ -189,6 +189,10 @@ def test_baselines_apply_only_to_default_data_and_model_options():
     assert tasks.build("msp_synth", n_train=10, n_test=10).baselines == {}  # other data
     assert tasks.build("msp_synth", seed=5, eval_batch=7).baselines.keys() == {
         "asr_l0", "asr_l1", "asr_l2", "st", "ssl"}
+    two = tasks.build("msp_synth", languages=2)  # the quickstart's task
+    assert list(two.baselines) == ["asr_l0", "asr_l1", "st", "ssl"]
+    assert two.baselines != tasks.build("msp_synth").baselines
+    assert tasks.build("msp_synth", languages=2, hidden=32).baselines == {}
     four = tasks.build("multidigits", objectives=["parity", "left", "sum", "right"])
     assert list(four.baselines) == ["parity", "left", "sum", "right"]
     assert tasks.build("multidigits", hidden=32).baselines == {}

@@ -126,6 +126,19 @@ def _changed_options(task: Task) -> set[str]:
     return {k for k, v in _options(type(task)).items() if getattr(task, k) != v}
 
 
+def _lookup_baselines(task: Task, table: dict[tuple, dict[str, float]],
+                      ignore: set[str]) -> dict[str, float]:
+    """The stored single-task baselines of ``task``'s objectives, or {} when none were measured.
+
+    ``table`` maps the options that differ from their defaults, as sorted ``(name, value)``
+    pairs, to one metric per objective; the options in ``ignore`` do not change the numbers
+    (e.g. the data seed: another sample of the same distribution).
+    """
+    key = tuple(sorted((k, getattr(task, k)) for k in _changed_options(task) - ignore))
+    found = table.get(key, {})
+    return {k: found[k] for k in task.objectives if k in found}
+
+
 def _seeded_init(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
     """``make()`` under ``torch.manual_seed(seed)`` without disturbing the caller's RNG."""
     _check_int("seed", seed, 0)
