@@ -282,4 +282,12 @@ def test_compiled_matches_eager(monkeypatch):
     pa, pb = a.compress(x), b.compress(x)
     assert torch.equal(pa.to_bytes(), pb.to_bytes())
     assert torch.equal(a.decompress(pa), b.decompress(pb))
+    # a payload read back from bytes (parts are views at offsets into the buffer) decodes alike
+    assert torch.equal(b.decompress(Payload.from_bytes(pb.to_bytes())), a.decompress(pa))
+    # a second length reuses the compiled kernels (dynamic lengths) and still matches
+    y = x[: kernels.EAGER_BELOW + 4096]
+    assert torch.equal(a.compress(y).to_bytes(), b.compress(y).to_bytes())
+    agreed = a.agreement(x, 0, 4)[0]
+    assert torch.equal(agreed, b.agreement(x, 0, 4)[0])
+    assert torch.equal(a.encode_sum(x, agreed, 4), b.encode_sum(x, agreed, 4))
     assert not kernels._failed, "compilation fell back to eager"
