@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .comm import Exchange
+from .comm import Exchange, NonFiniteError
 from .moo import gram as grams
 from .moo import selection
 from .moo.jacobian import jacobian
@@ -236,12 +236,10 @@ class SoupEngine:
                 reused[name] = p
             else:
                 grads[name] = g
-        flag = torch.tensor([0.0 if all(bool(torch.isfinite(g).all()) for g in grads.values()) else 1.0], dtype=torch.float64)
-        self._all_reduce(flag)
-        if flag.item() > 0:
-            self.optimizer.zero_grad(set_to_none=True)
+        try:
+            means = self.u_exchange.all_reduce_many({f"U/{n}": g for n, g in grads.items()}) if grads else {}
+        except NonFiniteError:  # raised on every rank alike, before any residue changed
             return self._skip("gradient", mean_losses, probed, solved, t0, timings)
-        means = self.u_exchange.all_reduce_many({f"U/{n}": g for n, g in grads.items()}) if grads else {}
         w = self.w.to(self.device)
         for name, p in self.params:
             if name in reused:
@@ -265,17 +263,15 @@ class SoupEngine:
         timings["jacobian_s"] = time.perf_counter() - tj
         K = len(self.objectives)
 
-        flag = torch.tensor([0.0 if all(bool(torch.isfinite(r).all()) for r in rows) else 1.0], dtype=torch.float64)
-        self._all_reduce(flag)
-        if flag.item() > 0:
-            return None, None, True
-
         tx = time.perf_counter()
         named = {}
         for (name, _), r in zip(S, rows):
             for k in range(K):
                 named[f"J/{self.objectives[k]}/{name}"] = r[k]
-        means, locals_ = self.j_exchange.all_reduce_many(named, return_local=True)
+        try:
+            means, locals_ = self.j_exchange.all_reduce_many(named, return_local=True)
+        except NonFiniteError:  # raised on every rank alike, before any residue changed
+            return None, None, True
         jbar = {name: torch.stack([means[f"J/{o}/{name}"] for o in self.objectives]) for name, _ in S}
         timings["jacobian_exchange_s"] = time.perf_counter() - tx
 

@@ -4,6 +4,7 @@ three collective modes, bucketing, configuration agreement and byte accounting.
 ``Exchange(compressor, mode, **options).all_reduce(name, tensor)`` is the entry point; comm knows
 codecs (``dist_soup.compress``) but nothing of objectives.
 """
+from .agreement import NonFiniteError
 from .exchange import Exchange, ExchangeHandle, make_transport
 from .modes import DecodeError
 from .stats import ExchangeStats
@@ -23,6 +24,7 @@ __all__ = [
     "DecodeError",
     "Exchange",
     "ExchangeHandle",
+    "NonFiniteError",
     "ExchangeStats",
     "LocalTransport",
     "MPITransport",

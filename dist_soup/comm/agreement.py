@@ -30,6 +30,11 @@ OPTION_SLOTS = 8
 _MASK62 = (1 << 62) - 1
 
 
+
+class NonFiniteError(ValueError):
+    """Some rank's input holds inf or NaN: every rank raises it, nothing was encoded."""
+
+
 def word(text: str) -> int:
     """A stable 62-bit hash of ``text`` (the same in every process, unlike ``hash``)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") & _MASK62
@@ -141,11 +146,11 @@ def agree(transport: Transport, settings: Sequence[Setting] | None, specs: Seque
         idx = st[2] - 1
         name = specs[idx][0] if 0 <= idx < len(specs) else f"#{idx}"
         if nonfinite is not None:
-            raise ValueError(
+            raise NonFiniteError(
                 f"tensor {specs[nonfinite][0]!r} holds non-finite values (inf or NaN) on rank {rank}; "
                 "nothing was encoded and no residue changed"
             )
-        raise ValueError(
+        raise NonFiniteError(
             f"tensor {name!r} holds non-finite values (inf or NaN) on rank {st[1] - 1}; "
             f"rank {rank} stops too, nothing was encoded and no residue changed"
         )

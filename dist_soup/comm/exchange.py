@@ -27,7 +27,7 @@ import torch
 
 from ..compress.base import Compressor, LinearCodec
 from ..compress.registry import build
-from .agreement import Setting, TensorSpec, agree, exchange_settings, stream_id, tensor_settings
+from .agreement import NonFiniteError, Setting, TensorSpec, agree, exchange_settings, stream_id, tensor_settings
 from .buckets import Bucket, plan
 from .modes import MODES, BucketWork
 from .stats import ExchangeStats
@@ -174,6 +174,10 @@ class Exchange:
         for name, shape, dtype in specs:
             self._known.setdefault(name, (shape, dtype))
             self.stats.dense_bytes += 4 * math.prod(shape)
+        if self.transport.world_size == 1 and self.compressor == "identity":
+            # A group of one with the lossless codec: the mean (and the local decode) is the
+            # input, so one copy replaces the encode/pack/decode copies.
+            return ExchangeHandle.done(self, tensors, specs, return_local)
         layout = tuple((n, s, d, tensors[n].device) for n, s, d in specs if math.prod(s) > 0)
         buckets = self._plans.get(layout)
         if buckets is None:
@@ -260,7 +264,7 @@ def agree_locally(error: Exception | None, nonfinite: int | None, specs: list[Te
     if error is not None:
         raise error
     if nonfinite is not None:
-        raise ValueError(
+        raise NonFiniteError(
             f"tensor {specs[nonfinite][0]!r} holds non-finite values (inf or NaN) on rank 0; "
             "nothing was encoded and no residue changed"
         )
@@ -304,6 +308,16 @@ class ExchangeHandle:
         self._result: Any = None
         self._error: BaseException | None = None
         self._done = False
+
+    @classmethod
+    def done(cls, exchange: Exchange, tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec],
+             return_local: bool) -> "ExchangeHandle":
+        """A handle whose result is a copy of the inputs (a result never aliases an input)."""
+        handle = cls(exchange, {}, [], [], [], return_local)
+        means = {n: tensors[n].detach().clone() for n, _, _ in specs}
+        handle._result = (means, dict(means)) if return_local else means
+        handle._done = True
+        return handle
 
     def wait(self) -> Any:
         if self._error is not None:
