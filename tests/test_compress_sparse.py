@@ -211,3 +211,19 @@ def test_cltk_bad_agreement():
         c.encode_sum(torch.randn(50), torch.zeros(4, dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="range"):
         c.encode_sum(torch.randn(50), torch.full((5,), 70, dtype=torch.int32), 2)
+
+
+def test_randomk_positions_uniform_and_distinct():
+    from dist_soup.compress import RandomK
+
+    for n, k in [(100, 10), (1000, 400), (1 << 20, 5000)]:
+        p = RandomK.positions(7, n, k)
+        assert p.numel() == k and p.unique().numel() == k and 0 <= int(p.min()) and int(p.max()) < n
+        assert torch.equal(p, RandomK.positions(7, n, k))  # a pure function of the key
+    counts = torch.zeros(200)
+    N = 2000
+    for key in range(N):
+        counts[RandomK.positions(key, 200, 10)] += 1
+    # each position is chosen with probability k/n = 0.05
+    z = (counts - N * 0.05) / (N * 0.05 * 0.95) ** 0.5
+    assert z.abs().max() < 4.5 and 0.7 < (z**2).mean() < 1.3
