@@ -174,11 +174,10 @@ class Exchange:
         for name, shape, dtype in specs:
             self._known.setdefault(name, (shape, dtype))
             self.stats.dense_bytes += 4 * math.prod(shape)
-        if self.transport.world_size == 1 and self.compressor == "identity":
-            # A group of one with the lossless codec: the mean (and the local decode) is the
-            # input, so one copy replaces the encode/pack/decode copies.
-            return ExchangeHandle.done(self, tensors, specs, return_local)
-        layout = tuple((n, s, d, tensors[n].device) for n, s, d in specs if math.prod(s) > 0)
+        # A group of one with the lossless codec: the mean (and the local decode) is the input,
+        # so the handle's copy replaces the encode/pack/decode copies.
+        passthrough = self.transport.world_size == 1 and self.compressor == "identity"
+        layout = tuple((n, s, d, tensors[n].device) for n, s, d in specs if math.prod(s) > 0 and not passthrough)
         buckets = self._plans.get(layout)
         if buckets is None:
             if len(self._plans) >= 256:  # callers with ever-new layouts: keep the cache bounded
@@ -195,7 +194,7 @@ class Exchange:
                 work.abandon()
             self._inflight -= names
             raise
-        return ExchangeHandle(self, tensors, specs, buckets, works, return_local)
+        return ExchangeHandle(self, tensors, specs, buckets, works, return_local, passthrough)
 
     def _inspect(self, tensors: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
         if not isinstance(tensors, Mapping):
@@ -298,26 +297,18 @@ class ExchangeHandle:
     """An exchange in flight; ``wait()`` returns what :meth:`Exchange.all_reduce_many` returns."""
 
     def __init__(self, exchange: Exchange, tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec],
-                 buckets: list[Bucket], works: list[BucketWork], return_local: bool) -> None:
+                 buckets: list[Bucket], works: list[BucketWork], return_local: bool,
+                 passthrough: bool = False) -> None:
         self._exchange = exchange
         self._tensors = {n: tensors[n] for n, _, _ in specs}
         self._names = [n for n, _, _ in specs]
         self._buckets = buckets
         self._works = works
         self._return_local = return_local
+        self._passthrough = passthrough  # tensors outside every bucket are their own mean
         self._result: Any = None
         self._error: BaseException | None = None
         self._done = False
-
-    @classmethod
-    def done(cls, exchange: Exchange, tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec],
-             return_local: bool) -> "ExchangeHandle":
-        """A handle whose result is a copy of the inputs (a result never aliases an input)."""
-        handle = cls(exchange, {}, [], [], [], return_local)
-        means = {n: tensors[n].detach().clone() for n, _, _ in specs}
-        handle._result = (means, dict(means)) if return_local else means
-        handle._done = True
-        return handle
 
     def wait(self) -> Any:
         if self._error is not None:
@@ -342,9 +333,9 @@ class ExchangeHandle:
                 raise
             self._exchange._inflight -= set(self._names)
             for name, t in self._tensors.items():
-                if name not in means:  # tensors with no values travel nowhere
-                    means[name] = torch.empty_like(t)
-                    mine[name] = torch.empty_like(t)
+                if name not in means:  # tensors with no values (or a passthrough) travel nowhere
+                    means[name] = t.detach().clone() if self._passthrough else torch.empty_like(t)
+                    mine[name] = means[name]
             means = {n: means[n] for n in self._names}
             self._result = (means, {n: mine[n] for n in self._names}) if self._return_local else means
             self._done = True
