@@ -138,8 +138,10 @@ def _read_fixed(bits: torch.Tensor, count: int, w: int) -> torch.Tensor:
 
 
 def _fixed_width(values: torch.Tensor, w: int) -> torch.Tensor:
-    sh = torch.arange(w - 1, -1, -1, dtype=torch.int64, device=values.device)
-    return ((values[:, None] >> sh) & 1).to(torch.uint8).view(-1)
+    """Each value's w low bits, MSB first, as a flat uint8 0/1 tensor (w <= 31: int32 math)."""
+    dt = torch.int32 if w <= 31 else torch.int64
+    sh = torch.arange(w - 1, -1, -1, dtype=dt, device=values.device)
+    return ((values.to(dt)[:, None] >> sh) & 1).to(torch.uint8).view(-1)
 
 
 class AdaComp(Compressor):
@@ -161,6 +163,7 @@ class AdaComp(Compressor):
         self.index_coding = index_coding
         self.residue: torch.Tensor | None = None  # flat, zero padded to whole bins
         self._shape: tuple[int, ...] | None = None
+        self._density = 0.0  # last step's sent fraction: picks how to scan the send mask
 
     def __repr__(self) -> str:
         return f"AdaComp(bin_size={self.bin_size}, values={self.values!r})"
@@ -206,9 +209,11 @@ class AdaComp(Compressor):
         # An all-zero bin (gmax 0) sends nothing: its threshold becomes +inf.
         thresh = torch.where(gmax > 0, gmax, torch.full_like(gmax, float("inf")))
         torch.ge(H.view(nb, L), thresh[:, None], out=mask[: nb * L].view(nb, L))
-        idx = kernels.mask_positions(mask)
+        # a flag in more than ~1 of 32 values fills most 8-flag words: scan flags directly then
+        idx = kernels.mask_positions(mask, dense=self._density > 1 / 32)
         vals = G[idx]
         nnz = idx.numel()
+        self._density = nnz / max(n, 1)
         neg = vals < 0
         if self.values == "ternary":
             scale = float(vals.abs().mean()) if nnz else 0.0

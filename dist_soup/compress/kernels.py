@@ -195,13 +195,15 @@ def run(fn: Callable[..., Any], args: tuple, static: dict[str, Any], backend: st
 
 
 # --- AdaComp ---------------------------------------------------------------------------------
-def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+def mask_positions(mask: torch.Tensor, dense: bool = False) -> torch.Tensor:
     """Sorted int64 positions of the True flags of a bool tensor whose length is a multiple of 8.
 
     ``nonzero`` over n flags costs about as much as the rest of AdaComp's encoder; scanning the
     flags as int64 words first touches n/8 elements, then only the non-zero words are expanded.
-    When most words hold a flag the plain scan is cheaper and is used instead.
+    When most words hold a flag (or the caller expects so: ``dense``) the plain scan is cheaper.
     """
+    if dense:
+        return mask.nonzero().view(-1)
     words = mask.view(torch.uint8).view(torch.int64)
     w = words.nonzero().view(-1)
     if w.numel() * 4 > words.numel():
