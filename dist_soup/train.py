@@ -51,6 +51,17 @@ def init_distributed() -> tuple[str | None, int, int]:
     return None, 0, 1
 
 
+def _device(kind: str | None) -> torch.device:
+    """cuda:LOCAL_RANK under NCCL, the CPU otherwise."""
+    import torch.distributed as dist
+
+    if kind == "torch" and dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
 def shutdown_distributed(kind: str | None) -> None:
     if kind == "torch":
         import torch.distributed as dist
@@ -188,7 +199,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     objectives = objectives_of(cfg, task)
     groups = {g: tuple(k for k in ks if k in objectives) for g, ks in task.groups.items()}
     groups = {g: ks for g, ks in groups.items() if ks}
-    model = task.build_model(cfg.seed)
+    device = _device(kind)
+    model = task.build_model(cfg.seed).to(device)
     optimizer = build_optimizer(cfg, model)
     sampler = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
     c = cfg.compression
@@ -256,6 +268,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
         for step in range(start, cfg.train.steps):
             model.train()
             batch = task.batch(sampler.indices(step))
+            if device.type != "cpu" and hasattr(batch, "to"):
+                batch = batch.to(device)
             losses = task.losses(model, batch)
             losses = {k: losses[k] for k in objectives}
             res = engine.step(losses, epoch=step / sampler.steps_per_epoch)
@@ -309,6 +323,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
             "dense_bytes": int(counts[2]),
             "ratio": float(counts[2] / counts[0]) if counts[0] > 0 else None,
         },
+        "delta_m": _delta_m(task, evaluation, objectives),
         "skipped_steps": engine.skipped_steps,
         "selected": engine.selected,
         "weights": dict(zip(objectives, engine.w.tolist())),
@@ -318,6 +333,14 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     }
     checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _delta_m(task, evaluation: dict, objectives: tuple[str, ...]) -> float | None:
+    """Delta_m% against the task's stored single-task baselines, when it has them."""
+    baselines = getattr(task, "baselines", None) or {}
+    if len(objectives) < 2 or any(k not in baselines for k in objectives):
+        return None
+    return tasks.delta_m(evaluation, baselines, task, objectives)
 
 
 def _metrics_line(res, step: int) -> dict:

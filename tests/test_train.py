@@ -23,8 +23,8 @@ SMALL = {
     "solver": {"name": "mgda"},
     "selection": {"rule": "threshold", "probe_every": 5},
     "compression": {"jacobian": {"name": "qsgd", "options": {"bits": 4}}, "update": {"name": "qsgd", "options": {"bits": 4}}},
-    "optimizer": {"name": "adam", "lr": 0.003},
-    "train": {"steps": 10, "batch_size": 16, "solve_every": 2},
+    "optimizer": {"name": "adam", "lr": 0.01},
+    "train": {"steps": 40, "batch_size": 16, "solve_every": 2},
     "checkpoint": {"every": 5, "keep": 2},
     "logging": {"every": 1, "progress": "plain"},
     "seed": 3,
@@ -60,16 +60,16 @@ def test_two_process_run_writes_the_run_dir_and_a_table(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "bytes sent" in out.stdout and "run dir" in out.stdout and "left" in out.stdout
     s = summary(run)
-    assert s["steps"] == 10 and s["world_size"] == 2
+    assert s["steps"] == 40 and s["world_size"] == 2
     assert set(s["objectives"]) == {"left", "right"}
     for o in s["objectives"].values():
-        assert o["final_loss"] < o["first_loss"] and 0.0 <= o["value"] <= 1.0
+        assert o["final_loss"] < o["first_loss"] and 0.2 < o["value"] <= 1.0  # chance is 0.1
     assert 0 < s["comm"]["bytes_sent"] < s["comm"]["dense_bytes"] / 4
     assert len(s["param_sha256"]) == 64 and s["time_s"] > 0
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == list(range(10))
+    assert [l["step"] for l in lines] == list(range(40))
     assert {"losses", "weights", "selected", "bytes_sent", "timings"} <= set(lines[0])
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 10
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 40
     # plots of the run
     out = cli("plot", run)
     assert out.returncode == 0, out.stderr
@@ -80,7 +80,7 @@ def test_two_process_run_writes_the_run_dir_and_a_table(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     cfg = write_config(tmp_path)
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert cli("train", "--config", cfg, "--nproc", 2, "--run-dir", straight).returncode == 0
+    assert cli("train", "--config", cfg, "--nproc", 2, "--run-dir", straight, "--steps", 10).returncode == 0
     first = cli("train", "--config", cfg, "--nproc", 2, "--run-dir", split, "--steps", 5)
     assert first.returncode == 0, first.stderr
     again = cli("train", "--config", cfg, "--nproc", 2, "--run-dir", split, "--steps", 10, "--resume")
@@ -134,7 +134,7 @@ def test_two_torchrun_nodes_on_one_machine(tmp_path):
     ]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    assert summary(run)["world_size"] == 2 and summary(run)["steps"] == 10
+    assert summary(run)["world_size"] == 2 and summary(run)["steps"] == 40
 
 
 def test_killed_rank_restarts_from_the_last_checkpoint(tmp_path):
@@ -183,4 +183,4 @@ def test_mpirun_two_ranks(tmp_path):
                           "--run-dir", str(run)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     s = summary(run)
-    assert s["world_size"] == 2 and s["steps"] == 10 and s["comm"]["bytes_sent"] > 0
+    assert s["world_size"] == 2 and s["steps"] == 40 and s["comm"]["bytes_sent"] > 0

@@ -59,20 +59,23 @@ class Task(ABC):
         """The metric of every objective on held-out data, keyed by objective name."""
 
 
-def delta_m(metrics: dict[str, float], baselines: dict[str, float], task: Task) -> float:
-    """Delta_m% = (100/K) sum_k (-1)^{delta_k} (M_k - B_k) / B_k.
+def delta_m(metrics: dict[str, float], baselines: dict[str, float], task: Task,
+            objectives: tuple[str, ...] | None = None) -> float:
+    """Delta_m% = (100/K) sum_k (-1)^{delta_k} (M_k - B_k) / B_k over ``objectives``
+    (default: all of the task's).
 
     delta_k = 1 when higher is better for objective k, so a positive Delta_m% is a loss of
     quality against the single-task baselines and a negative one a gain.
     """
-    missing = [k for k in task.objectives if k not in metrics or k not in baselines]
+    objectives = tuple(task.objectives if objectives is None else objectives)
+    missing = [k for k in objectives if k not in metrics or k not in baselines]
     if missing:
         raise ValueError(f"delta_m needs metrics and baselines for every objective; missing {missing}")
     total = 0.0
-    for k in task.objectives:
+    for k in objectives:
         sign = -1.0 if task.metrics[k].higher_is_better else 1.0
         base = baselines[k]
         if base == 0:
             raise ValueError(f"baseline of objective {k!r} is 0: Delta_m% is undefined")
         total += sign * (metrics[k] - base) / abs(base)
-    return 100.0 * total / len(task.objectives)
+    return 100.0 * total / len(objectives)
