@@ -1,10 +1,11 @@
 """Fused elementwise kernels for the quantizing codecs, compiled once and cached.
 
-Every kernel here is a plain torch function (the *eager* path). ``fused(name, fn, **static)``
-returns a callable that, on first use for one static configuration (bits, bucket size, norm,
-output dtype), compiles ``fn`` with the configuration as constants and tensor lengths marked
-dynamic, so one compilation serves every tensor length; inductor turns it into one or two vectorized C++ loops on CPU (Triton on
-GPU). If compilation is unavailable or fails, it warns once and runs the same function eagerly.
+Every kernel here is a plain torch function (the *eager* path). ``run(fn, args, static)`` calls
+it; on first use for one static configuration (bits, bucket size, norm, output dtype) it compiles
+``fn`` with the configuration as constants and tensor lengths marked dynamic, so one compilation
+serves every tensor length; inductor turns it into one or two vectorized C++ loops on CPU
+(Triton on GPU). If compilation is unavailable or fails, it warns once and runs the same
+function eagerly. Compilation is lazy (first call) and cached for the process.
 Both paths compute the same integer hash and the same float operations, so for one key they
 give the same levels (checked by the tests).
 
