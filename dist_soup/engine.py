@@ -118,7 +118,7 @@ class SoupEngine:
         gram: str = "auto",
         selection: Mapping | None = None,
         probe_every: int = 100,
-        solve_every: int = 1,
+        solve_every: int = 10,
         jacobian_compressor: str = "qsgd",
         jacobian_options: Mapping | None = None,
         update_compressor: str = "qsgd",

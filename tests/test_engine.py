@@ -46,7 +46,7 @@ def make(seed=0, **kw):
     torch.manual_seed(seed)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    opts = dict(jacobian_compressor="identity", update_compressor="identity", gram="plain", probe_every=4)
+    opts = dict(jacobian_compressor="identity", update_compressor="identity", gram="plain", probe_every=4, solve_every=1)
     opts.update(kw)
     return model, SoupEngine(model, opt, OBJ, "trunk", "vs", solver="mgda", **opts)
 
@@ -64,6 +64,19 @@ def test_single_process_step_reports_and_learns():
     assert first.probed and first.step == 0
     assert all(res.losses[k] < first.losses[k] for k in ("a", "b"))
     assert engine.step_count == 30
+
+
+def test_solve_cadence_reuses_weights_between_solves():
+    model, engine = make(solve_every=3, probe_every=5)
+    x, y = data()
+    seen = []
+    for step in range(8):
+        res = engine.step(losses_of(model, x, y))
+        seen.append((res.solved, res.probed, tuple(res.weights.values())))
+    assert [s for s, _, _ in seen] == [True, False, False, True, False, True, True, False]
+    assert [p for _, p, _ in seen] == [True, False, False, False, False, True, False, False]
+    assert seen[1][2] == seen[0][2] == seen[2][2] and seen[4][2] == seen[3][2]
+    assert "jacobian_s" not in res.timings  # no Jacobian on a step that does not solve
 
 
 def test_weights_equal_mgda_on_the_true_gram_of_the_selection():
