@@ -96,18 +96,24 @@ def omega_codes(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return code, length
 
 
-def write_bits(codes: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate variable-length codes (MSB first) into bytes; returns (uint8 tensor, bit count)."""
+def write_bits(codes: torch.Tensor, lengths: torch.Tensor, chunk: int = 1 << 18) -> tuple[torch.Tensor, int]:
+    """Concatenate variable-length codes (MSB first) into bytes; returns (uint8 tensor, bit count).
+
+    Works ``chunk`` codes at a time so the (codes x width) scratch stays small.
+    """
     total = int(lengths.sum()) if lengths.numel() else 0
     if total == 0:
         return torch.zeros(0, dtype=torch.uint8, device=codes.device), 0
-    width = int(lengths.max())
-    j = torch.arange(width, device=codes.device)
-    # bit j of a code of length L is bit (L-1-j) of its value; only j < L exist.
-    sh = (lengths[:, None] - 1 - j).clamp_(min=0)
-    bits = ((codes[:, None] >> sh) & 1).to(torch.uint8)
-    bits = bits[j < lengths[:, None]]  # row-major: codes in order, each MSB first
-    return _pack_bits(bits), total
+    pieces = []
+    for start in range(0, codes.numel(), chunk):
+        c, ln = codes[start : start + chunk], lengths[start : start + chunk]
+        width = int(ln.max())
+        j = torch.arange(width, device=codes.device)
+        # bit j of a code of length L is bit (L-1-j) of its value; only j < L exist.
+        sh = (ln[:, None] - 1 - j).clamp_(min=0)
+        bits = ((c[:, None] >> sh) & 1).to(torch.uint8)
+        pieces.append(bits[j < ln[:, None]])  # row-major: codes in order, each MSB first
+    return _pack_bits(torch.cat(pieces) if len(pieces) > 1 else pieces[0]), total
 
 
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
