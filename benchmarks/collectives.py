@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,7 +68,7 @@ class Row:
     err: float
     split: tuple[float, float, float] | None = None  # encode / comm / decode ms per call (rank 0)
     note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    n: int = 0  # timed calls
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -123,22 +123,35 @@ class _Bucket:
 
 
 def _time_case(
-    dist, torch, run: Callable[[], Any], refill: Callable[[], None], warmup: int, iters: int
-) -> tuple[float, Any]:
-    """Median over ``iters`` of the slowest rank's time of ``run()`` (after ``warmup`` calls)."""
-    times = []
+    dist, torch, run: Callable[[], Any], refill: Callable[[], None], warmup: int, iters: int, budget_s: float
+) -> tuple[float, Any, int]:
+    """Median over the timed calls of the slowest rank's time of ``run()``, the last output and
+    the number of calls made (warm-up included).
+
+    ``warmup`` untimed calls first; then ``iters`` timed calls, fewer when the last warm-up call
+    says they would take more than ``budget_s`` (at least one). Every rank takes the same
+    decision: it rests on the MAX over ranks of that warm-up time.
+    """
     out = None
-    for i in range(warmup + iters):
+    last = torch.zeros(1, dtype=torch.float64)
+    for _ in range(warmup):
         refill()
         dist.barrier()
         t0 = time.perf_counter()
         out = run()
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
+        last[0] = time.perf_counter() - t0
+    dist.all_reduce(last, op=dist.ReduceOp.MAX)
+    n = max(1, min(iters, int(budget_s / max(float(last[0]), 1e-9))))
+    times = []
+    for _ in range(n):
+        refill()
+        dist.barrier()
+        t0 = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t0)
     t = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return statistics.median(t.tolist()) * 1e3, out
+    return statistics.median(t.tolist()) * 1e3, out, warmup + n
 
 
 def _rel_err(torch, out, exact) -> float:
@@ -180,16 +193,19 @@ def _bench(rank, world, args, torch, dist, default_hooks, powerSGD_hook) -> list
     def refill() -> None:
         work.copy_(src)
 
-    def timed(run, extra_warmup: int = 0):
-        return _time_case(dist, torch, run, refill, args.warmup + extra_warmup, args.iters)
+    def timed(run, extra_warmup: int = 0) -> tuple[float, Any, int, int]:
+        """(ms, last output, timed calls, all calls)."""
+        warm = args.warmup + extra_warmup
+        ms, out, calls = _time_case(dist, torch, run, refill, warm, args.iters, args.case_budget)
+        return ms, out, calls - warm, calls
 
     # fp32 all_reduce: the baseline.
     def allreduce_fp32():
         dist.all_reduce(work)
         return work.div_(world)
 
-    ms, out = timed(allreduce_fp32)
-    rows.append(Row("fp32 all_reduce", ms, dense, dense, dense, _rel_err(torch, out, exact)))
+    ms, out, k, _ = timed(allreduce_fp32)
+    rows.append(Row("fp32 all_reduce", ms, dense, dense, dense, _rel_err(torch, out, exact), n=k))
 
     # torch's fp16 hook, on a bucket (what DDP hands it).
     bucket = _Bucket(work, shape)
@@ -198,12 +214,12 @@ def _bench(rank, world, args, torch, dist, default_hooks, powerSGD_hook) -> list
         bucket.set_buffer(work)
         return default_hooks.fp16_compress_hook(None, bucket).wait()
 
-    ms, out = timed(fp16_hook)
-    rows.append(Row("torch fp16 hook", ms, dense / 2, dense / 2, dense, _rel_err(torch, out, exact)))
+    ms, out, k, _ = timed(fp16_hook)
+    rows.append(Row("torch fp16 hook", ms, dense / 2, dense / 2, dense, _rel_err(torch, out, exact), n=k))
 
     # torch's PowerSGD (error feedback and warm start on, as recommended). Its first
-    # start_powerSGD_iter calls are plain all_reduces: they are extra warm-up, so every warm-up
-    # and timed call is compressed.
+    # start_powerSGD_iter calls are plain all_reduces and the next ones allocate its state:
+    # extra warm-up, so every timed call is a steady compressed one.
     start = 2  # the smallest start torch allows with error feedback / warm start
     for r in args.powersgd_ranks:
         state = powerSGD_hook.PowerSGDState(
@@ -215,12 +231,12 @@ def _bench(rank, world, args, torch, dist, default_hooks, powerSGD_hook) -> list
             bucket.set_buffer(work)
             return powerSGD_hook.powerSGD_hook(state, bucket).wait()
 
-        ms, out = timed(psgd, extra_warmup=start + 2)
+        ms, out, k, _ = timed(psgd, extra_warmup=start + 2)
         sent = 4.0 * r * (shape[0] + shape[1])
         rows.append(Row(f"torch PowerSGD r={r}", ms, sent, sent, dense, _rel_err(torch, out, exact),
-                        note=f"{shape[0]}x{shape[1]}"))
+                        note=f"{shape[0]}x{shape[1]}", n=k))
 
-    rows.extend(_bench_dist_soup(rank, world, args, torch, dist, src, exact, work, shape, timed))
+    rows.extend(_bench_dist_soup(rank, args, torch, exact, work, shape, timed))
     return rows if rank == 0 else []
 
 
@@ -230,20 +246,28 @@ def _supports(codec: str, options: dict[str, Any], mode: str) -> str | None:
 
     if codec not in compress.names():
         return f"codec {codec!r} is not registered"
-    if mode == "allreduce":
-        stream = compress.build(codec, **options)
-        if not getattr(stream, "summable", False):
-            return "not summable"
+    if mode == "allreduce" and not getattr(compress.build(codec, **options), "summable", False):
+        return "not summable, so no allreduce mode"
     return None
 
 
-def _bench_dist_soup(rank, world, args, torch, dist, src, exact, work, shape, timed) -> list[Row]:
+def _bench_dist_soup(rank, args, torch, exact, work, shape, timed) -> list[Row]:
     if not (args.codecs and args.modes) and args.hook is None:
         return []
     from dist_soup.comm import Exchange
 
+    dense = 4.0 * work.numel()
+
+    def measure(label: str, ex, run) -> Row:
+        run()  # the stream's first call: configuration agreement, buffers, kernel compilation
+        s0 = _stats(ex)
+        ms, out, k, calls = timed(run)
+        s1 = _stats(ex)
+        d = {key: (s1[key] - s0[key]) / calls for key in s0}
+        return Row(label, ms, d["bytes_sent"], d["bytes_received"], dense, _rel_err(torch, out, exact),
+                   split=(d["encode_s"] * 1e3, d["comm_s"] * 1e3, d["decode_s"] * 1e3), n=k)
+
     rows: list[Row] = []
-    dense = 4.0 * src.numel()
     for mode in args.modes:
         for short in args.codecs:
             codec, options = CODECS[short]
@@ -254,41 +278,27 @@ def _bench_dist_soup(rank, world, args, torch, dist, src, exact, work, shape, ti
                 continue
             ex = Exchange(codec, mode, bucket_mb=args.bucket_mb, **options)
             name = f"bench.{short}"
-            ex.all_reduce(name, work)  # first call: configuration agreement, buffers
-            s0 = _stats(ex)
-            ms, out = timed(lambda: ex.all_reduce(name, work))
-            s1 = _stats(ex)
-            calls = args.warmup + args.iters
-            d = {k: (s1[k] - s0[k]) / calls for k in s0}
-            rows.append(Row(
-                f"dist_soup {mode} {short}", ms, d["bytes_sent"], d["bytes_received"], dense,
-                _rel_err(torch, out, exact),
-                split=(d["encode_s"] * 1e3, d["comm_s"] * 1e3, d["decode_s"] * 1e3),
-            ))
+            rows.append(measure(f"dist_soup {mode} {short}", ex, lambda: ex.all_reduce(name, work)))
     if args.hook is not None:
         from dist_soup.integrations import ddp as ddp_hooks
 
         short, mode = args.hook
         codec, options = CODECS[short]
         if _supports(codec, options, mode) is None:
-            state = ddp_hooks.DDPCommState(Exchange(codec, mode, bucket_mb=args.bucket_mb, **options))
+            # What register(model, codec, mode, chunk_mb=...) builds, without the DDP model around.
+            chunk_mb = args.hook_chunk_mb if args.hook_chunk_mb > 0 else None
+            state = ddp_hooks.DDPCommState(
+                Exchange(codec, mode, bucket_mb=chunk_mb or args.bucket_mb, **options),
+                chunk_numel=None if chunk_mb is None else int(chunk_mb * 2**20) // 4,
+            )
             bucket = _Bucket(work, shape)
 
             def hook():
                 bucket.set_buffer(work)
                 return ddp_hooks.compressed_mean_hook(state, bucket).wait()
 
-            hook()
-            s0 = _stats(state.exchange)
-            ms, out = timed(hook)
-            s1 = _stats(state.exchange)
-            calls = args.warmup + args.iters
-            d = {k: (s1[k] - s0[k]) / calls for k in s0}
-            rows.append(Row(
-                f"dist_soup ddp hook {mode} {short}", ms, d["bytes_sent"], d["bytes_received"],
-                dense, _rel_err(torch, out, exact),
-                split=(d["encode_s"] * 1e3, d["comm_s"] * 1e3, d["decode_s"] * 1e3),
-            ))
+            label = f"dist_soup ddp hook {mode} {short}" + (f" ({chunk_mb:g} MB chunks)" if chunk_mb else "")
+            rows.append(measure(label, state.exchange, hook))
     return rows
 
 
@@ -304,17 +314,17 @@ def format_table(rows: list[Row], world: int, args: argparse.Namespace, where: s
     base = next(r.ms for r in rows if r.name == "fp32 all_reduce")
     lines = [
         f"## {args.numel / 1e6:g}M float32, {world} ranks, {where} "
-        f"(median of {args.iters} calls after {args.warmup} warm-up; {args.threads} thread(s)/rank)",
+        f"(median of n timed calls after {args.warmup}+ warm-up; {args.threads} thread(s)/rank)",
         "",
-        "| method | ms/call | speedup vs fp32 | sent/rank MB | recv/rank MB | ratio | enc/comm/dec ms | err |",
-        "|---|---:|---:|---:|---:|---:|---|---:|",
+        "| method | ms/call | n | speedup vs fp32 | sent/rank MB | recv/rank MB | ratio | enc/comm/dec ms | err |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         split = "" if r.split is None else "/".join(f"{x:.0f}" for x in r.split)
         name = r.name + (f" ({r.note})" if r.note else "")
         ratio = r.dense / r.sent if r.sent > 0 else float("inf")
         lines.append(
-            f"| {name} | {r.ms:.1f} | {base / r.ms:.2f}x | {r.sent / 1e6:.2f} | {r.received / 1e6:.2f} | "
+            f"| {name} | {r.ms:.1f} | {r.n} | {base / r.ms:.2f}x | {r.sent / 1e6:.2f} | {r.received / 1e6:.2f} | "
             f"{ratio:.1f}x | {split} | {r.err:.2g} |"
         )
     return "\n".join(lines)
@@ -363,9 +373,10 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
     out = [
         "--numel", str(args.numel), "--modes", ",".join(args.modes), "--codecs", ",".join(args.codecs),
         "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads),
-        "--timeout", str(args.timeout), "--bucket-mb", str(args.bucket_mb),
+        "--timeout", str(args.timeout), "--bucket-mb", str(args.bucket_mb), "--case-budget", str(args.case_budget),
         "--powersgd-ranks", ",".join(map(str, args.powersgd_ranks)),
         "--hook", "none" if args.hook is None else ",".join(args.hook),
+        "--hook-chunk-mb", str(args.hook_chunk_mb),
     ]
     if args.json:
         out += ["--json", str(Path(args.json).resolve())]
@@ -458,8 +469,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, argparse.Namespace]:
                    help="world sizes, comma-separated (default 2,4; netns mode: 2)")
     p.add_argument("--modes", type=_csv(str, MODES, "mode"), default=list(MODES))
     p.add_argument("--codecs", type=_csv(str, tuple(CODECS), "codec"), default=DEFAULT_CODECS.split(","))
-    p.add_argument("--iters", type=int, default=5, help="timed calls per case (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
+    p.add_argument("--iters", type=int, default=5, help="timed calls per case, at most (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per case first (plus one for streams)")
+    p.add_argument("--case-budget", type=float, default=6.0,
+                   help="seconds of timed calls per case: slow cases get fewer calls (at least 1)")
     p.add_argument("--quick", action="store_true",
                    help="1M values, 2 ranks, 3 iters, modes allgather,allreduce: a smoke run")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -467,6 +480,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, argparse.Namespace]:
     p.add_argument("--powersgd-ranks", type=_csv(int), default=[1], help="PowerSGD ranks (default 1)")
     p.add_argument("--hook", type=_hook_arg, default=["qsgd4", "allgather"],
                    help="CODEC,MODE of the dist_soup DDP hook row (default qsgd4,allgather; 'none' to skip)")
+    p.add_argument("--hook-chunk-mb", type=float, default=4.0,
+                   help="chunk size of the dist_soup DDP hook row (0: one stream per bucket)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--json", default=None, help="append the results to this JSON file")
     p.add_argument("--verbose", action="store_true")
@@ -489,8 +504,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, argparse.Namespace]:
             args.modes = ["allgather", "allreduce"]
     if args.ranks is None:
         args.ranks = [2] if command == "netns" else [2, 4]
-    if args.numel < 1 or args.iters < 1 or args.warmup < 1 or args.threads < 1:
-        p.error("need --numel >= 1, --iters >= 1, --warmup >= 1, --threads >= 1")
+    if args.numel < 1 or args.iters < 1 or args.warmup < 1 or args.threads < 1 or not args.case_budget > 0:
+        p.error("need --numel >= 1, --iters >= 1, --warmup >= 1, --threads >= 1, --case-budget > 0")
     if any(w < 1 for w in args.ranks):
         p.error("--ranks must be positive")
     if command == "netns" and any(w < 2 for w in args.ranks):

@@ -63,6 +63,11 @@ def _identity_matches_plain(rank: int, world: int) -> None:
             state = ddp_hooks.register(model, "identity", mode, async_op=async_op)
             assert state.async_op is async_op
             hooked[(mode, async_op)] = (model, state)
+        # Buckets cut into chunks of 256 values (several streams and collectives per bucket).
+        model = DDP(copy.deepcopy(base), bucket_cap_mb=cap)
+        state = ddp_hooks.register(model, "identity", mode, chunk_mb=0.001)
+        assert state.chunk_numel == 262
+        hooked[(mode, "chunks")] = (model, state)
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, (m, _) in hooked.items()}
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
     for _ in range(4):
@@ -97,6 +102,8 @@ def _identity_matches_plain(rank: int, world: int) -> None:
 
     # Bad configurations are refused before anything is installed.
     fresh = DDP(copy.deepcopy(base))
+    with pytest.raises(ValueError, match="chunk_mb"):
+        ddp_hooks.register(fresh, "identity", "allgather", chunk_mb=0)
     with pytest.raises(ValueError, match="mode"):
         ddp_hooks.register(fresh, "identity", "ring")
     with pytest.raises(ValueError, match="zip"):

@@ -20,6 +20,11 @@ result equals plain DDP's ``allreduce`` average up to float rounding of the summ
 Like torch's ``ddp_comm_hooks``, the hook is a plain function over a small state object, so it
 can also be registered by hand: ``model.register_comm_hook(state, compressed_mean_hook)``.
 
+Chunks: a DDP bucket (25 MB by default) is cut into chunks of about ``chunk_mb`` that travel as
+separate streams, each its own collective. The exchange encodes chunk j+1 while chunk j is on
+the wire, and decoding works on cache-sized pieces; on this project's 2-core machine a 10M-float
+bucket at 1 Gbit/s went from about 170 ms to about 100 ms with 5 MB chunks (QSGD 4-bit).
+
 Overlap: with ``async_op=True`` the hook hands the bucket to one communication thread and returns
 at once, so backward keeps computing while earlier buckets are encoded, exchanged and decoded.
 One thread, first-in first-out, keeps the order of the collectives the same on every rank
@@ -48,14 +53,16 @@ class DDPCommState:
     """What the hook needs between calls: the exchange, naming and the communication thread.
 
     ``exchange``: the compressed collective (its ``stats`` count bytes and seconds).
-    ``prefix``: stream names are ``f"{prefix}{bucket_index}/{numel}"``.
+    ``prefix``: stream names are ``f"{prefix}{bucket_index}/{numel}"`` (plus ``/c{j}`` per chunk).
     ``async_op``: run the exchange on the communication thread (overlapping backward).
+    ``chunk_numel``: cut buckets into chunks of at most this many values (None: never).
     ``calls``: buckets averaged so far (a counter for logs and tests).
     """
 
     exchange: Exchange
     prefix: str = "ddp/bucket"
     async_op: bool = False
+    chunk_numel: "int | None" = None
     calls: int = 0
     _executor: "ThreadPoolExecutor | None" = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -85,11 +92,26 @@ def _future_for(buffer: torch.Tensor) -> "torch.futures.Future[torch.Tensor]":
     return torch.futures.Future()
 
 
+def _chunks(buffer: torch.Tensor, chunk_numel: "int | None") -> list[torch.Tensor]:
+    """Views of the flat ``buffer`` in near-equal consecutive chunks of at most ``chunk_numel``
+    values (the same cut on every rank: it depends only on the size)."""
+    n = buffer.numel()
+    if chunk_numel is None or n <= chunk_numel:
+        return [buffer]
+    return list(torch.tensor_split(buffer, -(-n // chunk_numel)))
+
+
 def _average_into(state: DDPCommState, name: str, buffer: torch.Tensor) -> torch.Tensor:
-    mean = state.exchange.all_reduce(name, buffer)
+    chunks = _chunks(buffer, state.chunk_numel)
+    if len(chunks) == 1:
+        means = [state.exchange.all_reduce(name, buffer)]
+    else:
+        out = state.exchange.all_reduce_many({f"{name}/c{j}": c for j, c in enumerate(chunks)})
+        means = list(out.values())
     # In place, like torch's fp16 hook: DDP copies the value into the gradients, and reusing
     # the bucket's memory keeps the peak memory of a step unchanged.
-    buffer.copy_(mean.reshape(buffer.shape))
+    for chunk, mean in zip(chunks, means):
+        chunk.copy_(mean.reshape(chunk.shape))
     state.calls += 1
     return buffer
 
@@ -129,6 +151,7 @@ def register(
     *,
     group: dist.ProcessGroup | None = None,
     async_op: bool = True,
+    chunk_mb: "float | None" = 4.0,
     prefix: str = "ddp/bucket",
     **options: Any,
 ) -> DDPCommState:
@@ -139,6 +162,9 @@ def register(
     ``"allgather"``, ``"allreduce"`` or ``"two_phase"``. ``group`` defaults to the model's own
     process group. ``async_op=True`` overlaps communication with backward (see the module
     docstring; models with ``find_unused_parameters`` or ``static_graph`` run synchronously).
+    ``chunk_mb`` cuts each bucket into chunks of about that many megabytes of gradient, each its
+    own stream and collective (None: one stream per bucket); unless given, the exchange's
+    ``bucket_mb`` is set to ``chunk_mb`` so chunks are not fused back together.
     A DDP model takes one hook, once, before its first backward.
     """
     if not isinstance(ddp_model, DistributedDataParallel):
@@ -149,12 +175,20 @@ def register(
         raise TypeError(f"compressor must be a codec name (str), got {type(compressor).__name__}")
     if not isinstance(prefix, str) or not prefix:
         raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+    chunk_numel = None
+    if chunk_mb is not None:
+        if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float)) or not 0 < chunk_mb < float("inf"):
+            raise ValueError(f"chunk_mb must be None or a positive number of megabytes, got {chunk_mb!r}")
+        # Sized for fp32 gradients; a half-precision bucket gets chunks of half the bytes.
+        chunk_numel = max(1, int(chunk_mb * 2**20) // 4)
+        options.setdefault("bucket_mb", float(chunk_mb))
     if group is None:
         group = ddp_model.process_group
     exchange = Exchange(compressor, mode, group=group, **options)
     ddp_collectives = bool(getattr(ddp_model, "find_unused_parameters", False)) or bool(
         getattr(ddp_model, "static_graph", False)
     )
-    state = DDPCommState(exchange, prefix=prefix, async_op=bool(async_op) and not ddp_collectives)
+    state = DDPCommState(exchange, prefix=prefix, async_op=bool(async_op) and not ddp_collectives,
+                         chunk_numel=chunk_numel)
     ddp_model.register_comm_hook(state, compressed_mean_hook)
     return state
