@@ -7,7 +7,9 @@ serves every tensor length; inductor turns it into one or two vectorized C++ loo
 (Triton on GPU). If compilation is unavailable or fails, it warns once and runs the same
 function eagerly. Compilation is lazy (first call) and cached for the process.
 Both paths compute the same integer hash and the same float operations, so for one key they
-give the same levels (checked by the tests).
+give the same bytes with ``norm="max"`` (checked by the tests). With ``norm="l2"`` the bucket
+sums of squares may be added in a different order (vectorized reduction), so a scale can differ
+in its last bit and, rarely, flip one stochastic rounding; each path alone is reproducible.
 
 Stochastic rounding needs one uniform number per value. ``torch.rand_like`` alone runs near
 0.9 GB/s on one core; a counter-based hash of ``(key, index)`` is pure arithmetic and fuses
