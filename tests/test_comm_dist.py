@@ -30,7 +30,6 @@ def _free_port() -> int:
 
 
 def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
-    os.environ["DIST_SOUP_COMPILE"] = "0"  # eager kernels: no compile time in tests
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=60))

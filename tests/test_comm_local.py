@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 
 import pytest
 import torch
-
-os.environ.setdefault("DIST_SOUP_COMPILE", "0")
 
 from dist_soup.comm import Exchange, LocalTransport, make_transport  # noqa: E402
 from dist_soup.comm.agreement import exchange_settings, stream_id, word  # noqa: E402

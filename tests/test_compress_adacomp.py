@@ -8,10 +8,6 @@ from dist_soup.compress import Payload, build
 from dist_soup.compress.adacomp import INDEX_FORMATS
 
 
-@pytest.fixture(autouse=True)
-def _eager(monkeypatch):
-    monkeypatch.setenv("DIST_SOUP_COMPILE", "0")
-
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)

@@ -10,11 +10,6 @@ from dist_soup.compress import kernels
 from dist_soup.compress.qsgd import omega_codes, omega_decode, sum_dtype, write_bits
 
 
-@pytest.fixture(autouse=True)
-def _eager(monkeypatch):
-    # The eager kernels compute exactly what the compiled ones do (see test_compiled_matches_eager).
-    monkeypatch.setenv("DIST_SOUP_COMPILE", "0")
-
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)

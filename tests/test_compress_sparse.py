@@ -6,10 +6,6 @@ import torch
 from dist_soup.compress import ErrorFeedback, LinearCodec, Payload, build
 
 
-@pytest.fixture(autouse=True)
-def _eager(monkeypatch):
-    monkeypatch.setenv("DIST_SOUP_COMPILE", "0")
-
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)

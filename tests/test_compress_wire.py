@@ -28,10 +28,6 @@ CODECS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _eager(monkeypatch):
-    monkeypatch.setenv("DIST_SOUP_COMPILE", "0")
-
 
 def _payloads():
     gen = torch.Generator().manual_seed(0)
