@@ -7,10 +7,10 @@ import io
 import pytest
 import torch
 
-from dist_soup.comm import Exchange, LocalTransport, make_transport  # noqa: E402
-from dist_soup.comm.agreement import exchange_settings, stream_id, word  # noqa: E402
-from dist_soup.comm.buckets import plan  # noqa: E402
-from dist_soup.comm.modes import chunk_bounds  # noqa: E402
+from dist_soup.comm import Exchange, LocalTransport, make_transport
+from dist_soup.comm.agreement import exchange_settings, stream_id, word
+from dist_soup.comm.buckets import plan
+from dist_soup.comm.modes import chunk_bounds
 
 MODES = ("allgather", "allreduce", "two_phase")
 
