@@ -15,11 +15,14 @@ $(STAMP): setup.py $(CONSTRAINTS)
 .PHONY: install demo test bench
 install: $(STAMP)
 
+# The main job: 2-process training quickstart, a fresh run dir each time (nothing overwritten).
 demo: $(STAMP)
-	$(PY) benchmarks/compress_throughput.py
+	$(PY) -m dist_soup train --config configs/quickstart.yaml --nproc 2 --run-dir runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) benchmarks/compress_throughput.py
+	$(PY) benchmarks/moo_overhead.py
+	$(PY) benchmarks/collectives.py
