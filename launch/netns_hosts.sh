@@ -6,6 +6,7 @@
 #   launch/netns_hosts.sh status [--prefix P]
 #   launch/netns_hosts.sh addr   HOST [--prefix P]         # prints the host's address
 #   launch/netns_hosts.sh exec   HOST CMD [ARGS...]        # HOST: index (0, 1, ...) or namespace name
+#                                 (an index uses the prefix in $DS_NETNS_PREFIX, default "ds")
 #   launch/netns_hosts.sh check  [--prefix P] [--mb M]     # TCP round trip and throughput h0 -> h1
 #
 # Layout (nothing is added to the caller's own namespace; every address lives only inside the
@@ -16,6 +17,12 @@
 # RATE (the link is capped in both directions). netem is absent from some kernels, so no delay
 # emulation is attempted. `down` removes every namespace with the prefix, so it also cleans up
 # after a partial `up`. Needs root (CAP_SYS_ADMIN + CAP_NET_ADMIN) and iproute2 (`ip`, `tc`).
+# Inside a host, gloo needs GLOO_SOCKET_IFNAME=eth0 (the host name resolves to nothing there).
+# Example: one rank per host
+#   launch/netns_hosts.sh up --rate 1gbit
+#   launch/netns_hosts.sh exec 1 env GLOO_SOCKET_IFNAME=eth0 python train.py --rank 1 ... &
+#   launch/netns_hosts.sh exec 0 env GLOO_SOCKET_IFNAME=eth0 python train.py --rank 0 ...
+#   launch/netns_hosts.sh down
 set -euo pipefail
 
 PREFIX="${DS_NETNS_PREFIX:-ds}"
@@ -36,7 +43,7 @@ need_tools() {
     fi
 }
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 parse_opts() {
     while [[ $# -gt 0 ]]; do
