@@ -8,10 +8,13 @@ One table per world size: every row is one way of averaging the same ``--numel``
   them (``hook(state, bucket)`` on a bucket holding one (rows x cols) gradient, then ``wait()``).
 * ``dist_soup <mode> <codec>``: ``dist_soup.comm.Exchange(codec, mode).all_reduce``; encoding
   and decoding are inside the timed call.
-* ``dist_soup ddp hook``: this project's DDP hook on the same bucket path as torch's hooks.
+* ``dist_soup ddp hook``: this project's DDP hook on the same bucket path as torch's hooks,
+  with the bucket cut into ``--hook-chunk-mb`` chunks (pipelined streams; see the hook's docs).
 
 A call's time is the slowest rank's (barrier, then each rank times its call; MAX over ranks);
-the table shows the median over ``--iters`` calls after ``--warmup`` calls. ``sent/rank`` is the
+the table shows the median over ``n`` timed calls (``--iters``, fewer when a case would take
+more than ``--case-budget`` seconds) after ``--warmup`` calls (and, for dist_soup rows, one more
+first call that pays configuration agreement and kernel compilation). ``sent/rank`` is the
 payload bytes one rank hands to the collectives per call (what the Exchange's byte accounting
 counts; for the torch rows, the tensors given to ``all_reduce``). ``err`` is
 ``||mean_hat - mean|| / ||mean||`` of the last call.

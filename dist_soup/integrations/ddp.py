@@ -23,12 +23,16 @@ can also be registered by hand: ``model.register_comm_hook(state, compressed_mea
 Chunks: a DDP bucket (25 MB by default) is cut into chunks of about ``chunk_mb`` that travel as
 separate streams, each its own collective. The exchange encodes chunk j+1 while chunk j is on
 the wire, and decoding works on cache-sized pieces; on this project's 2-core machine a 10M-float
-bucket at 1 Gbit/s went from about 170 ms to about 100 ms with 5 MB chunks (QSGD 4-bit).
+bucket between two hosts at 1 Gbit/s took 155 ms as one stream and 84 ms in 4 MB chunks
+(QSGD 4-bit, allgather; ``benchmarks/collectives.py``).
 
 Overlap: with ``async_op=True`` the hook hands the bucket to one communication thread and returns
 at once, so backward keeps computing while earlier buckets are encoded, exchanged and decoded.
 One thread, first-in first-out, keeps the order of the collectives the same on every rank
-(DDP launches buckets in the same order everywhere). DDP itself issues collectives during
+(DDP launches buckets in the same order everywhere). The thread runs the whole synchronous
+call: ``Exchange.all_reduce_many_async`` has no completion callback to chain a future on, and
+its ``wait()`` may itself issue collectives (``two_phase``), which must keep that order too.
+DDP itself issues collectives during
 backward when ``find_unused_parameters`` or ``static_graph`` is on; those could interleave with
 the thread's in a different order on different ranks, so such models use the synchronous path.
 """
