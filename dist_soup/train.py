@@ -40,7 +40,8 @@ def init_distributed() -> tuple[str | None, int, int]:
 
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and os.environ.get("DIST_SOUP_BACKEND", "") != "gloo" else "gloo"
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, store=_attempt_store(), rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
         return "torch", dist.get_rank(), dist.get_world_size()
     if kind == "mpi":
         try:
@@ -60,6 +61,25 @@ def _device(kind: str | None) -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
+
+
+def _attempt_store():
+    """The launcher's rendezvous store, with keys private to this torchrun attempt.
+
+    After a worker failure torchrun restarts every worker against the same store; without a
+    per-attempt prefix a restarted rank can read the address its dead peer published and fail
+    to connect. ``TORCHELASTIC_RESTART_COUNT`` numbers the attempts.
+    """
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timedelta(minutes=5),
+                          multi_tenant=not agent_store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"dist_soup/attempt{attempt}", store)
 
 
 def shutdown_distributed(kind: str | None) -> None:
