@@ -188,3 +188,68 @@ def test_state_dict_round_trip(mode, codec, opts):
         assert sd["server"]
     with pytest.raises(ValueError, match="state_dict"):
         b.load_state_dict({"streams": {}})
+
+
+def test_pieces_cut_and_plan_solo():
+    from dist_soup.comm.buckets import pieces
+
+    assert pieces("x", 100, 4, None) == [] and pieces("x", 100, 4, 400) == []
+    cut = pieces("x", 1000, 4, 1048)  # 4000 bytes -> 4 pieces of 250 values
+    assert [p for p, _, _ in cut] == ["x#0", "x#1", "x#2", "x#3"]
+    assert [(o, n) for _, o, n in cut] == [(0, 250), (250, 250), (500, 250), (750, 250)]
+    assert pieces("x", 3, 8, 1) == [("x#0", 0, 1), ("x#1", 1, 1), ("x#2", 2, 1)]  # at least 1 value each
+    specs = [("a", (10,), torch.float32, "cpu"), ("x#0", (20,), torch.float32, "cpu"),
+             ("x#1", (20,), torch.float32, "cpu"), ("b", (5,), torch.float32, "cpu")]
+    # pieces never share a bucket, even when the bucket could hold them all
+    assert [b.names for b in plan(specs, 10**6, solo={"x#0", "x#1"})] == [["a"], ["x#0"], ["x#1"], ["b"]]
+    assert [b.names for b in plan(specs, 10**6)] == [["a", "x#0", "x#1", "b"]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pieces_equal_whole_tensors_and_keep_their_residues(mode):
+    """fp16 with error feedback is element-wise, so pieces must give bit-identical means and
+    locals; each piece is a stream whose residue persists across calls and through state_dict."""
+    g = torch.Generator().manual_seed(3)
+    xs = [{"w": torch.randn(30, 20, generator=g), "b": torch.randn(7, generator=g),
+           "d": torch.randn(500, generator=g, dtype=torch.float64)} for _ in range(3)]
+    cut = Exchange("fp16", mode, chunk_mb=0.001, error_feedback=True)
+    whole = Exchange("fp16", mode, chunk_mb=None, error_feedback=True)
+    assert whole.chunk_mb is None and Exchange("fp16", chunk_mb=0).chunk_mb is None
+    for x in xs[:2]:
+        mc, lc = cut.all_reduce_many(x, return_local=True)
+        mw, lw = whole.all_reduce_many(x, return_local=True)
+        for n in x:
+            assert mc[n].shape == x[n].shape and mc[n].dtype == x[n].dtype
+            assert torch.equal(mc[n], mw[n]) and torch.equal(lc[n], lw[n]), (mode, n)
+    sd = cut.state_dict()
+    if mode != "two_phase":  # two_phase streams belong to the pieces' buckets (chunk j of P)
+        assert {"b", "w#0", "w#2", "d#3"} <= set(sd["streams"]) and "w" not in sd["streams"]
+        # the residues of the pieces are the residue of the whole tensor, cut
+        res = torch.cat([sd["streams"][f"w#{j}"]["residue"] for j in range(3)])
+        assert torch.equal(res, whole.state_dict()["streams"]["w"]["residue"].reshape(-1))
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    again = Exchange("fp16", mode, chunk_mb=0.001, error_feedback=True)
+    again.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    ra, rb = cut.all_reduce_many(xs[2]), again.all_reduce_many(xs[2])
+    fresh = Exchange("fp16", mode, chunk_mb=0.001, error_feedback=True).all_reduce_many(xs[2])
+    assert all(torch.equal(ra[n], rb[n]) for n in ra)
+    assert any(not torch.equal(ra[n], fresh[n]) for n in ra)  # the residues mattered
+
+
+def test_piece_names_and_chunk_mb_validation():
+    with pytest.raises(ValueError, match="chunk_mb"):
+        Exchange("identity", chunk_mb=-1)
+    with pytest.raises(ValueError, match="chunk_mb"):
+        Exchange("identity", chunk_mb=float("inf"))
+    with pytest.raises(ValueError, match="chunk_mb"):
+        Exchange("identity", chunk_mb=True)
+    ex = Exchange("fp16", chunk_mb=0.001)
+    with pytest.raises(ValueError, match="piece"):
+        ex.all_reduce_many({"x": torch.randn(1000), "x#0": torch.randn(3)})
+    ex.all_reduce("y", torch.randn(1000))  # streams y#0..y#3 of 250 values
+    with pytest.raises(ValueError, match="y#1"):
+        ex.all_reduce("y#1", torch.randn(4))
+    a = exchange_settings("qsgd", {}, 0, "allgather", 2, 25.0, 4.0)
+    b = exchange_settings("qsgd", {}, 0, "allgather", 2, 25.0, None)
+    assert [x.label for x, y in zip(a, b) if x.word != y.word] == ["chunk_mb"]

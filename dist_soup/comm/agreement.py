@@ -1,7 +1,7 @@
 """Configuration agreement: every rank checks, in one small collective, that all ranks are about
 to run the same exchange, and every rank raises the same kind of error when they are not.
 
-Each setting (codec, seed, mode, world size, bucket size, the codec options, and the call's
+Each setting (codec, seed, mode, world size, bucket and piece sizes, the codec options, and the call's
 tensor names, shapes and dtypes) is hashed to its own 62-bit word ``w_i``. One all-reduce with
 MAX of ``[status, w, -w]`` gives every rank ``max_r w_i`` and ``min_r w_i``; a setting differs
 somewhere iff ``max != min``, and since the result is the same on every rank, every rank takes
@@ -56,8 +56,10 @@ TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
 
 
 def exchange_settings(codec: str, options: dict[str, Any], seed: int, mode: str,
-                      world_size: int, bucket_mb: float) -> list[Setting]:
-    """The settings fixed at construction, as words (one per setting, options in slots)."""
+                      world_size: int, bucket_mb: float, chunk_mb: float | None = None) -> list[Setting]:
+    """The settings fixed at construction, as words (one per setting, options in slots).
+    ``chunk_mb`` None: tensors are never cut into pieces."""
+    chunk = repr(float(chunk_mb)) if chunk_mb else "None"
     out = [
         Setting("protocol version", str(PROTOCOL), word(f"protocol={PROTOCOL}")),
         Setting("compressor", repr(codec), word(f"codec={codec}")),
@@ -65,6 +67,7 @@ def exchange_settings(codec: str, options: dict[str, Any], seed: int, mode: str,
         Setting("mode", repr(mode), word(f"mode={mode}")),
         Setting("world size", str(world_size), word(f"world_size={world_size}")),
         Setting("bucket_mb", repr(float(bucket_mb)), word(f"bucket_mb={float(bucket_mb)!r}")),
+        Setting("chunk_mb", chunk, word(f"chunk_mb={chunk}")),
     ]
     slots: list[list[str]] = [[] for _ in range(OPTION_SLOTS)]
     for key in sorted(options):

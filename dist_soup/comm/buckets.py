@@ -7,11 +7,17 @@ buckets of at most ``bucket_bytes`` bytes of input; a tensor larger than that is
 own. Each entry knows its offset in the bucket's flat vector, which the modes that flatten
 (``allreduce``, ``two_phase``) use. A bucket's ``key`` is a stable hash of its tensors' names
 and shapes: streams that belong to a bucket rather than to one tensor are named after it.
+
+Pieces: a tensor of more than ``chunk_bytes`` is cut (:func:`pieces`) into ``k`` near-equal
+consecutive pieces of its flat vector, ``k = ceil(bytes / chunk_bytes)``, named
+``f"{name}#{j}"``; each piece is a stream and a bucket of its own (``plan(..., solo=...)``), so
+the exchange encodes piece j+1 while piece j is on the wire and decodes piece j while j+1 is.
+The cut depends only on the size, so it is the same on every rank and in every call.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
@@ -40,8 +46,31 @@ class Bucket:
         return [e.name for e in self.entries]
 
 
-def plan(specs: Sequence[tuple[str, tuple[int, ...], torch.dtype, torch.device]], bucket_bytes: int) -> list[Bucket]:
-    """Cut ``specs`` (name, shape, dtype, device), all with at least one value, into buckets."""
+def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
+    """(offset, length) of ``parts`` near-equal consecutive chunks (the first ``numel % parts``
+    one longer), like ``torch.tensor_split``."""
+    base, extra = divmod(numel, parts)
+    out, off = [], 0
+    for j in range(parts):
+        n = base + (1 if j < extra else 0)
+        out.append((off, n))
+        off += n
+    return out
+
+
+def pieces(name: str, numel: int, element_size: int, chunk_bytes: int | None) -> list[tuple[str, int, int]]:
+    """``[(piece name, offset, numel)]`` of a tensor cut into pieces of at most about
+    ``chunk_bytes`` (empty when it fits in one, or ``chunk_bytes`` is None)."""
+    if not chunk_bytes or numel * element_size <= chunk_bytes:
+        return []
+    k = -(-numel * element_size // chunk_bytes)
+    return [(f"{name}#{j}", off, n) for j, (off, n) in enumerate(chunk_bounds(numel, min(k, numel)))]
+
+
+def plan(specs: Sequence[tuple[str, tuple[int, ...], torch.dtype, torch.device]], bucket_bytes: int,
+         solo: Collection[str] = ()) -> list[Bucket]:
+    """Cut ``specs`` (name, shape, dtype, device), all with at least one value, into buckets;
+    the tensors named in ``solo`` (pieces) get a bucket each."""
     groups: dict[tuple[torch.dtype, torch.device], list[tuple[str, tuple[int, ...], int]]] = {}
     for name, shape, dtype, device in specs:
         numel = 1
@@ -55,11 +84,15 @@ def plan(specs: Sequence[tuple[str, tuple[int, ...], torch.dtype, torch.device]]
         used = 0
         for item in items:
             nbytes = item[2] * size
-            if current and used + nbytes > bucket_bytes:
+            alone = item[0] in solo
+            if current and (alone or used + nbytes > bucket_bytes):
                 buckets.append(_bucket(len(buckets), current, dtype, device))
                 current, used = [], 0
             current.append(item)
             used += nbytes
+            if alone:
+                buckets.append(_bucket(len(buckets), current, dtype, device))
+                current, used = [], 0
         if current:
             buckets.append(_bucket(len(buckets), current, dtype, device))
     return buckets

@@ -30,6 +30,7 @@ decode from it. Decoding a payload another rank sent never touches a stream's st
 from __future__ import annotations
 
 import time
+import warnings
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Callable, ClassVar, Iterator, Sequence
@@ -38,7 +39,7 @@ import torch
 
 from ..compress.base import Compressor, LinearCodec
 from ..compress.payload import Payload
-from .buckets import Bucket
+from .buckets import Bucket, chunk_bounds
 from .stats import ExchangeStats
 from .transport import Transport, Work
 
@@ -185,40 +186,63 @@ class AllGather(Mode):
         rank = self.transport.rank
         self.count(sent=counts[rank], received=sum(counts) - counts[rank],
                    overhead=self.gather_padding(counts), collectives=1)
-        return _AllGatherWork(self, bucket, rows, work, want_local)
+        return _AllGatherWork(self, bucket, rows, buf, work, want_local)
+
+
+def _shares(t: torch.Tensor, buffers: Sequence[torch.Tensor]) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return any(b.untyped_storage().data_ptr() == ptr for b in buffers if b.numel())
 
 
 class _AllGatherWork(BucketWork):
-    def __init__(self, mode: AllGather, bucket: Bucket, rows: list[list[int]], work: Work, want_local: bool):
+    def __init__(self, mode: AllGather, bucket: Bucket, rows: list[list[int]], buf: torch.Tensor, work: Work,
+                 want_local: bool):
         self.mode, self.bucket, self.rows, self.work, self.want_local = mode, bucket, rows, work, want_local
+        self.buf = buf  # this rank's own packed payloads, the bytes it sent
 
     def _launched(self) -> list[Work]:
         return [self.work]
 
+    def _decode_row(self, sender: int, buf: torch.Tensor) -> list[torch.Tensor]:
+        m, b = self.mode, self.bucket
+        return [decode_payload(m.stream(e.name), part, sender=sender, name=e.name, shape=e.shape, dtype=b.dtype)
+                for e, part in zip(b.entries, _cut(buf, self.rows[sender]))]
+
     def finish(self) -> Result:
         m, b = self.mode, self.bucket
+        P, rank = m.transport.world_size, m.transport.rank
+        # This rank's own payloads decode from the local bytes while the gather is in flight.
+        with m.timed("decode_s"):
+            own = self._decode_row(rank, self.buf)
         with m.timed("comm_s"):
             pieces = [p.cpu() for p in self.work.wait()]
         with m.timed("decode_s"):
-            P, rank = m.transport.world_size, m.transport.rank
-            acc: list[torch.Tensor | None] = [None] * len(b.entries)
-            mine: list[torch.Tensor] = []
-            for r in range(P):
-                for i, (e, part) in enumerate(zip(b.entries, _cut(pieces[r], self.rows[r]))):
-                    d = decode_payload(m.stream(e.name), part, sender=r, name=e.name, shape=e.shape, dtype=b.dtype)
-                    if r == rank and self.want_local:
-                        mine.append(_own(d, pieces).to(b.device))
-                    if acc[i] is None:
-                        acc[i] = d.to(_acc_dtype(b.dtype), copy=True)
+            if P > 1 and not torch.equal(pieces[rank], self.buf):
+                # What the others received differs from what was sent: decode the received
+                # bytes like every other rank does, so all ranks raise (or agree) alike.
+                own = self._decode_row(rank, pieces[rank])
+            buffers = [*pieces, self.buf]
+            acc_dtype = _acc_dtype(b.dtype)
+            acc: list[torch.Tensor] = []
+            for r in range(P):  # rank order on every rank: the same float sums everywhere
+                row = own if r == rank else self._decode_row(r, pieces[r])
+                for i, d in enumerate(row):
+                    if i == len(acc):
+                        # The first term becomes the accumulator: no copy unless it is a view of a
+                        # receive buffer, this rank's returned local, or of another dtype.
+                        reuse = d.dtype == acc_dtype and not (r == rank and self.want_local) and not _shares(d, buffers)
+                        acc.append(d if reuse else d.to(acc_dtype, copy=True))
                     else:
-                        acc[i] += d
-            means = [(a / P).to(b.dtype).to(b.device) for a in acc]  # type: ignore[operator]
-        return means, (mine if self.want_local else None)
+                        acc[i].add_(d)
+            means = [a.div_(P).to(b.dtype).to(b.device) for a in acc]
+            mine = [_own(d, buffers).to(b.device) for d in own] if self.want_local else None
+        return means, mine
 
 
 # ------------------------------------------------------------------------------------------
 class AllReduce(Mode):
     name = "allreduce"
+    _warned = False
 
     def start(self, bucket, tensors, want_local):
         P, rank = self.transport.world_size, self.transport.rank
@@ -239,6 +263,7 @@ class AllReduce(Mode):
                 rdtype = self.transport.reduce_dtype(dtype)
                 parts = [wires[i].reshape(-1) for i in idx]
                 flats[dtype] = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(rdtype)
+        self._warn_if_uncompressed(bucket, flats.values())
         launched = []
         with self.timed("comm_s"):
             for dtype, flat in flats.items():
@@ -246,6 +271,24 @@ class AllReduce(Mode):
                 launched.append((dtype, self.transport.all_reduce_async_(flat, "sum")))
                 self.count(sent=n, received=n, collectives=1)
         return _AllReduceWork(self, bucket, streams, wires, agreed, groups, launched, mine)
+
+    def _warn_if_uncompressed(self, bucket: Bucket, flats) -> None:
+        """Integer level sums as wide as the input save nothing (QSGD 8-bit on gloo sums int32
+        levels: gloo has no int16 reduction): say so once per exchange, it is legal but slow."""
+        if self._warned:
+            return
+        width = torch.empty(0, dtype=bucket.dtype).element_size()
+        for flat in flats:
+            if not flat.is_floating_point() and flat.element_size() >= width:
+                self._warned = True
+                warnings.warn(
+                    f"mode='allreduce' sums this codec's integer levels as {flat.dtype} on this transport "
+                    f"({self.transport!r}), as wide as the {bucket.dtype} input: no compression at all. "
+                    "Use mode='allgather' or 'two_phase', or fewer levels (e.g. bits=4 for qsgd), or "
+                    "wire_int16=True on NCCL (gloo cannot sum int16)",
+                    RuntimeWarning, stacklevel=5,
+                )
+                return
 
     def _agree(self, streams: Sequence[LinearCodec], asks: Sequence[tuple[torch.Tensor, str] | None]) -> list[torch.Tensor | None]:
         """Reduce or broadcast the codecs' agreement tensors, fused per (op, dtype, leader)."""
@@ -310,18 +353,6 @@ class _AllReduceWork(BucketWork):
 
 
 # ------------------------------------------------------------------------------------------
-def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
-    """(offset, length) of ``parts`` near-equal consecutive chunks (the first ``numel % parts``
-    one longer), like ``torch.tensor_split``."""
-    base, extra = divmod(numel, parts)
-    out, off = [], 0
-    for j in range(parts):
-        n = base + (1 if j < extra else 0)
-        out.append((off, n))
-        off += n
-    return out
-
-
 class TwoPhase(Mode):
     name = "two_phase"
 
