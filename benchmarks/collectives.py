@@ -6,8 +6,9 @@ One table per world size: every row is one way of averaging the same ``--numel``
 * ``fp32 all_reduce``: ``dist.all_reduce`` (SUM, then divide): the baseline of every ratio.
 * ``torch fp16 hook`` and ``torch PowerSGD r=R``: torch's DDP comm hooks, called the way DDP calls
   them (``hook(state, bucket)`` on a bucket holding one (rows x cols) gradient, then ``wait()``).
-* ``dist_soup <mode> <codec>``: ``dist_soup.comm.Exchange(codec, mode).all_reduce``; encoding
-  and decoding are inside the timed call.
+* ``dist_soup <mode> <codec> (N MB pieces)``: ``dist_soup.comm.Exchange(codec, mode,
+  chunk_mb=N).all_reduce``, one row per ``--chunk-mb`` value (0: one piece); encoding and
+  decoding are inside the timed call.
 * ``dist_soup ddp hook``: this project's DDP hook on the same bucket path as torch's hooks,
   with the bucket cut into ``--hook-chunk-mb`` chunks (pipelined streams; see the hook's docs).
 
@@ -279,9 +280,11 @@ def _bench_dist_soup(rank, args, torch, exact, work, shape, timed) -> list[Row]:
                 if rank == 0 and args.verbose:
                     print(f"skip {mode} {short}: {why}", flush=True)
                 continue
-            ex = Exchange(codec, mode, bucket_mb=args.bucket_mb, **options)
-            name = f"bench.{short}"
-            rows.append(measure(f"dist_soup {mode} {short}", ex, lambda: ex.all_reduce(name, work)))
+            for chunk_mb in args.chunk_mb:
+                ex = Exchange(codec, mode, bucket_mb=args.bucket_mb, chunk_mb=chunk_mb or None, **options)
+                name = f"bench.{short}"
+                label = f"dist_soup {mode} {short}" + (f" ({chunk_mb:g} MB pieces)" if chunk_mb else " (one piece)")
+                rows.append(measure(label, ex, lambda: ex.all_reduce(name, work)))
     if args.hook is not None:
         from dist_soup.integrations import ddp as ddp_hooks
 
@@ -291,9 +294,7 @@ def _bench_dist_soup(rank, args, torch, exact, work, shape, timed) -> list[Row]:
             # What register(model, codec, mode, chunk_mb=...) builds, without the DDP model around.
             chunk_mb = args.hook_chunk_mb if args.hook_chunk_mb > 0 else None
             state = ddp_hooks.DDPCommState(
-                Exchange(codec, mode, bucket_mb=chunk_mb or args.bucket_mb, **options),
-                chunk_numel=None if chunk_mb is None else int(chunk_mb * 2**20) // 4,
-            )
+                Exchange(codec, mode, bucket_mb=args.bucket_mb, chunk_mb=chunk_mb, **options))
             bucket = _Bucket(work, shape)
 
             def hook():
@@ -379,7 +380,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         "--timeout", str(args.timeout), "--bucket-mb", str(args.bucket_mb), "--case-budget", str(args.case_budget),
         "--powersgd-ranks", ",".join(map(str, args.powersgd_ranks)),
         "--hook", "none" if args.hook is None else ",".join(args.hook),
-        "--hook-chunk-mb", str(args.hook_chunk_mb),
+        "--hook-chunk-mb", str(args.hook_chunk_mb), "--chunk-mb", ",".join(map(str, args.chunk_mb)),
     ]
     if args.json:
         out += ["--json", str(Path(args.json).resolve())]
@@ -480,6 +481,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, argparse.Namespace]:
                    help="1M values, 2 ranks, 3 iters, modes allgather,allreduce: a smoke run")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="Exchange bucket size")
+    p.add_argument("--chunk-mb", type=_csv(float), default=[4.0],
+                   help="Exchange piece sizes, one row each (0: one piece per tensor; default 4)")
     p.add_argument("--powersgd-ranks", type=_csv(int), default=[1], help="PowerSGD ranks (default 1)")
     p.add_argument("--hook", type=_hook_arg, default=["qsgd4", "allgather"],
                    help="CODEC,MODE of the dist_soup DDP hook row (default qsgd4,allgather; 'none' to skip)")

@@ -11,6 +11,7 @@ import io
 import os
 import socket
 import time
+import warnings
 
 import pytest
 import torch
@@ -302,6 +303,71 @@ def test_lossy_codecs_in_every_mode():
 
 
 # --------------------------------------------------------------------------------------------
+def _worker_pieces(rank: int, P: int) -> None:
+    """Tensors cut into pieces (chunk_mb tiny): exact identity means, locals, byte counts."""
+    from dist_soup.comm.buckets import chunk_bounds
+
+    mine = rank_tensors(rank, SHAPES)
+    exact = exact_mean(P, SHAPES)
+    total = sum(torch.Size(s).numel() for s in SHAPES.values())
+    for mode in MODES:
+        ex = Exchange("identity", mode, chunk_mb=0.001)  # 262 values a piece: big in 9, w2 in 2
+        handle = ex.all_reduce_many_async(mine, return_local=True)
+        means, locals_ = handle.wait()
+        whole = Exchange("identity", mode, chunk_mb=None).all_reduce_many(mine)
+        for n in SHAPES:
+            assert means[n].shape == mine[n].shape and means[n].dtype == torch.float32
+            assert torch.equal(means[n], exact[n]) and torch.equal(means[n], whole[n]), (mode, n)
+            assert torch.equal(locals_[n], mine[n]), (mode, n)
+        assert same_on_all_ranks(means)
+        ((buckets, cuts),) = ex._plans.values()
+        assert {n: len(c) for n, c in cuts.items()} == {"big": 9, "w2": 2}
+        assert len(buckets) == 12  # w1+b1 fused, 2 pieces of w2, 9 of big
+        st = ex.stats
+        nb = len(buckets)
+        if mode == "allgather":
+            own = sum(identity_nbytes(e.shape) for b in buckets for e in b.entries)  # a payload per piece
+            assert (st.bytes_sent, st.bytes_received) == (own, (P - 1) * own), st
+            assert st.collectives == 1 + 2 * nb
+        elif mode == "allreduce":
+            assert (st.bytes_sent, st.bytes_received) == (4 * total, 4 * total), st
+            assert st.collectives == 1 + nb
+        else:
+            sent = received = 0
+            for b in buckets:
+                sizes = [identity_nbytes((c,)) if c else 0 for _, c in chunk_bounds(b.numel, P)]
+                sent += sum(sizes) - sizes[rank] + sizes[rank]
+                received += (P - 1) * sizes[rank] + sum(sizes) - sizes[rank]
+            assert (st.bytes_sent, st.bytes_received) == (sent, received), st
+            assert st.collectives == 1 + 4 * nb
+        # pieces are in flight until wait(): the whole name and its pieces' names are busy
+        h = ex.all_reduce_many_async({"big": mine["big"]})
+        with pytest.raises(ValueError, match="in flight"):
+            ex.all_reduce("big", mine["big"])
+        assert torch.equal(h.wait()["big"], exact["big"])
+
+    # QSGD in pieces: every rank holds the same result, and it is close to the mean
+    g = torch.Generator().manual_seed(rank)
+    x = {"v": torch.randn(6000, generator=g)}
+    ex = Exchange("qsgd", "allgather", chunk_mb=0.005, bits=8)
+    out = ex.all_reduce_many(x)
+    assert len(ex._streams) == 5 and same_on_all_ranks(out)
+
+    # 8-bit QSGD levels summed on gloo travel as int32: one warning per exchange, naming the fixes
+    ex = Exchange("qsgd", "allreduce", bits=8)
+    with pytest.warns(RuntimeWarning, match="allgather.*bits=4.*wire_int16"):
+        ex.all_reduce("v", x["v"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ex.all_reduce("v", x["v"])  # once
+        Exchange("qsgd", "allreduce", bits=4).all_reduce("v", x["v"])  # int8 sums: compressed
+
+
+def test_pieces_in_every_mode():
+    spawn(_worker_pieces, 2)
+
+
+# --------------------------------------------------------------------------------------------
 def _expect_everywhere(fn, *patterns: str, bound_s: float = 10.0) -> str:
     t0 = time.monotonic()
     with pytest.raises(ValueError) as info:
@@ -324,6 +390,8 @@ def _worker_mismatch(rank: int, P: int) -> None:
         (lambda: Exchange("identity", "two_phase" if rank == 0 else "allgather"), x, "mode"),
         (lambda: Exchange("identity", seed=rank), x, "seed"),
         (lambda: Exchange("identity", bucket_mb=1.0 + rank), x, "bucket_mb"),
+        (lambda: Exchange("identity", chunk_mb=1.0 + rank), x, "chunk_mb"),
+        (lambda: Exchange("fp16", chunk_mb=None if rank else 0.001), x, "chunk_mb"),
         (lambda: Exchange("identity"), {"a": x["a"], ("b" if rank == 0 else "B"): x["b"]}, "tensor #1 name"),
         (lambda: Exchange("identity"), {"a": torch.ones(10 + rank), "b": x["b"]}, "tensor #0 shape/dtype"),
         (lambda: Exchange("identity"), {"a": x["a"], "b": x["b"].double() if rank else x["b"]}, "tensor #1 shape/dtype"),

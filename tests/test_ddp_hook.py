@@ -63,10 +63,10 @@ def _identity_matches_plain(rank: int, world: int) -> None:
             state = ddp_hooks.register(model, "identity", mode, async_op=async_op)
             assert state.async_op is async_op
             hooked[(mode, async_op)] = (model, state)
-        # Buckets cut into chunks of 256 values (several streams and collectives per bucket).
+        # Buckets cut into pieces of at most 262 values (several streams and collectives per bucket).
         model = DDP(copy.deepcopy(base), bucket_cap_mb=cap)
         state = ddp_hooks.register(model, "identity", mode, chunk_mb=0.001)
-        assert state.chunk_numel == 262
+        assert state.exchange.chunk_mb == 0.001
         hooked[(mode, "chunks")] = (model, state)
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, (m, _) in hooked.items()}
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)

@@ -20,11 +20,11 @@ result equals plain DDP's ``allreduce`` average up to float rounding of the summ
 Like torch's ``ddp_comm_hooks``, the hook is a plain function over a small state object, so it
 can also be registered by hand: ``model.register_comm_hook(state, compressed_mean_hook)``.
 
-Chunks: a DDP bucket (25 MB by default) is cut into chunks of about ``chunk_mb`` that travel as
-separate streams, each its own collective. The exchange encodes chunk j+1 while chunk j is on
-the wire, and decoding works on cache-sized pieces; on this project's 2-core machine a 10M-float
-bucket between two hosts at 1 Gbit/s took 155 ms as one stream and 84 ms in 4 MB chunks
-(QSGD 4-bit, allgather; ``benchmarks/collectives.py``).
+Chunks: the exchange cuts a DDP bucket (25 MB by default) of more than ``chunk_mb`` into pieces
+``f"{name}#{j}"`` that travel as separate streams, each its own collective (``Exchange``'s
+``chunk_mb``); it encodes piece j+1 while piece j is on the wire and decodes piece j while j+1
+is. On this project's 2-core machine a 10M-float bucket between two hosts at 1 Gbit/s took
+155 ms as one stream and 84 ms in 4 MB pieces (QSGD 4-bit, allgather; ``benchmarks/collectives.py``).
 
 Overlap: with ``async_op=True`` the hook hands the bucket to one communication thread and returns
 at once, so backward keeps computing while earlier buckets are encoded, exchanged and decoded.
@@ -57,16 +57,15 @@ class DDPCommState:
     """What the hook needs between calls: the exchange, naming and the communication thread.
 
     ``exchange``: the compressed collective (its ``stats`` count bytes and seconds).
-    ``prefix``: stream names are ``f"{prefix}{bucket_index}/{numel}"`` (plus ``/c{j}`` per chunk).
+    ``prefix``: stream names are ``f"{prefix}{bucket_index}/{numel}"`` (the exchange adds
+    ``#{j}`` per piece of a bucket larger than its ``chunk_mb``).
     ``async_op``: run the exchange on the communication thread (overlapping backward).
-    ``chunk_numel``: cut buckets into chunks of at most this many values (None: never).
     ``calls``: buckets averaged so far (a counter for logs and tests).
     """
 
     exchange: Exchange
     prefix: str = "ddp/bucket"
     async_op: bool = False
-    chunk_numel: "int | None" = None
     calls: int = 0
     _executor: "ThreadPoolExecutor | None" = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -96,26 +95,11 @@ def _future_for(buffer: torch.Tensor) -> "torch.futures.Future[torch.Tensor]":
     return torch.futures.Future()
 
 
-def _chunks(buffer: torch.Tensor, chunk_numel: "int | None") -> list[torch.Tensor]:
-    """Views of the flat ``buffer`` in near-equal consecutive chunks of at most ``chunk_numel``
-    values (the same cut on every rank: it depends only on the size)."""
-    n = buffer.numel()
-    if chunk_numel is None or n <= chunk_numel:
-        return [buffer]
-    return list(torch.tensor_split(buffer, -(-n // chunk_numel)))
-
-
 def _average_into(state: DDPCommState, name: str, buffer: torch.Tensor) -> torch.Tensor:
-    chunks = _chunks(buffer, state.chunk_numel)
-    if len(chunks) == 1:
-        means = [state.exchange.all_reduce(name, buffer)]
-    else:
-        out = state.exchange.all_reduce_many({f"{name}/c{j}": c for j, c in enumerate(chunks)})
-        means = list(out.values())
+    mean = state.exchange.all_reduce(name, buffer)
     # In place, like torch's fp16 hook: DDP copies the value into the gradients, and reusing
     # the bucket's memory keeps the peak memory of a step unchanged.
-    for chunk, mean in zip(chunks, means):
-        chunk.copy_(mean.reshape(chunk.shape))
+    buffer.copy_(mean)
     state.calls += 1
     return buffer
 
@@ -166,9 +150,8 @@ def register(
     ``"allgather"``, ``"allreduce"`` or ``"two_phase"``. ``group`` defaults to the model's own
     process group. ``async_op=True`` overlaps communication with backward (see the module
     docstring; models with ``find_unused_parameters`` or ``static_graph`` run synchronously).
-    ``chunk_mb`` cuts each bucket into chunks of about that many megabytes of gradient, each its
-    own stream and collective (None: one stream per bucket); unless given, the exchange's
-    ``bucket_mb`` is set to ``chunk_mb`` so chunks are not fused back together.
+    ``chunk_mb`` (the exchange's option) cuts each bucket into pieces of at most about that many
+    megabytes, each its own stream and collective (None: one stream per bucket).
     A DDP model takes one hook, once, before its first backward.
     """
     if not isinstance(ddp_model, DistributedDataParallel):
@@ -179,20 +162,15 @@ def register(
         raise TypeError(f"compressor must be a codec name (str), got {type(compressor).__name__}")
     if not isinstance(prefix, str) or not prefix:
         raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
-    chunk_numel = None
-    if chunk_mb is not None:
-        if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float)) or not 0 < chunk_mb < float("inf"):
-            raise ValueError(f"chunk_mb must be None or a positive number of megabytes, got {chunk_mb!r}")
-        # Sized for fp32 gradients; a half-precision bucket gets chunks of half the bytes.
-        chunk_numel = max(1, int(chunk_mb * 2**20) // 4)
-        options.setdefault("bucket_mb", float(chunk_mb))
+    if chunk_mb is not None and (
+            isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float)) or not 0 < chunk_mb < float("inf")):
+        raise ValueError(f"chunk_mb must be None or a positive number of megabytes, got {chunk_mb!r}")
     if group is None:
         group = ddp_model.process_group
-    exchange = Exchange(compressor, mode, group=group, **options)
+    exchange = Exchange(compressor, mode, group=group, chunk_mb=chunk_mb, **options)
     ddp_collectives = bool(getattr(ddp_model, "find_unused_parameters", False)) or bool(
         getattr(ddp_model, "static_graph", False)
     )
-    state = DDPCommState(exchange, prefix=prefix, async_op=bool(async_op) and not ddp_collectives,
-                         chunk_numel=chunk_numel)
+    state = DDPCommState(exchange, prefix=prefix, async_op=bool(async_op) and not ddp_collectives)
     ddp_model.register_comm_hook(state, compressed_mean_hook)
     return state
