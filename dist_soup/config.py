@@ -61,7 +61,7 @@ class SolverConfig:
 
 @dataclass
 class SelectionConfig:
-    rule: Literal["threshold", "top_m", "budget", "all"] = "threshold"
+    rule: Literal["threshold", "top_m", "budget", "all"] = "all"
     tau: float = 0.0
     m: Optional[int] = None
     budget: Optional[int] = None
@@ -96,7 +96,7 @@ class TrainConfig:
     #: Examples per rank per step.
     batch_size: int = 32
     #: Solve the weighting every this many steps; reuse lambda in between.
-    solve_every: int = 10
+    solve_every: int = 20
     gram: Literal["auto", "cross", "plain"] = "auto"
     #: What to do with a non-finite loss or gradient: skip the step (counted) or raise.
     nonfinite: Literal["skip", "raise"] = "skip"

@@ -91,6 +91,9 @@ class SoupEngine:
             (cross when P > 1).
         selection: dict of ``rule``, ``tau``, ``m``, ``budget`` for
             :func:`dist_soup.moo.selection.select`; ``probe_every`` steps between probes.
+            Default ``{"rule": "all"}``: every shared tensor, no probes. The Objective Soups
+            rule is ``{"rule": "threshold", "tau": 0.0}`` (the quickstart uses it): cheaper
+            solves, at some cost in quality on our benchmark (README, "Engine overhead").
         solve_every: recompute the weighting every this many steps.
         jacobian_compressor / update_compressor: codec names (with ``*_options``) for the
             exchange of the Jacobian rows and of the update; ``mode`` the collective.
@@ -118,7 +121,7 @@ class SoupEngine:
         gram: str = "auto",
         selection: Mapping | None = None,
         probe_every: int = 100,
-        solve_every: int = 10,
+        solve_every: int = 20,
         jacobian_compressor: str = "qsgd",
         jacobian_options: Mapping | None = None,
         update_compressor: str = "qsgd",
@@ -160,7 +163,8 @@ class SoupEngine:
             )
         recipe.check_names(self.objectives)
         self.recipe = recipe
-        self.selection = {"rule": "threshold", "tau": 0.0, **dict(selection or {})}
+        self.selection = dict(selection or {"rule": "all"})
+        self.selection.setdefault("rule", "threshold")
         self.probe_every = int(probe_every)
         self.solve_every = int(solve_every)
         self.reuse_jacobian = reuse_jacobian
@@ -199,7 +203,8 @@ class SoupEngine:
             epoch = self.step_count / self.steps_per_epoch
         # With one objective there is nothing to weigh: plain (compressed) training.
         multi = len(self.objectives) > 1
-        probed = multi and self.step_count % self.probe_every == 0
+        # a probe only serves the selection: the rule "all" never needs one
+        probed = multi and self.selection["rule"] != "all" and self.step_count % self.probe_every == 0
         solved = multi and (probed or self.step_count % self.solve_every == 0)
         sent0, recv0, dense0 = self._bytes()
 

@@ -46,7 +46,8 @@ def make(seed=0, **kw):
     torch.manual_seed(seed)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    opts = dict(jacobian_compressor="identity", update_compressor="identity", gram="plain", probe_every=4, solve_every=1)
+    opts = dict(jacobian_compressor="identity", update_compressor="identity", gram="plain", probe_every=4, solve_every=1,
+                selection={"rule": "threshold", "tau": 0.0})
     opts.update(kw)
     return model, SoupEngine(model, opt, OBJ, "trunk", "vs", solver="mgda", **opts)
 
@@ -77,6 +78,18 @@ def test_solve_cadence_reuses_weights_between_solves():
     assert [p for _, p, _ in seen] == [True, False, False, False, False, True, False, False]
     assert seen[1][2] == seen[0][2] == seen[2][2] and seen[4][2] == seen[3][2]
     assert "jacobian_s" not in res.timings  # no Jacobian on a step that does not solve
+
+
+def test_default_selection_is_every_tensor_without_probes():
+    torch.manual_seed(0)
+    model = Net()
+    engine = SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.05), OBJ, "trunk",
+                        jacobian_compressor="identity", update_compressor="identity")
+    x, y = data()
+    res = [engine.step(losses_of(model, x, y)) for _ in range(21)]
+    assert [r.step for r in res if r.solved] == [0, 20]
+    assert not any(r.probed for r in res)
+    assert res[0].selected == [n for n, _ in model.named_parameters() if n.startswith("trunk")]
 
 
 def test_weights_equal_mgda_on_the_true_gram_of_the_selection():
