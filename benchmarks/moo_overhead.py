@@ -1,6 +1,6 @@
 """Step time of the soup step over plain unitary scalarization, with torchjd as the anchor.
 
-    python benchmarks/moo_overhead.py [--ks 4 8] [--steps 20] [--quality-steps 300]
+    python benchmarks/moo_overhead.py [--ks 4 8] [--steps 15] [--engine-steps 100] [--quality-steps 300] [--seeds 3]
 
 Model: a 2.6M-parameter MLP trunk (1024 -> 1024 -> 1024 -> 512, ReLU) with K linear heads,
 batch 64, one CPU thread, one process. Per K it times the mean step (the cadence rows over a
@@ -12,6 +12,7 @@ whole probe period, so solve and probe steps are charged at their true rate):
   defaults       SoupEngine's selection and cadence defaults, identity wire (one process:
                  nothing travels, so this is the multi-objective overhead alone)
   defaults+qsgd  all defaults, QSGD 4-bit encode and decode of J and the update included
+  threshold      Objective Soups' layer selection (score < 0, probe every 100), solve every 10
 
 Then quality: multidigits (left/right/sum/parity) trained with `full` and with `defaults` for
 the same number of steps; test accuracy per objective and Delta_m% against the plain sum.
@@ -47,6 +48,8 @@ SETTINGS = {
     "defaults": dict(IDENTITY),
     # everything default, QSGD 4-bit encode+decode of J and the update included
     "defaults+qsgd": {},
+    # Objective Soups' selection rule (conflict score < 0, probe every 100 steps), solve every 10
+    "threshold": dict(selection={"rule": "threshold", "tau": 0.0}, solve_every=10, **IDENTITY),
 }
 
 
