@@ -184,3 +184,22 @@ def test_mpirun_two_ranks(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     s = summary(run)
     assert s["world_size"] == 2 and s["steps"] == 40 and s["comm"]["bytes_sent"] > 0
+
+
+def test_ranks_with_different_configs_fail_together(tmp_path):
+    cfg = write_config(tmp_path)
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mismatch",
+             "-m", "dist_soup", "train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"),
+             "--set", f"optimizer.lr={lr}"],
+            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for lr in (0.01, 0.02)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode != 0
+        assert "different configs" in out, out[-2000:]
+    assert not (tmp_path / "run" / "summary.json").exists()
