@@ -340,6 +340,13 @@ def _worker_pieces(rank: int, P: int) -> None:
                 received += (P - 1) * sizes[rank] + sum(sizes) - sizes[rank]
             assert (st.bytes_sent, st.bytes_received) == (sent, received), st
             assert st.collectives == 1 + 4 * nb
+        # out=: the means formed in the caller's memory, here the inputs themselves
+        for fresh in (False, True):
+            buf = {n: t.clone() for n, t in mine.items()}
+            dst = {n: torch.full_like(t, 7.0) for n, t in mine.items()} if fresh else buf
+            res = ex.all_reduce_many(buf, out=dst)
+            for n in SHAPES:
+                assert res[n] is dst[n] and torch.equal(dst[n], exact[n]), (mode, fresh, n)
         # pieces are in flight until wait(): the whole name and its pieces' names are busy
         h = ex.all_reduce_many_async({"big": mine["big"]})
         with pytest.raises(ValueError, match="in flight"):

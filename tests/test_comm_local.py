@@ -253,3 +253,22 @@ def test_piece_names_and_chunk_mb_validation():
     a = exchange_settings("qsgd", {}, 0, "allgather", 2, 25.0, 4.0)
     b = exchange_settings("qsgd", {}, 0, "allgather", 2, 25.0, None)
     assert [x.label for x, y in zip(a, b) if x.word != y.word] == ["chunk_mb"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_out_receives_the_means(mode):
+    g = torch.Generator().manual_seed(4)
+    x = {"w": torch.randn(30, 20, generator=g), "b": torch.randn(7, generator=g), "e": torch.empty(0)}
+    want = Exchange("fp16", mode, chunk_mb=0.001).all_reduce_many(x)
+    dst = {n: torch.zeros_like(t) for n, t in x.items()}
+    got = Exchange("fp16", mode, chunk_mb=0.001).all_reduce_many(x, out=dst)
+    assert all(got[n] is dst[n] and torch.equal(dst[n], want[n]) for n in x)
+    ex = Exchange("identity", mode, chunk_mb=0.001)
+    same = {"w": x["w"].clone()}
+    assert torch.equal(ex.all_reduce_many(same, out=same)["w"], x["w"])  # in place on the input
+    with pytest.raises(ValueError, match="shape"):
+        ex.all_reduce_many(x, out={"w": torch.zeros(3)})
+    with pytest.raises(ValueError, match="not one of the tensors"):
+        ex.all_reduce_many(x, out={"zz": torch.zeros(3)})
+    with pytest.raises(TypeError, match="mapping"):
+        ex.all_reduce_many(x, out=[torch.zeros(3)])

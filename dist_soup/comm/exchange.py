@@ -157,23 +157,30 @@ class Exchange:
         every rank, with ``tensor``'s shape and dtype."""
         return self.all_reduce_many({name: tensor})[name]
 
-    def all_reduce_many(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False) -> Any:
+    def all_reduce_many(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False,
+                        out: Mapping[str, torch.Tensor] | None = None) -> Any:
         """Means of many named tensors, fused into buckets of about ``bucket_mb``.
 
         Returns ``{name: mean}``, or ``(means, locals)`` with ``return_local``, where
-        ``locals[name]`` is this rank's own decoded contribution.
+        ``locals[name]`` is this rank's own decoded contribution. ``out[name]`` (same shape,
+        dtype and device as ``tensors[name]``; it may be that tensor itself) receives the mean
+        in place and is what is returned for that name: a tensor cut into pieces is then
+        assembled in memory the caller already holds.
         """
-        return self.all_reduce_many_async(tensors, return_local=return_local).wait()
+        return self.all_reduce_many_async(tensors, return_local=return_local, out=out).wait()
 
-    def all_reduce_many_async(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False) -> "ExchangeHandle":
+    def all_reduce_many_async(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False,
+                              out: Mapping[str, torch.Tensor] | None = None) -> "ExchangeHandle":
         """Like :meth:`all_reduce_many`, returning once the collectives are launched;
-        ``handle.wait()`` returns the same result."""
+        ``handle.wait()`` returns the same result (``out`` is written during ``wait()``)."""
         specs: list[TensorSpec] = []
         settings: list[Setting] | None = None
         error: Exception | None = None
         nonfinite: int | None = None
+        outs: dict[str, torch.Tensor] = {}
         try:
             specs = self._inspect(tensors)
+            outs = _check_out(out, tensors)
             settings = self._settings + tensor_settings(specs)
             nonfinite = _first_nonfinite([tensors[s[0]] for s in specs])
         except (TypeError, ValueError) as exc:
@@ -221,7 +228,7 @@ class Exchange:
                 work.abandon()
             self._inflight -= names
             raise
-        return ExchangeHandle(self, tensors, specs, buckets, works, return_local, passthrough, cuts, names)
+        return ExchangeHandle(self, tensors, specs, buckets, works, return_local, passthrough, cuts, names, outs)
 
     def _plan(self, layout: tuple) -> tuple[list[Bucket], dict[str, list[tuple[str, int, int]]]]:
         """Buckets of a call's layout, and the pieces of every tensor cut into pieces."""
@@ -313,6 +320,31 @@ class Exchange:
                 f"seed={self.seed}{opts}, transport={self.transport!r})")
 
 
+def _into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst`` holding ``src`` (no copy when a mode already formed it there)."""
+    if src.data_ptr() != dst.data_ptr() or src.numel() != dst.numel():
+        dst.copy_(src.reshape(dst.shape))
+    return dst
+
+
+def _check_out(out: Mapping[str, torch.Tensor] | None, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if out is None:
+        return {}
+    if not isinstance(out, Mapping):
+        raise TypeError(f"out must be a mapping name -> tensor, got {type(out).__name__}")
+    for name, o in out.items():
+        if name not in tensors:
+            raise ValueError(f"out names {name!r}, which is not one of the tensors of this call")
+        t = tensors[name]
+        if not isinstance(o, torch.Tensor) or (o.shape, o.dtype, o.device) != (t.shape, t.dtype, t.device):
+            got = (tuple(o.shape), o.dtype, o.device) if isinstance(o, torch.Tensor) else type(o).__name__
+            raise ValueError(f"out[{name!r}] must be a tensor of shape {tuple(t.shape)}, dtype {t.dtype} and "
+                             f"device {t.device} (like the input), got {got}")
+        if not o.is_contiguous():
+            raise ValueError(f"out[{name!r}] must be contiguous")
+    return dict(out)
+
+
 def agree_locally(error: Exception | None, nonfinite: int | None, specs: list[TensorSpec]) -> None:
     """The control step of a group of one: only local checks."""
     if error is not None:
@@ -354,8 +386,9 @@ class ExchangeHandle:
     def __init__(self, exchange: Exchange, tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec],
                  buckets: list[Bucket], works: list[BucketWork], return_local: bool,
                  passthrough: bool = False, cuts: Mapping[str, list[tuple[str, int, int]]] | None = None,
-                 streams: set[str] | None = None) -> None:
+                 streams: set[str] | None = None, out: Mapping[str, torch.Tensor] | None = None) -> None:
         self._exchange = exchange
+        self._out = dict(out or {})
         # piece name -> (tensor name, offset, numel), for putting the pieces back together
         self._piece_of = {p: (n, off, k) for n, cut in (cuts or {}).items() for p, off, k in cut}
         self._streams = set(streams) if streams is not None else {n for n, _, _ in specs}
@@ -369,6 +402,14 @@ class ExchangeHandle:
         self._error: BaseException | None = None
         self._done = False
 
+    def _target(self, name: str, means: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Where the mean of bucket entry ``name`` finally lives, when that memory exists already."""
+        piece = self._piece_of.get(name)
+        if piece is None:
+            return self._out.get(name)
+        n, off, k = piece
+        return means[n].view(-1)[off : off + k]
+
     def wait(self) -> Any:
         if self._error is not None:
             raise self._error
@@ -380,23 +421,24 @@ class ExchangeHandle:
             whole = {n for n, _, _ in self._piece_of.values()}
             for n in whole:
                 t = self._tensors[n]
-                means[n] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                means[n] = self._out[n] if n in self._out else torch.empty(t.shape, dtype=t.dtype, device=t.device)
                 if self._return_local:
                     mine[n] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
             done = 0
             try:
                 for bucket, work in zip(self._buckets, self._works):
                     done += 1
-                    m, l = work.finish()
+                    targets = [self._target(name, means) for name in bucket.names]
+                    m, l = work.finish(targets if any(t is not None for t in targets) else None)
                     for i, name in enumerate(bucket.names):
                         piece = self._piece_of.get(name)
                         if piece is None:
-                            means[name] = m[i]
+                            means[name] = _into(self._out[name], m[i]) if name in self._out else m[i]
                             if l is not None:
                                 mine[name] = l[i]
                             continue
                         n, off, k = piece
-                        means[n].view(-1)[off : off + k].copy_(m[i].reshape(-1))
+                        _into(means[n].view(-1)[off : off + k], m[i].reshape(-1))
                         if l is not None:
                             mine[n].view(-1)[off : off + k].copy_(l[i].reshape(-1))
             except BaseException as exc:
@@ -409,8 +451,12 @@ class ExchangeHandle:
             self._exchange._inflight -= self._streams
             for name, t in self._tensors.items():
                 if name not in means:  # tensors with no values (or a passthrough) travel nowhere
-                    means[name] = t.detach().clone() if self._passthrough else torch.empty_like(t)
-                    mine[name] = means[name]
+                    if name in self._out:
+                        means[name] = self._out[name].copy_(t.detach()) if self._passthrough else self._out[name]
+                        mine[name] = t.detach().clone() if self._passthrough else means[name]
+                    else:
+                        means[name] = t.detach().clone() if self._passthrough else torch.empty_like(t)
+                        mine[name] = means[name]
             means = {n: means[n] for n in self._names}
             self._result = (means, {n: mine[n] for n in self._names}) if self._return_local else means
             self._done = True

@@ -87,8 +87,12 @@ def _own(t: torch.Tensor, buffers: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class BucketWork(ABC):
     @abstractmethod
-    def finish(self) -> Result:
-        """Wait for the bucket's collectives and return ``(means, locals)`` in entry order."""
+    def finish(self, out: Sequence[torch.Tensor | None] | None = None) -> Result:
+        """Wait for the bucket's collectives and return ``(means, locals)`` in entry order.
+
+        ``out[i]`` (optional, the entry's shape, dtype and device) is memory the caller wants
+        entry i's mean in: a mode may form the mean there directly (the returned tensor is
+        then ``out[i]``), saving a copy; otherwise the caller copies."""
 
     @abstractmethod
     def _launched(self) -> list[Work]:
@@ -208,7 +212,7 @@ class _AllGatherWork(BucketWork):
         return [decode_payload(m.stream(e.name), part, sender=sender, name=e.name, shape=e.shape, dtype=b.dtype)
                 for e, part in zip(b.entries, _cut(buf, self.rows[sender]))]
 
-    def finish(self) -> Result:
+    def finish(self, out=None) -> Result:
         m, b = self.mode, self.bucket
         P, rank = m.transport.world_size, m.transport.rank
         # This rank's own payloads decode from the local bytes while the gather is in flight.
@@ -224,17 +228,31 @@ class _AllGatherWork(BucketWork):
             buffers = [*pieces, self.buf]
             acc_dtype = _acc_dtype(b.dtype)
             acc: list[torch.Tensor] = []
+            first: list[torch.Tensor] = []
             for r in range(P):  # rank order on every rank: the same float sums everywhere
                 row = own if r == rank else self._decode_row(r, pieces[r])
+                if r == 0 and P > 1:
+                    first = row
+                    continue
                 for i, d in enumerate(row):
-                    if i == len(acc):
-                        # The first term becomes the accumulator: no copy unless it is a view of a
-                        # receive buffer, this rank's returned local, or of another dtype.
-                        reuse = d.dtype == acc_dtype and not (r == rank and self.want_local) and not _shares(d, buffers)
-                        acc.append(d if reuse else d.to(acc_dtype, copy=True))
-                    else:
+                    if r > 1:
                         acc[i].add_(d)
-            means = [a.div_(P).to(b.dtype).to(b.device) for a in acc]
+                        continue
+                    o = out[i] if out is not None else None
+                    if o is not None and not (o.dtype == acc_dtype and o.device == d.device):
+                        o = None
+                    if r == 1:
+                        # d0 + d1 formed straight in the caller's memory (or a new tensor).
+                        d0 = first[i].to(acc_dtype)
+                        acc.append(torch.add(d0, d, out=o.view(d.shape)) if o is not None else torch.add(d0, d))
+                    elif o is not None:  # a group of one
+                        acc.append(o.view(d.shape).copy_(d))
+                    else:
+                        # The only term is the mean: no copy unless it is a view of a receive
+                        # buffer, this rank's returned local, or of another dtype.
+                        reuse = d.dtype == acc_dtype and not self.want_local and not _shares(d, buffers)
+                        acc.append(d if reuse else d.to(acc_dtype, copy=True))
+            means = [(a.div_(P) if P > 1 else a).to(b.dtype).to(b.device) for a in acc]
             mine = [_own(d, buffers).to(b.device) for d in own] if self.want_local else None
         return means, mine
 
@@ -332,7 +350,7 @@ class _AllReduceWork(BucketWork):
     def _launched(self) -> list[Work]:
         return [w for _, w in self.launched]
 
-    def finish(self) -> Result:
+    def finish(self, out=None) -> Result:
         m, b = self.mode, self.bucket
         P = m.transport.world_size
         totals: dict[int, torch.Tensor] = {}
@@ -384,7 +402,7 @@ class _TwoPhaseWork(BucketWork):
     def _launched(self) -> list[Work]:
         return [self.work]
 
-    def finish(self) -> Result:
+    def finish(self, out=None) -> Result:
         m, b = self.mode, self.bucket
         P, rank = m.transport.world_size, m.transport.rank
         off, n = self.bounds[rank]

@@ -96,10 +96,10 @@ def _future_for(buffer: torch.Tensor) -> "torch.futures.Future[torch.Tensor]":
 
 
 def _average_into(state: DDPCommState, name: str, buffer: torch.Tensor) -> torch.Tensor:
-    mean = state.exchange.all_reduce(name, buffer)
     # In place, like torch's fp16 hook: DDP copies the value into the gradients, and reusing
-    # the bucket's memory keeps the peak memory of a step unchanged.
-    buffer.copy_(mean)
+    # the bucket's memory keeps the peak memory of a step unchanged; the exchange assembles
+    # the bucket's pieces straight into it (every piece was encoded before any is written).
+    state.exchange.all_reduce_many({name: buffer}, out={name: buffer})
     state.calls += 1
     return buffer
 
