@@ -84,8 +84,13 @@ def _attempt_store():
 
 def shutdown_distributed(kind: str | None) -> None:
     if kind == "torch":
+        import gc
+
         import torch.distributed as dist
 
+        # Collect dropped exchanges (and the collective handles they held) while the
+        # interpreter is whole: gloo work freed during interpreter shutdown can abort.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -317,15 +322,24 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     counts = torch.tensor([totals["bytes_sent"], totals["bytes_received"], totals["dense_bytes"]], dtype=torch.float64)
     if world > 1:
         transport.all_reduce_(counts, "sum")
-    if rank != 0:
-        return None
+    summary = None
+    if rank == 0:
+        summary = _write_summary(run_dir, cfg, task, model, engine, objectives, first_losses, last_res, counts, start, elapsed)
+    # Nobody tears the group down while rank 0 still evaluates: leaving together avoids
+    # a gloo peer vanishing under in-flight work.
+    transport.barrier()
+    return summary
+
+
+def _write_summary(run_dir, cfg, task, model, engine, objectives, first_losses, last_res, counts, start, elapsed) -> dict:
+    """Evaluate the final model (rank 0) and write summary.json."""
     model.eval()
     with torch.no_grad():
         evaluation = task.evaluate(model)
     steps_done = cfg.train.steps - start
     summary = {
         "steps": engine.step_count,
-        "world_size": world,
+        "world_size": engine.world_size,
         "task": task.name,
         "objectives": {
             k: {
