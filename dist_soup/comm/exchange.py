@@ -37,7 +37,7 @@ from ..compress.base import Compressor, LinearCodec
 from ..compress.registry import build
 from .agreement import NonFiniteError, Setting, TensorSpec, agree, exchange_settings, stream_id, tensor_settings
 from .buckets import Bucket, pieces, plan
-from .modes import MODES, BucketWork
+from .modes import MODES, BucketWork, Prepared
 from .stats import ExchangeStats
 from .transport import LocalTransport, Transport, TorchTransport
 
@@ -215,17 +215,28 @@ class Exchange:
         for n, cut in cuts.items():
             flat = tensors[n].detach().reshape(-1)
             inputs.update((p, flat[off : off + k]) for p, off, k in cut)
+        def prepare(b: Bucket) -> Prepared:
+            return self._mode.prepare(
+                b, [inputs[e.name] if e.name in inputs else tensors[e.name].detach() for e in b.entries],
+                return_local)
+
+        works: list[BucketWork] = []
+        ready: list[Prepared] = []
         try:
-            works: list[BucketWork] = []
-            # Each start launches its bucket's collective asynchronously before the next bucket
-            # is encoded: bucket j is on the wire while bucket j+1 is being encoded.
-            for b in buckets:
-                works.append(self._mode.start(
-                    b, [inputs[e.name] if e.name in inputs else tensors[e.name].detach() for e in b.entries],
-                    return_local))
+            # Bucket j+1 is prepared (its input-only control collectives launched) before bucket
+            # j's payload goes out, and each launch returns with its collective in flight, so
+            # bucket j is on the wire while bucket j+1 is being encoded.
+            if buckets:
+                ready.append(prepare(buckets[0]))
+            for j in range(len(buckets)):
+                if j + 1 < len(buckets):
+                    ready.append(prepare(buckets[j + 1]))
+                works.append(ready.pop(0).launch())
         except BaseException:
             for work in works:
                 work.abandon()
+            for p in ready:
+                p.abandon()
             self._inflight -= names
             raise
         return ExchangeHandle(self, tensors, specs, buckets, works, return_local, passthrough, cuts, names, outs)
@@ -426,8 +437,13 @@ class ExchangeHandle:
                     mine[n] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
             done = 0
             try:
-                for bucket, work in zip(self._buckets, self._works):
-                    done += 1
+                works = self._works
+                if works:
+                    works[0].advance()
+                for j, (bucket, work) in enumerate(zip(self._buckets, works)):
+                    done = j
+                    if j + 1 < len(works):
+                        works[j + 1].advance()  # its next round goes out before bucket j is decoded
                     targets = [self._target(name, means) for name in bucket.names]
                     m, l = work.finish(targets if any(t is not None for t in targets) else None)
                     for i, name in enumerate(bucket.names):
@@ -441,6 +457,7 @@ class ExchangeHandle:
                         _into(means[n].view(-1)[off : off + k], m[i].reshape(-1))
                         if l is not None:
                             mine[n].view(-1)[off : off + k].copy_(l[i].reshape(-1))
+                    done = j + 1
             except BaseException as exc:
                 for work in self._works[done:]:
                     work.abandon()

@@ -98,10 +98,34 @@ class BucketWork(ABC):
     def _launched(self) -> list[Work]:
         """The transport operations this bucket has in flight."""
 
+    def advance(self) -> None:
+        """Launch the bucket's next round of collectives, if it has one (``two_phase``: phase 2),
+        without waiting for it; :meth:`finish` does it otherwise. The exchange advances bucket
+        j+1 before finishing bucket j, so j's decoding overlaps j+1's transfer."""
+
     def abandon(self) -> None:
         """Let the launched collectives complete (their buffers must outlive them: MPI reads
         them in the background), issuing no new one; used when an earlier bucket failed."""
         for work in self._launched():
+            try:
+                work.wait()
+            except Exception:  # the earlier failure is the one worth reporting
+                pass
+
+
+class Prepared:
+    """A bucket whose first collectives may be in flight; ``launch()`` encodes and launches the
+    rest and returns its :class:`BucketWork`; ``abandon()`` lets what was launched complete."""
+
+    def __init__(self, launch: Callable[[], BucketWork], launched: Sequence[Work] = ()) -> None:
+        self._launch = launch
+        self._works = list(launched)
+
+    def launch(self) -> BucketWork:
+        return self._launch()
+
+    def abandon(self) -> None:
+        for work in self._works:
             try:
                 work.wait()
             except Exception:  # the earlier failure is the one worth reporting
@@ -123,6 +147,13 @@ class Mode(ABC):
     @abstractmethod
     def start(self, bucket: Bucket, tensors: Sequence[torch.Tensor], want_local: bool) -> BucketWork:
         """Encode ``tensors`` (one per bucket entry) and launch the bucket's collectives."""
+
+    def prepare(self, bucket: Bucket, tensors: Sequence[torch.Tensor], want_local: bool) -> "Prepared":
+        """The part of :meth:`start` that needs only the inputs, launched now; ``launch()`` of
+        the result does the rest. The exchange prepares bucket j+1 before launching bucket j, so
+        small control collectives (e.g. QSGD's shared scales) do not queue behind bucket j's
+        payload on the wire, and bucket j+1 is encoded while bucket j travels."""
+        return Prepared(lambda: self.start(bucket, tensors, want_local))
 
     # --- accounting helpers -------------------------------------------------------------------
     @contextmanager
@@ -263,11 +294,18 @@ class AllReduce(Mode):
     _warned = False
 
     def start(self, bucket, tensors, want_local):
+        return self.prepare(bucket, tensors, want_local).launch()
+
+    def prepare(self, bucket, tensors, want_local):
         P, rank = self.transport.world_size, self.transport.rank
         streams: list[LinearCodec] = [self.stream(e.name) for e in bucket.entries]  # type: ignore[misc]
         with self.timed("encode_s"):
             asks = [s.agreement(t, rank, P) for s, t in zip(streams, tensors)]
-        agreed = self._agree(streams, asks)
+        collect, launched = self._agree_async(streams, asks)
+        return Prepared(lambda: self._launch(bucket, tensors, want_local, streams, collect()), launched)
+
+    def _launch(self, bucket, tensors, want_local, streams, agreed):
+        P = self.transport.world_size
         with self.timed("encode_s"):
             wires = [s.encode_sum(t, a, P) for s, t, a in zip(streams, tensors, agreed)]
             # Own decode first: the SUM below may run in place on a wire.
@@ -304,14 +342,16 @@ class AllReduce(Mode):
                     f"({self.transport!r}), as wide as the {bucket.dtype} input: no compression at all. "
                     "Use mode='allgather' or 'two_phase', or fewer levels (e.g. bits=4 for qsgd), or "
                     "wire_int16=True on NCCL (gloo cannot sum int16)",
-                    RuntimeWarning, stacklevel=5,
+                    RuntimeWarning, stacklevel=6,
                 )
                 return
 
-    def _agree(self, streams: Sequence[LinearCodec], asks: Sequence[tuple[torch.Tensor, str] | None]) -> list[torch.Tensor | None]:
-        """Reduce or broadcast the codecs' agreement tensors, fused per (op, dtype, leader)."""
+    def _agree_async(self, streams: Sequence[LinearCodec], asks: Sequence[tuple[torch.Tensor, str] | None]
+                     ) -> tuple[Callable[[], list[torch.Tensor | None]], list[Work]]:
+        """Launch the reductions or broadcasts of the codecs' agreement tensors, fused per
+        (op, dtype, leader); returns (a function that waits and gives the agreed tensors, the
+        operations launched)."""
         P, rank = self.transport.world_size, self.transport.rank
-        agreed: list[torch.Tensor | None] = [None] * len(asks)
         groups: dict[tuple[str, torch.dtype, int], list[int]] = {}
         for i, ask in enumerate(asks):
             if ask is None:
@@ -321,25 +361,33 @@ class AllReduce(Mode):
                 raise ValueError(f"codec agreement op {op!r} is not one of 'max', 'sum', 'leader'")
             leader = streams[i].leader(P) if op == "leader" else -1
             groups.setdefault((op, t.dtype, leader), []).append(i)
-        if not groups:
-            return agreed
+        pending = []
         with self.timed("comm_s"):
             for (op, dtype, leader), idx in groups.items():
                 parts = [asks[i][0].reshape(-1) for i in idx]  # type: ignore[index]
                 flat = torch.cat(parts).to(self.transport.reduce_dtype(dtype))
                 n = flat.numel() * flat.element_size()
                 if op == "leader":
-                    self.transport.broadcast_(flat, leader)
+                    work = self.transport.broadcast_async_(flat, leader)
                     self.count(sent=n if rank == leader else 0, received=0 if rank == leader else n, collectives=1)
                 else:
-                    self.transport.all_reduce_(flat, op)
+                    work = self.transport.all_reduce_async_(flat, op)
                     self.count(sent=n, received=n, collectives=1)
-                off = 0
-                for i in idx:
-                    t = asks[i][0]  # type: ignore[index]
-                    agreed[i] = flat[off : off + t.numel()].to(dtype).reshape(t.shape)
-                    off += t.numel()
-        return agreed
+                pending.append((dtype, idx, work))
+
+        def collect() -> list[torch.Tensor | None]:
+            agreed: list[torch.Tensor | None] = [None] * len(asks)
+            with self.timed("comm_s"):
+                for dtype, idx, work in pending:
+                    flat = work.wait()
+                    off = 0
+                    for i in idx:
+                        t = asks[i][0]  # type: ignore[index]
+                        agreed[i] = flat[off : off + t.numel()].to(dtype).reshape(t.shape)
+                        off += t.numel()
+            return agreed
+
+        return collect, [w for _, _, w in pending]
 
 
 class _AllReduceWork(BucketWork):
@@ -398,11 +446,14 @@ class _TwoPhaseWork(BucketWork):
     def __init__(self, mode, bucket, bounds, payloads, work, want_local):
         self.mode, self.bucket, self.bounds, self.payloads = mode, bucket, bounds, payloads
         self.work, self.want_local = work, want_local
+        self.gather: Work | None = None  # phase 2, once launched
 
     def _launched(self) -> list[Work]:
-        return [self.work]
+        return [self.work] + ([self.gather] if self.gather is not None else [])
 
-    def finish(self, out=None) -> Result:
+    def advance(self) -> None:
+        if self.gather is not None:
+            return
         m, b = self.mode, self.bucket
         P, rank = m.transport.world_size, m.transport.rank
         off, n = self.bounds[rank]
@@ -443,10 +494,18 @@ class _TwoPhaseWork(BucketWork):
                     f"two_phase (rank {r}'s own error names the cause); rank {rank} stops too"
                 )
         counts = [row[0] for row in rows]
+        self.buf = buf  # kept alive while the gather may read it (MPI reads in the background)
         with m.timed("comm_s"):
-            gathered = [p.cpu() for p in m.transport.all_gather_v(m.to_wire(buf), counts)]
+            self.gather = m.transport.all_gather_v_async(m.to_wire(buf), counts)
         m.count(sent=counts[rank], received=sum(counts) - counts[rank],
                 overhead=m.gather_padding(counts), collectives=1)
+
+    def finish(self, out=None) -> Result:
+        self.advance()
+        m, b = self.mode, self.bucket
+        assert self.gather is not None
+        with m.timed("comm_s"):
+            gathered = [p.cpu() for p in self.gather.wait()]
         with m.timed("decode_s"):
             server = m.server(f"{b.key}/server")
             chunks = [
@@ -454,8 +513,14 @@ class _TwoPhaseWork(BucketWork):
                 if ln else torch.empty(0, dtype=b.dtype)
                 for r, (_, ln) in enumerate(self.bounds)
             ]
-            flat = torch.cat(chunks).to(b.device)
-            means = [flat[e.offset : e.offset + e.numel].reshape(e.shape).clone() for e in b.entries]
+            target = out[0] if out is not None and len(b.entries) == 1 else None
+            if target is not None and target.device == chunks[0].device:
+                means = [torch.cat(chunks, out=target.view(-1)).view(target.shape)]  # straight into place
+            elif len(b.entries) == 1:
+                means = [torch.cat(chunks).to(b.device).reshape(b.entries[0].shape)]  # a new tensor: no clone
+            else:
+                flat = torch.cat(chunks).to(b.device)
+                means = [flat[e.offset : e.offset + e.numel].reshape(e.shape).clone() for e in b.entries]
             mine = None
             if self.want_local:
                 own = torch.cat([
