@@ -344,9 +344,10 @@ def _worker_pieces(rank: int, P: int) -> None:
         for fresh in (False, True):
             buf = {n: t.clone() for n, t in mine.items()}
             dst = {n: torch.full_like(t, 7.0) for n, t in mine.items()} if fresh else buf
-            res = ex.all_reduce_many(buf, out=dst)
+            res, loc = ex.all_reduce_many(buf, out=dst, return_local=True)
             for n in SHAPES:
                 assert res[n] is dst[n] and torch.equal(dst[n], exact[n]), (mode, fresh, n)
+                assert torch.equal(loc[n], mine[n]), (mode, fresh, n)  # not the mean written over it
         # pieces are in flight until wait(): the whole name and its pieces' names are busy
         h = ex.all_reduce_many_async({"big": mine["big"]})
         with pytest.raises(ValueError, match="in flight"):

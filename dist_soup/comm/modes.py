@@ -26,6 +26,16 @@ A mode's ``start`` encodes and launches the bucket's collectives and returns a
 :class:`BucketWork`; its ``finish`` waits, decodes and returns ``(means, locals)``, where
 ``locals`` (when asked for) are this rank's own decoded contributions: what the other ranks
 decode from it. Decoding a payload another rank sent never touches a stream's state.
+
+Pipelining over the buckets of one call (the exchange drives it; every rank issues the same
+collectives in the same order): ``prepare`` launches what needs only the inputs (allreduce: the
+shared-scale agreement) for bucket j+1 before bucket j's payload goes out, so that small
+collective does not queue behind the payload on the wire; ``start``/``launch`` returns with
+the payload collective in flight, so bucket j+1 is encoded while bucket j travels;
+``advance`` launches a later round (two_phase: phase 2) of bucket j+1 before bucket j is
+decoded; ``allgather`` decodes this rank's own payload from its local bytes before waiting.
+``finish(out)`` may form a mean directly in memory the caller supplies (the exchange's
+``out=``, or the slice of a tensor cut into pieces), saving the copy.
 """
 from __future__ import annotations
 
@@ -513,14 +523,7 @@ class _TwoPhaseWork(BucketWork):
                 if ln else torch.empty(0, dtype=b.dtype)
                 for r, (_, ln) in enumerate(self.bounds)
             ]
-            target = out[0] if out is not None and len(b.entries) == 1 else None
-            if target is not None and target.device == chunks[0].device:
-                means = [torch.cat(chunks, out=target.view(-1)).view(target.shape)]  # straight into place
-            elif len(b.entries) == 1:
-                means = [torch.cat(chunks).to(b.device).reshape(b.entries[0].shape)]  # a new tensor: no clone
-            else:
-                flat = torch.cat(chunks).to(b.device)
-                means = [flat[e.offset : e.offset + e.numel].reshape(e.shape).clone() for e in b.entries]
+            # Locals first: a payload may be a view of the input, which ``out`` may alias.
             mine = None
             if self.want_local:
                 own = torch.cat([
@@ -529,6 +532,14 @@ class _TwoPhaseWork(BucketWork):
                     for j, p in enumerate(self.payloads)
                 ]).to(b.device)
                 mine = [own[e.offset : e.offset + e.numel].reshape(e.shape).clone() for e in b.entries]
+            target = out[0] if out is not None and len(b.entries) == 1 else None
+            if target is not None and target.device == chunks[0].device:
+                means = [torch.cat(chunks, out=target.view(-1)).view(target.shape)]  # straight into place
+            elif len(b.entries) == 1:
+                means = [torch.cat(chunks).to(b.device).reshape(b.entries[0].shape)]  # a new tensor: no clone
+            else:
+                flat = torch.cat(chunks).to(b.device)
+                means = [flat[e.offset : e.offset + e.numel].reshape(e.shape).clone() for e in b.entries]
         return means, mine
 
 
