@@ -206,7 +206,6 @@ class SoupEngine:
         # a probe only serves the selection: the rule "all" never needs one
         probed = multi and self.selection["rule"] != "all" and self.step_count % self.probe_every == 0
         solved = multi and (probed or self.step_count % self.solve_every == 0)
-        sent0, recv0, dense0 = self._bytes()
 
         # Agree on the losses (their mean drives loss-based solvers and the logs) and on
         # whether any rank saw a non-finite loss: one tiny all-reduce for both.
@@ -221,8 +220,8 @@ class SoupEngine:
 
         jbar_rows = None
         if solved:
-            rows, jbar_rows, skipped = self._solve(loss_list, mean_losses, probed, epoch, timings)
-            if skipped:
+            jbar_rows = self._solve(loss_list, mean_losses, probed, epoch, timings)
+            if jbar_rows is None:
                 return self._skip("Jacobian", mean_losses, probed, solved, t0, timings)
 
         tb = time.perf_counter()
@@ -234,7 +233,7 @@ class SoupEngine:
         tu = time.perf_counter()
         grads = {}
         reused = {}
-        selected_names = set(self.selected) if (solved and self.reuse_jacobian and jbar_rows is not None) else set()
+        selected_names = set(jbar_rows) if (jbar_rows is not None and self.reuse_jacobian) else set()
         for name, p in self.params:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             if name in selected_names:
@@ -261,7 +260,9 @@ class SoupEngine:
         return self._result(mean_losses, solved, probed, False, timings)
 
     # --- the solve: steps 2-5 --------------------------------------------------------------
-    def _solve(self, loss_list, mean_losses, probed, epoch, timings):
+    def _solve(self, loss_list, mean_losses, probed, epoch, timings) -> dict[str, torch.Tensor] | None:
+        """Steps 2-5; the mean Jacobian rows of the tensors now in S, or None when some rank's
+        rows were not finite (nothing was exchanged)."""
         tj = time.perf_counter()
         S = self.candidates if probed else [c for c, keep in zip(self.candidates, self.mask.tolist()) if keep]
         rows = jacobian(loss_list, [p for _, p in S], retain_graph=True)
@@ -276,7 +277,7 @@ class SoupEngine:
         try:
             means, locals_ = self.j_exchange.all_reduce_many(named, return_local=True)
         except NonFiniteError:  # raised on every rank alike, before any residue changed
-            return None, None, True
+            return None
         jbar = {name: torch.stack([means[f"J/{o}/{name}"] for o in self.objectives]) for name, _ in S}
         timings["jacobian_exchange_s"] = time.perf_counter() - tx
 
@@ -313,8 +314,7 @@ class SoupEngine:
             self.mask = decision[K:] > 0.5
         timings["solve_s"] = time.perf_counter() - ts
         # The rows of the tensors now in S (after a probe, S shrinks to the selection).
-        kept = {name: jbar[name] for name in self.selected if name in jbar}
-        return rows, kept, False
+        return {name: jbar[name] for name in self.selected if name in jbar}
 
     # --- helpers ---------------------------------------------------------------------------
     def _check_losses(self, losses: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
