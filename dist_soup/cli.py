@@ -64,7 +64,8 @@ def print_summary(summary: dict, run_dir: str) -> None:
     c = summary["comm"]
     ratio = f"{c['ratio']:.1f}x fewer" if c["ratio"] else "n/a"
     out.append(f"bytes sent (all ranks): {c['bytes_sent'] / 1e6:.2f} MB vs fp32 {c['dense_bytes'] / 1e6:.2f} MB ({ratio})")
-    out.append(f"steps: {summary['steps']} on {summary['world_size']} processes, {summary['steps_per_s']:.1f} steps/s, {summary['time_s']:.1f} s")
+    procs = "1 process" if summary["world_size"] == 1 else f"{summary['world_size']} processes"
+    out.append(f"steps: {summary['steps']} on {procs}, {summary['steps_per_s']:.1f} steps/s, {summary['time_s']:.1f} s")
     if summary.get("delta_m") is not None:
         out.append(f"Delta_m vs single-task baselines: {summary['delta_m']:+.1f}% (negative is better)")
     if summary.get("skipped_steps"):
