@@ -318,7 +318,8 @@ def format_table(rows: list[Row], world: int, args: argparse.Namespace, where: s
     base = next(r.ms for r in rows if r.name == "fp32 all_reduce")
     lines = [
         f"## {args.numel / 1e6:g}M float32, {world} ranks, {where} "
-        f"(median of n timed calls after {args.warmup}+ warm-up; {args.threads} thread(s)/rank)",
+        f"(median of n timed calls after {args.warmup}+ warm-up; {args.threads} thread(s)/rank"
+        f"{'; --malloc-keep' if getattr(args, 'malloc_keep', False) else ''})",
         "",
         "| method | ms/call | n | speedup vs fp32 | sent/rank MB | recv/rank MB | ratio | enc/comm/dec ms | err |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|",
@@ -382,6 +383,8 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         "--hook", "none" if args.hook is None else ",".join(args.hook),
         "--hook-chunk-mb", str(args.hook_chunk_mb), "--chunk-mb", ",".join(map(str, args.chunk_mb)),
     ]
+    if args.malloc_keep:
+        out.append("--malloc-keep")
     if args.json:
         out += ["--json", str(Path(args.json).resolve())]
     if args.verbose:
@@ -488,6 +491,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, argparse.Namespace]:
                    help="CODEC,MODE of the dist_soup DDP hook row (default qsgd4,allgather; 'none' to skip)")
     p.add_argument("--hook-chunk-mb", type=float, default=4.0,
                    help="chunk size of the dist_soup DDP hook row (0: one stream per bucket)")
+    p.add_argument("--malloc-keep", action="store_true",
+                   help="ranks keep freed memory (glibc MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set "
+                        "for the processes this run starts): no page faults from re-mapping large buffers")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--json", default=None, help="append the results to this JSON file")
     p.add_argument("--verbose", action="store_true")
@@ -530,6 +536,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> int:
     command, args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.malloc_keep:
+        # glibc reads these when a process starts: they reach the spawned ranks and the netns
+        # hosts' processes, not this one (under torchrun, set them in its environment).
+        os.environ.update(MALLOC_MMAP_THRESHOLD_=str(2**30), MALLOC_TRIM_THRESHOLD_=str(2**32))
     if command == "netns":
         return run_netns(args)
     if command == "one":
