@@ -18,8 +18,14 @@ consecutive pieces ``f"{name}#{j}"``, each a stream (with its own residue) and a
 own. Bucket j's collective is launched asynchronously before bucket j+1 is encoded, and
 ``wait()`` decodes bucket j while the later ones are still on the wire, so encoding, transfer
 and decoding overlap instead of running one after the other; ``wait()`` puts the pieces back
-together. Measured between two hosts at 1 Gbit/s (10M floats, QSGD 4-bit, allgather): 155 ms
-as one piece, 84 ms in 4 MB pieces.
+together, forming each piece's mean directly in its slice of the result where the mode can.
+``out=`` lets the caller supply that result's memory (the DDP hook passes the bucket itself):
+a fresh result of tens of megabytes costs, on every call, the page faults of memory the
+allocator maps anew (on this project's VM, about as much as decoding it; glibc's
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` keep freed memory instead).
+Measured between two hosts at 1 Gbit/s (10M floats, QSGD 4-bit, allgather, 2-core VM under
+load; ``benchmarks/collectives.py``): about 135-190 ms as one piece, 120-150 ms in 4 MB pieces,
+63 ms in 4 MB pieces when freed memory is kept (fp32 all_reduce: 336 ms).
 
 A single process (no initialised torch.distributed, or ``transport="local"``) is a group of one:
 every collective is the identity, but tensors are still encoded and decoded, so the compression
