@@ -221,6 +221,7 @@ class Exchange:
         for n, cut in cuts.items():
             flat = tensors[n].detach().reshape(-1)
             inputs.update((p, flat[off : off + k]) for p, off, k in cut)
+
         def prepare(b: Bucket) -> Prepared:
             return self._mode.prepare(
                 b, [inputs[e.name] if e.name in inputs else tensors[e.name].detach() for e in b.entries],
