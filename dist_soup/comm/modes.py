@@ -39,6 +39,8 @@ decoded; ``allgather`` decodes this rank's own payload from its local bytes befo
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -59,6 +61,16 @@ Result = tuple[list[torch.Tensor], list[torch.Tensor] | None]
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     # Averages of half-precision decodes are formed in fp32, then cast once.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _outside_level() -> int:
+    """The ``stacklevel`` that points a warning issued by the caller of this function at the
+    first frame outside ``dist_soup.comm`` (the user's call), whatever the path through it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class DecodeError(ValueError):
@@ -352,7 +364,7 @@ class AllReduce(Mode):
                     f"({self.transport!r}), as wide as the {bucket.dtype} input: no compression at all. "
                     "Use mode='allgather' or 'two_phase', or fewer levels (e.g. bits=4 for qsgd), or "
                     "wire_int16=True on NCCL (gloo cannot sum int16)",
-                    RuntimeWarning, stacklevel=6,
+                    RuntimeWarning, stacklevel=_outside_level(),
                 )
                 return
 
