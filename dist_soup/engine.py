@@ -240,8 +240,10 @@ class SoupEngine:
                 reused[name] = p
             else:
                 grads[name] = g
+        named = {f"U/{n}": g for n, g in grads.items()}
         try:
-            means = self.u_exchange.all_reduce_many({f"U/{n}": g for n, g in grads.items()}) if grads else {}
+            # the means land in the gradients themselves (out=): no result to allocate
+            self.u_exchange.all_reduce_many(named, out=named) if named else None
         except NonFiniteError:  # raised on every rank alike, before any residue changed
             return self._skip("gradient", mean_losses, probed, solved, t0, timings)
         w = self.w.to(self.device)
@@ -250,7 +252,7 @@ class SoupEngine:
                 # Jbar rows are identical on every rank: sum_k w_k Jbar_k is the mean update.
                 p.grad = torch.tensordot(w.to(jbar_rows[name].dtype), jbar_rows[name], dims=1).to(p.dtype)
             else:
-                p.grad = means[f"U/{name}"].to(p.dtype)
+                p.grad = grads[name]
         timings["update_exchange_s"] = time.perf_counter() - tu
         to = time.perf_counter()
         self.optimizer.step()
@@ -275,15 +277,18 @@ class SoupEngine:
             for k in range(K):
                 named[f"J/{self.objectives[k]}/{name}"] = r[k]
         try:
-            means, locals_ = self.j_exchange.all_reduce_many(named, return_local=True)
+            # out=named: each row's mean overwrites the row, so rows[l] becomes Jbar_l in place
+            cross = self.gram == "cross"  # only the cross estimate needs each rank's own decode
+            result = self.j_exchange.all_reduce_many(named, return_local=cross, out=named)
         except NonFiniteError:  # raised on every rank alike, before any residue changed
             return None
-        jbar = {name: torch.stack([means[f"J/{o}/{name}"] for o in self.objectives]) for name, _ in S}
+        jbar = {name: r for (name, _), r in zip(S, rows)}
         timings["jacobian_exchange_s"] = time.perf_counter() - tx
 
         tg = time.perf_counter()
         mean_g = grams.local_grams([jbar[n] for n, _ in S]).double()
-        if self.gram == "cross":
+        if cross:
+            locals_ = result[1]
             local_rows = [torch.stack([locals_[f"J/{o}/{name}"] for o in self.objectives]) for name, _ in S]
             sum_local = grams.local_grams(local_rows).double().contiguous()
             self._all_reduce(sum_local)

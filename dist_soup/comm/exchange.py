@@ -476,8 +476,14 @@ class ExchangeHandle:
             for name, t in self._tensors.items():
                 if name not in means:  # tensors with no values (or a passthrough) travel nowhere
                     if name in self._out:
-                        means[name] = self._out[name].copy_(t.detach()) if self._passthrough else self._out[name]
-                        mine[name] = t.detach().clone() if self._passthrough else means[name]
+                        dst = self._out[name]
+                        if self._passthrough:
+                            if self._return_local:  # before dst (which may be t) is written
+                                mine[name] = t.detach().clone()
+                            if dst.data_ptr() != t.data_ptr():
+                                dst.copy_(t.detach())
+                        means[name] = dst
+                        mine.setdefault(name, dst)
                     else:
                         means[name] = t.detach().clone() if self._passthrough else torch.empty_like(t)
                         mine[name] = means[name]
