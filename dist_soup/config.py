@@ -96,7 +96,7 @@ class TrainConfig:
     #: Examples per rank per step.
     batch_size: int = 32
     #: Solve the weighting every this many steps; reuse lambda in between.
-    solve_every: int = 20
+    solve_every: int = 25
     gram: Literal["auto", "cross", "plain"] = "auto"
     #: What to do with a non-finite loss or gradient: skip the step (counted) or raise.
     nonfinite: Literal["skip", "raise"] = "skip"

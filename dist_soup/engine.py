@@ -121,7 +121,7 @@ class SoupEngine:
         gram: str = "auto",
         selection: Mapping | None = None,
         probe_every: int = 100,
-        solve_every: int = 20,
+        solve_every: int = 25,
         jacobian_compressor: str = "qsgd",
         jacobian_options: Mapping | None = None,
         update_compressor: str = "qsgd",
@@ -233,7 +233,9 @@ class SoupEngine:
         tu = time.perf_counter()
         grads = {}
         reused = {}
-        selected_names = set(jbar_rows) if (jbar_rows is not None and self.reuse_jacobian) else set()
+        # With one rank the backward's gradient is already the exact mean: nothing to reuse.
+        reuse = jbar_rows is not None and self.reuse_jacobian and self.world_size > 1
+        selected_names = set(jbar_rows) if reuse else set()
         for name, p in self.params:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             if name in selected_names:
