@@ -2,46 +2,25 @@
 
 Each test function spawns one group and runs several checks in it (spawning costs seconds on
 this 2-core machine). Workers assert themselves; a failing assertion on any rank fails the test
-through ``mp.spawn``. The gloo timeout is short so a hang would surface as an error, not a stall.
+through ``tests.dist_utils.run_ranks``. The gloo timeout is short so a hang would surface as an error, not a stall.
 """
 from __future__ import annotations
 
-import datetime
 import io
 import os
-import socket
 import time
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dist_soup.comm import DecodeError, Exchange, TorchTransport
 from dist_soup.compress import build
 
+from .dist_utils import run_ranks as spawn
+
 MODES = ("allgather", "allreduce", "two_phase")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, world_size: int, *args) -> None:
-    mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
 
 
 def rank_tensors(rank: int, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
