@@ -285,6 +285,17 @@ def _bench_dist_soup(rank, args, torch, exact, work, shape, timed) -> list[Row]:
                 name = f"bench.{short}"
                 label = f"dist_soup {mode} {short}" + (f" ({chunk_mb:g} MB pieces)" if chunk_mb else " (one piece)")
                 rows.append(measure(label, ex, lambda: ex.all_reduce(name, work)))
+                if chunk_mb:
+                    # The same exchange writing the mean into the caller's buffer (out=, as the
+                    # engine and the DDP hook do); refilling the buffer each call is timed too.
+                    ex = Exchange(codec, mode, bucket_mb=args.bucket_mb, chunk_mb=chunk_mb, **options)
+                    buf = work.clone()
+
+                    def in_place(ex=ex, buf=buf, name=name):
+                        buf.copy_(work)
+                        return ex.all_reduce_many({name: buf}, out={name: buf})[name]
+
+                    rows.append(measure(label + " in place", ex, in_place))
     if args.hook is not None:
         from dist_soup.integrations import ddp as ddp_hooks
 
