@@ -88,6 +88,10 @@ class OptimizerConfig:
     lr: float = 1e-3
     momentum: float = 0.0
     weight_decay: float = 0.0
+    #: Learning-rate schedule over train.steps: constant, cosine or linear decay to 0.
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    #: Linear warm-up from 0 over this many steps, before the schedule.
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -138,7 +142,8 @@ _POSITIVE = {
     "train.steps", "train.batch_size", "train.solve_every", "selection.probe_every",
     "logging.every", "checkpoint.keep", "optimizer.lr", "compression.bucket_mb",
 }
-_NON_NEGATIVE = {"checkpoint.every", "logging.eval_every", "optimizer.momentum", "optimizer.weight_decay"}
+_NON_NEGATIVE = {"checkpoint.every", "logging.eval_every", "optimizer.momentum", "optimizer.weight_decay",
+                 "optimizer.warmup_steps"}
 
 
 def _describe(tp: Any) -> str:

@@ -131,6 +131,24 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
+def lr_factor(cfg: Config, step: int) -> float:
+    """The learning rate of ``step`` over ``optimizer.lr``: warm-up, then the schedule.
+
+    A pure function of the step, so a resumed run needs no scheduler state.
+    """
+    import math
+
+    o, total = cfg.optimizer, cfg.train.steps
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    if o.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
 def build_recipe(cfg: Config, objectives: tuple[str, ...], groups: dict) -> Recipe | str:
     r = cfg.recipe
     eta = Schedule(start=r.eta.start, step=r.eta.step, cap=r.eta.cap)
@@ -297,6 +315,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
                 batch = batch.to(device)
             losses = task.losses(model, batch)
             losses = {k: losses[k] for k in objectives}
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.optimizer.lr * lr_factor(cfg, step)
             res = engine.step(losses, epoch=step / sampler.steps_per_epoch)
             last_res = res
             if not first_losses:

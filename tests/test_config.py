@@ -68,3 +68,20 @@ def test_fingerprint_changes_with_any_value():
     a = C.from_dict({})
     b = C.from_dict({"compression": {"update": {"name": "qsgd", "options": {"bits": 8}}}})
     assert C.fingerprint(a) != C.fingerprint(b)
+
+
+def test_learning_rate_schedules():
+    from dist_soup.train import lr_factor
+
+    cfg = C.from_dict({"train": {"steps": 100}, "optimizer": {"schedule": "cosine", "warmup_steps": 10}})
+    f = [lr_factor(cfg, s) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.5) and f[99] < 0.01
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    lin = C.from_dict({"train": {"steps": 10}, "optimizer": {"schedule": "linear"}})
+    assert [lin_f for lin_f in (lr_factor(lin, s) for s in (0, 5, 9))] == pytest.approx([1.0, 0.5, 0.1])
+    assert lr_factor(C.from_dict({}), 123) == 1.0
+    with pytest.raises(C.ConfigError, match="optimizer.schedule"):
+        C.from_dict({"optimizer": {"schedule": "step"}})
+    with pytest.raises(C.ConfigError, match="optimizer.warmup_steps"):
+        C.from_dict({"optimizer": {"warmup_steps": -1}})
