@@ -36,12 +36,12 @@ class Compressor(ABC):
     """One compressor stream. Subclasses set ``name`` and implement ``compress``/``decompress``.
 
     ``seed``, ``rank`` and ``stream`` only matter to codecs that draw random numbers; every
-    stream accepts them so callers can build any codec the same way.
+    stream accepts them so callers can build any codec the same way. ``compress`` may update
+    the stream's memory (residue, step); ``decompress`` never changes state, so a receiver can
+    decode any number of payloads with one stream.
     """
 
     name: ClassVar[str] = ""
-    #: True when the codec also implements :class:`LinearCodec` (usable with ``mode="allreduce"``).
-    summable: ClassVar[bool] = False
 
     def __init__(self, *, seed: int = 0, rank: int = 0, stream: int = 0) -> None:
         self.seed = int(seed)
@@ -71,11 +71,6 @@ class Compressor(ABC):
         self.step += 1
         return key
 
-    def generator(self, key: int, device: torch.device | str = "cpu") -> torch.Generator:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(key)
-        return gen
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seed={self.seed}, rank={self.rank}, stream={self.stream})"
 
@@ -93,10 +88,9 @@ class LinearCodec(Compressor):
 
     ``decode_local(wire, agreed, world_size)`` decodes this rank's own ``wire`` as if it were
     alone, which is what error feedback subtracts. ``leader`` is the rank whose ``agreement``
-    tensor is broadcast when ``op == "leader"``.
+    tensor is broadcast when ``op == "leader"``; with that op every rank (leader or not) returns
+    a tensor of the same shape and dtype, the receive buffer of the broadcast.
     """
-
-    summable: ClassVar[bool] = True
 
     def agreement(self, g: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, str] | None:
         return None
