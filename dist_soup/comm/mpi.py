@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .transport import Transport, Work, _check_op, split_counts
+from .transport import Transport, Work, _check_op, copy_back, split_counts
 
 _HALF = (torch.float16, torch.bfloat16)
 _half_ops: dict[tuple[torch.dtype, str], Any] = {}
@@ -98,12 +98,7 @@ class MPITransport(Transport):
         mpi_op = _half_op(self._MPI, t.dtype, op) if t.dtype in _HALF else self._ops[op]
         req = self.comm.Iallreduce(self._MPI.IN_PLACE, self._spec(buf), op=mpi_op)
 
-        def finish():
-            if buf is not t:
-                t.copy_(buf)
-            return t
-
-        return Work([req.Wait], finish)
+        return Work([req.Wait], copy_back(buf, t))
 
     def broadcast_async_(self, t, src):
         if not 0 <= src < self.world_size:
@@ -111,12 +106,7 @@ class MPITransport(Transport):
         buf = self._staged(t.detach())
         req = self.comm.Ibcast(self._spec(buf), root=src)
 
-        def finish():
-            if buf is not t:
-                t.copy_(buf)
-            return t
-
-        return Work([req.Wait], finish)
+        return Work([req.Wait], copy_back(buf, t))
 
     @staticmethod
     def _displs(counts: Sequence[int]) -> list[int]:

@@ -35,6 +35,18 @@ import torch
 OPS = ("sum", "max", "min")
 
 
+
+def copy_back(buf: torch.Tensor, t: torch.Tensor):
+    """The finishing step of an in-place collective run on ``buf``, a staged copy of ``t`` (or
+    ``t`` itself): put the result back into ``t`` and return it."""
+
+    def finish() -> torch.Tensor:
+        if buf is not t:
+            t.copy_(buf)
+        return t
+
+    return finish
+
 class Work:
     """Handle of an operation in flight; ``wait()`` blocks and returns its result (once computed,
     the result is cached, so ``wait()`` may be called again)."""
@@ -234,12 +246,7 @@ class TorchTransport(Transport):
         buf = self._staged(t, self.reduce_dtype(t.dtype))
         work = self._dist.all_reduce(buf, op=self._ops[op], group=self.group, async_op=True)
 
-        def finish():
-            if buf is not t:
-                t.copy_(buf)
-            return t
-
-        return Work([work.wait], finish)
+        return Work([work.wait], copy_back(buf, t))
 
     def broadcast_async_(self, t, src):
         if not 0 <= src < self.world_size:
@@ -247,12 +254,7 @@ class TorchTransport(Transport):
         buf = self._staged(t)
         work = self._dist.broadcast(buf, src=self._global(src), group=self.group, async_op=True)
 
-        def finish():
-            if buf is not t:
-                t.copy_(buf)
-            return t
-
-        return Work([work.wait], finish)
+        return Work([work.wait], copy_back(buf, t))
 
     def all_gather_v_async(self, t, counts):
         self._check_counts(t, counts, "all_gather_v")
