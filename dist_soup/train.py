@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import checkpoint, config as config_mod, tasks
 from .config import Config, ConfigError
@@ -210,7 +211,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, rank: int) -> Pat
     last = checkpoint.latest(run_dir) if (run_dir / checkpoint.SUBDIR).exists() else None
     if cfg_file.exists():
         try:
-            old = config_mod.from_dict(__import__("yaml").safe_load(cfg_file.read_text()))
+            old = config_mod.from_dict(yaml.safe_load(cfg_file.read_text()))
         except Exception as exc:
             raise ConfigError(f"run dir {str(run_dir)!r} holds an unreadable config.yaml ({exc}); use another --run-dir") from None
         same = config_mod.fingerprint(_without_steps(old)) == config_mod.fingerprint(_without_steps(cfg))
@@ -260,7 +261,6 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     agree_on_config(transport, cfg)
 
     start = 0
-    restore = None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     transport.barrier()
@@ -276,7 +276,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
         torch.set_rng_state(mine["rng"])
         start = int(shared["step"])
         first_losses = dict(shared.get("first_losses", {}))
-        log(f"[dist_soup] resumed from {restore} at step {start}") if rank == 0 else None
+        if rank == 0:
+            log(f"[dist_soup] resumed from {restore} at step {start}")
     if rank == 0:
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
     metrics_path = run_dir / "metrics.jsonl"
