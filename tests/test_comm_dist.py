@@ -69,7 +69,7 @@ def _worker_modes(rank: int, P: int) -> None:
         if mode == "allgather":
             own = sum(identity_nbytes(s) for s in SHAPES.values())
             assert (st.bytes_sent, st.bytes_received) == (own, (P - 1) * own), st
-            assert st.collectives == 3  # control, sizes, payloads: one bucket
+            assert st.collectives == 2  # control, payloads: one bucket (fixed-size: no size exchange)
         elif mode == "allreduce":
             assert (st.bytes_sent, st.bytes_received) == (4 * total, 4 * total), st
             assert st.collectives == 2  # control, one fused SUM
@@ -167,7 +167,7 @@ def _worker_bucketing_state(rank: int, P: int) -> None:
         ex = Exchange("identity", mode)  # default 25 MB: the whole model is one bucket
         means = ex.all_reduce_many(grads)
         assert all(torch.equal(means[n], exact[n]) for n in grads), mode
-        per_bucket = {"allgather": 2, "allreduce": 1, "two_phase": 4}[mode]
+        per_bucket = {"allgather": 1, "allreduce": 1, "two_phase": 4}[mode]  # identity: fixed size
         assert ex.stats.collectives == 1 + per_bucket, (mode, ex.stats)
         # small buckets: more collectives, same result
         ex = Exchange("identity", mode, bucket_mb=0.01)
@@ -307,7 +307,7 @@ def _worker_pieces(rank: int, P: int) -> None:
         if mode == "allgather":
             own = sum(identity_nbytes(e.shape) for b in buckets for e in b.entries)  # a payload per piece
             assert (st.bytes_sent, st.bytes_received) == (own, (P - 1) * own), st
-            assert st.collectives == 1 + 2 * nb
+            assert st.collectives == 1 + nb  # identity is fixed-size: no size exchange
         elif mode == "allreduce":
             assert (st.bytes_sent, st.bytes_received) == (4 * total, 4 * total), st
             assert st.collectives == 1 + nb

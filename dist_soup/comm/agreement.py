@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -109,6 +109,16 @@ def agree(transport: Transport, settings: Sequence[Setting] | None, specs: Seque
     in ``specs`` of the first tensor holding inf or NaN on this rank. Returns (bytes handed to
     collectives, number of collectives).
     """
+    return agree_async(transport, settings, specs, n_settings=n_settings, local_error=local_error,
+                       nonfinite=nonfinite)()
+
+
+def agree_async(transport: Transport, settings: Sequence[Setting] | None, specs: Sequence[TensorSpec], *,
+                n_settings: int, local_error: Exception | None = None,
+                nonfinite: int | None = None) -> Callable[[], tuple[int, int]]:
+    """:func:`agree` in two halves: launch the control collective now; the returned function
+    waits for it and raises or returns like :func:`agree`. Work that needs no collective (the
+    encoding of a first bucket) can run in between, hiding the control round trip."""
     rank = transport.rank
     words = [s.word for s in settings] if settings is not None else [0] * n_settings
     if len(words) != n_settings:
@@ -119,7 +129,14 @@ def agree(transport: Transport, settings: Sequence[Setting] | None, specs: Seque
         nonfinite + 1 if nonfinite is not None else 0,
     ]
     ctl = torch.tensor(status + words + [-w for w in words], dtype=torch.int64, device=transport.device)
-    transport.all_reduce_(ctl, "max")
+    work = transport.all_reduce_async_(ctl, "max")
+    return lambda: _check(transport, work.wait(), settings, specs, n_settings, local_error, nonfinite)
+
+
+def _check(transport: Transport, ctl: torch.Tensor, settings: Sequence[Setting] | None,
+           specs: Sequence[TensorSpec], n_settings: int, local_error: Exception | None,
+           nonfinite: int | None) -> tuple[int, int]:
+    rank = transport.rank
     nbytes, ncoll = ctl.numel() * 8, 1
     got = ctl.cpu().tolist()
     st, hi, lo = got[:N_STATUS], got[N_STATUS : N_STATUS + n_settings], [-x for x in got[N_STATUS + n_settings :]]

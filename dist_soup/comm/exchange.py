@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from ..compress.base import Compressor, LinearCodec
 from ..compress.registry import build
-from .agreement import NonFiniteError, Setting, TensorSpec, agree, exchange_settings, stream_id, tensor_settings
+from .agreement import NonFiniteError, Setting, TensorSpec, agree_async, exchange_settings, stream_id, tensor_settings
 from .buckets import Bucket, pieces, plan
 from .modes import MODES, BucketWork, Prepared
 from .stats import ExchangeStats
@@ -136,6 +137,7 @@ class Exchange:
         # Names of an asynchronous call not yet waited for: a stream runs one call at a time
         # (linear codecs keep what decode_sum needs between encode_sum and decode_sum).
         self._inflight: set[str] = set()
+        self._journal: dict | None = None  # see _journaling
         self._settings = exchange_settings(compressor, self.options, seed, mode,
                                            self.transport.world_size, self.bucket_mb, self.chunk_mb)
         self._n_settings = len(self._settings) + len(tensor_settings([]))
@@ -149,13 +151,32 @@ class Exchange:
         s = self._streams.get(key)
         if s is None:
             s = self._streams[key] = self._build(stream_id(key))
+        if self._journal is not None:
+            self._journal.setdefault(("stream", key), s.state_dict())
         return s
 
     def _server(self, key: str) -> Compressor:
         s = self._servers.get(key)
         if s is None:
             s = self._servers[key] = self._build(stream_id("server:" + key))
+        if self._journal is not None:
+            self._journal.setdefault(("server", key), s.state_dict())
         return s
+
+    @contextmanager
+    def _journaling(self, journal: dict | None) -> Iterator[None]:
+        """Record into ``journal`` the state of every stream fetched inside the block."""
+        outer, self._journal = self._journal, journal
+        try:
+            yield
+        finally:
+            self._journal = outer
+
+    def restore(self, journal: Mapping) -> None:
+        """Put every stream that ``journal`` (see :meth:`all_reduce_many_async`) recorded back to
+        the state it had before the calls that recorded it. Call it once those calls are waited for."""
+        for (kind, key), state in journal.items():
+            (self._streams if kind == "stream" else self._servers)[key].load_state_dict(state)
 
     # --- the calls ------------------------------------------------------------------------------
     def all_reduce(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -176,9 +197,15 @@ class Exchange:
         return self.all_reduce_many_async(tensors, return_local=return_local, out=out).wait()
 
     def all_reduce_many_async(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False,
-                              out: Mapping[str, torch.Tensor] | None = None) -> "ExchangeHandle":
+                              out: Mapping[str, torch.Tensor] | None = None,
+                              journal: dict | None = None) -> "ExchangeHandle":
         """Like :meth:`all_reduce_many`, returning once the collectives are launched;
-        ``handle.wait()`` returns the same result (``out`` is written during ``wait()``)."""
+        ``handle.wait()`` returns the same result (``out`` is written during ``wait()``).
+
+        ``journal`` (a dict the caller keeps over several calls) records the state every stream
+        had before the first of those calls touched it, so that :meth:`restore` can undo them
+        all: a caller that exchanges a step's gradients in several calls and learns in a later
+        call that some rank's gradient was not finite puts every residue back (the engine does)."""
         specs: list[TensorSpec] = []
         settings: list[Setting] | None = None
         error: Exception | None = None
@@ -193,24 +220,43 @@ class Exchange:
             error = exc
         ctl0 = time.perf_counter()
         if self.transport.world_size > 1:
-            nbytes, ncoll = agree(self.transport, settings, specs, n_settings=self._n_settings,
-                                  local_error=error, nonfinite=nonfinite)
-            self.stats.overhead_bytes += nbytes
-            self.stats.collectives += ncoll
+            # The control collective travels while this rank encodes its first bucket.
+            check = agree_async(self.transport, settings, specs, n_settings=self._n_settings,
+                                local_error=error, nonfinite=nonfinite)
         else:
             agree_locally(error, nonfinite, specs)
+            check = lambda: (0, 0)  # noqa: E731
         self.stats.comm_s += time.perf_counter() - ctl0
         self.stats.calls += 1
 
-        for name, shape, dtype in specs:
-            self._known.setdefault(name, (shape, dtype))
-            self.stats.dense_bytes += 4 * math.prod(shape)
+        pending = [True]
+
+        def checked() -> None:
+            """Wait for the control collective (once); raises on every rank alike."""
+            if not pending:
+                return
+            pending.clear()
+            t0 = time.perf_counter()
+            try:
+                nbytes, ncoll = check()
+            finally:
+                self.stats.comm_s += time.perf_counter() - t0
+            self.stats.overhead_bytes += nbytes
+            self.stats.collectives += ncoll
+            for name, shape, dtype in specs:
+                self._known.setdefault(name, (shape, dtype))
+                self.stats.dense_bytes += 4 * math.prod(shape)
+
+        if error is not None or nonfinite is not None:
+            checked()  # raises on this rank (and, through the control collective, on every rank)
+
         # A group of one with the lossless codec: the mean (and the local decode) is the input,
         # so the handle's copy replaces the encode/pack/decode copies.
         passthrough = self.transport.world_size == 1 and self.compressor == "identity"
         layout = tuple((n, s, d, tensors[n].device) for n, s, d in specs if math.prod(s) > 0 and not passthrough)
         cached = self._plans.get(layout)
         if cached is None:
+            checked()  # a new layout: planning (which names streams) waits for the agreement
             if len(self._plans) >= 256:  # callers with ever-new layouts: keep the cache bounded
                 self._plans.clear()
             cached = self._plans[layout] = self._plan(layout)
@@ -229,16 +275,26 @@ class Exchange:
 
         works: list[BucketWork] = []
         ready: list[Prepared] = []
+        first = {} if journal is None else journal  # what the first bucket's encode touches
         try:
-            # Bucket j+1 is prepared (its input-only control collectives launched) before bucket
-            # j's payload goes out, and each launch returns with its collective in flight, so
-            # bucket j is on the wire while bucket j+1 is being encoded.
-            if buckets:
-                ready.append(prepare(buckets[0]))
-            for j in range(len(buckets)):
-                if j + 1 < len(buckets):
-                    ready.append(prepare(buckets[j + 1]))
-                works.append(ready.pop(0).launch())
+            with self._journaling(first):
+                if buckets and self._mode.encodes_locally:
+                    ready.append(prepare(buckets[0]))  # encoding only: no collective yet
+            try:
+                checked()
+            except ValueError:  # another rank's input was rejected: undo this rank's encode
+                self.restore(first)
+                raise
+            with self._journaling(journal):
+                # Bucket j+1 is prepared (its input-only control collectives launched) before
+                # bucket j's payload goes out, and each launch returns with its collective in
+                # flight, so bucket j is on the wire while bucket j+1 is being encoded.
+                if buckets and not ready:
+                    ready.append(prepare(buckets[0]))
+                for j in range(len(buckets)):
+                    if j + 1 < len(buckets):
+                        ready.append(prepare(buckets[j + 1]))
+                    works.append(ready.pop(0).launch())
         except BaseException:
             for work in works:
                 work.abandon()
@@ -246,7 +302,8 @@ class Exchange:
                 p.abandon()
             self._inflight -= names
             raise
-        return ExchangeHandle(self, tensors, specs, buckets, works, return_local, passthrough, cuts, names, outs)
+        return ExchangeHandle(self, tensors, specs, buckets, works, return_local, passthrough, cuts, names, outs,
+                              journal)
 
     def _plan(self, layout: tuple) -> tuple[list[Bucket], dict[str, list[tuple[str, int, int]]]]:
         """Buckets of a call's layout, and the pieces of every tensor cut into pieces."""
@@ -404,8 +461,10 @@ class ExchangeHandle:
     def __init__(self, exchange: Exchange, tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec],
                  buckets: list[Bucket], works: list[BucketWork], return_local: bool,
                  passthrough: bool = False, cuts: Mapping[str, list[tuple[str, int, int]]] | None = None,
-                 streams: set[str] | None = None, out: Mapping[str, torch.Tensor] | None = None) -> None:
+                 streams: set[str] | None = None, out: Mapping[str, torch.Tensor] | None = None,
+                 journal: dict | None = None) -> None:
         self._exchange = exchange
+        self._journal = journal
         self._out = dict(out or {})
         # piece name -> (tensor name, offset, numel), for putting the pieces back together
         self._piece_of = {p: (n, off, k) for n, cut in (cuts or {}).items() for p, off, k in cut}
@@ -432,64 +491,69 @@ class ExchangeHandle:
         if self._error is not None:
             raise self._error
         if not self._done:
-            means: dict[str, torch.Tensor] = {}
-            mine: dict[str, torch.Tensor] = {}
-            # Tensors cut into pieces are assembled in place as their pieces arrive (while the
-            # later pieces are still in flight), not concatenated at the end.
-            whole = {n for n, _, _ in self._piece_of.values()}
-            for n in whole:
-                t = self._tensors[n]
-                means[n] = self._out[n] if n in self._out else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-                if self._return_local:
-                    mine[n] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-            done = 0
-            try:
-                works = self._works
-                if works:
-                    works[0].advance()
-                for j, (bucket, work) in enumerate(zip(self._buckets, works)):
-                    done = j
-                    if j + 1 < len(works):
-                        works[j + 1].advance()  # its next round goes out before bucket j is decoded
-                    targets = [self._target(name, means) for name in bucket.names]
-                    m, l = work.finish(targets if any(t is not None for t in targets) else None)
-                    for i, name in enumerate(bucket.names):
-                        piece = self._piece_of.get(name)
-                        if piece is None:
-                            means[name] = _into(self._out[name], m[i]) if name in self._out else m[i]
-                            if l is not None:
-                                mine[name] = l[i]
-                            continue
-                        n, off, k = piece
-                        _into(means[n].view(-1)[off : off + k], m[i].reshape(-1))
-                        if l is not None:
-                            mine[n].view(-1)[off : off + k].copy_(l[i].reshape(-1))
-                    done = j + 1
-            except BaseException as exc:
-                for work in self._works[done:]:
-                    work.abandon()
-                self._error = exc
-                self._works = []
-                self._exchange._inflight -= self._streams
-                raise
-            self._exchange._inflight -= self._streams
-            for name, t in self._tensors.items():
-                if name not in means:  # tensors with no values (or a passthrough) travel nowhere
-                    if name in self._out:
-                        dst = self._out[name]
-                        if self._passthrough:
-                            if self._return_local:  # before dst (which may be t) is written
-                                mine[name] = t.detach().clone()
-                            if dst.data_ptr() != t.data_ptr():
-                                dst.copy_(t.detach())
-                        means[name] = dst
-                        mine.setdefault(name, dst)
-                    else:
-                        means[name] = t.detach().clone() if self._passthrough else torch.empty_like(t)
-                        mine[name] = means[name]
-            means = {n: means[n] for n in self._names}
-            self._result = (means, {n: mine[n] for n in self._names}) if self._return_local else means
-            self._done = True
-            self._tensors = {}
-            self._works = []
+            # two_phase compresses again (server streams) while it finishes
+            with self._exchange._journaling(self._journal):
+                self._finish()
         return self._result
+
+    def _finish(self) -> None:
+        means: dict[str, torch.Tensor] = {}
+        mine: dict[str, torch.Tensor] = {}
+        # Tensors cut into pieces are assembled in place as their pieces arrive (while the
+        # later pieces are still in flight), not concatenated at the end.
+        whole = {n for n, _, _ in self._piece_of.values()}
+        for n in whole:
+            t = self._tensors[n]
+            means[n] = self._out[n] if n in self._out else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+            if self._return_local:
+                mine[n] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        done = 0
+        try:
+            works = self._works
+            if works:
+                works[0].advance()
+            for j, (bucket, work) in enumerate(zip(self._buckets, works)):
+                done = j
+                if j + 1 < len(works):
+                    works[j + 1].advance()  # its next round goes out before bucket j is decoded
+                targets = [self._target(name, means) for name in bucket.names]
+                m, l = work.finish(targets if any(t is not None for t in targets) else None)
+                for i, name in enumerate(bucket.names):
+                    piece = self._piece_of.get(name)
+                    if piece is None:
+                        means[name] = _into(self._out[name], m[i]) if name in self._out else m[i]
+                        if l is not None:
+                            mine[name] = l[i]
+                        continue
+                    n, off, k = piece
+                    _into(means[n].view(-1)[off : off + k], m[i].reshape(-1))
+                    if l is not None:
+                        mine[n].view(-1)[off : off + k].copy_(l[i].reshape(-1))
+                done = j + 1
+        except BaseException as exc:
+            for work in self._works[done:]:
+                work.abandon()
+            self._error = exc
+            self._works = []
+            self._exchange._inflight -= self._streams
+            raise
+        self._exchange._inflight -= self._streams
+        for name, t in self._tensors.items():
+            if name not in means:  # tensors with no values (or a passthrough) travel nowhere
+                if name in self._out:
+                    dst = self._out[name]
+                    if self._passthrough:
+                        if self._return_local:  # before dst (which may be t) is written
+                            mine[name] = t.detach().clone()
+                        if dst.data_ptr() != t.data_ptr():
+                            dst.copy_(t.detach())
+                    means[name] = dst
+                    mine.setdefault(name, dst)
+                else:
+                    means[name] = t.detach().clone() if self._passthrough else torch.empty_like(t)
+                    mine[name] = means[name]
+        means = {n: means[n] for n in self._names}
+        self._result = (means, {n: mine[n] for n in self._names}) if self._return_local else means
+        self._done = True
+        self._tensors = {}
+        self._works = []

@@ -158,6 +158,9 @@ class Mode(ABC):
     """One way of running a compressed all-reduce over a bucket."""
 
     name: ClassVar[str]
+    #: ``prepare`` only encodes (no collective), so the exchange may run it while its control
+    #: collective is in flight (and roll the streams back if the control step fails).
+    encodes_locally: ClassVar[bool] = False
 
     def __init__(self, transport: Transport, stats: ExchangeStats,
                  stream: Callable[[str], Compressor], server: Callable[[str], Compressor]) -> None:
@@ -231,13 +234,25 @@ def _cut(buf: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------------
 class AllGather(Mode):
     name = "allgather"
+    encodes_locally = True
 
     def start(self, bucket, tensors, want_local):
+        return self.prepare(bucket, tensors, want_local).launch()
+
+    def prepare(self, bucket, tensors, want_local):
+        # Encoding needs no collective: it happens here, before the exchange's control check.
         with self.timed("encode_s"):
-            payloads = [self.stream(e.name).compress(t) for e, t in zip(bucket.entries, tensors)]
+            streams = [self.stream(e.name) for e in bucket.entries]
+            payloads = [s.compress(t) for s, t in zip(streams, tensors)]
             buf, sizes = _pack(payloads)
+        fixed = all(s.fixed_size for s in streams)
+        return Prepared(lambda: self._launch(bucket, buf, sizes, fixed, want_local))
+
+    def _launch(self, bucket, buf, sizes, fixed, want_local):
         with self.timed("comm_s"):
-            rows = self.gather_sizes(sizes)
+            # Fixed-size payloads: every rank's sizes are this rank's (same codec, options and
+            # tensors on every rank, which the exchange's control step checks), so no size exchange.
+            rows = [list(sizes)] * self.transport.world_size if fixed else self.gather_sizes(sizes)
             counts = [sum(r) for r in rows]
             work = self.transport.all_gather_v_async(self.to_wire(buf), counts)
         rank = self.transport.rank

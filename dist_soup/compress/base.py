@@ -42,6 +42,10 @@ class Compressor(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: The payload's size depends only on the input's shape and dtype (and the options), so every
+    #: rank of a collective knows every other rank's size without asking (``allgather`` then
+    #: skips its size exchange).
+    fixed_size: bool = False
 
     def __init__(self, *, seed: int = 0, rank: int = 0, stream: int = 0) -> None:
         self.seed = int(seed)

@@ -17,6 +17,7 @@ from .registry import CODEC_IDS, register
 
 class _Cast(LinearCodec):
     wire_dtype: ClassVar[torch.dtype]
+    fixed_size = True
 
     def compress(self, g: torch.Tensor) -> Payload:
         data = g.detach().reshape(-1).to(self.wire_dtype)

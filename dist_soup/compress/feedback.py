@@ -69,6 +69,8 @@ class ErrorFeedback(Compressor):
     def step(self, value: int) -> None:
         self.inner.step = value
 
+    fixed_size = property(lambda self: self.inner.fixed_size)
+
     def __repr__(self) -> str:
         return f"ErrorFeedback({self.inner!r})"
 

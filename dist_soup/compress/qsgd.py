@@ -248,6 +248,7 @@ class QSGD(LinearCodec):
         self.norm = norm
         self.coding = coding
         self.min_numel = min_numel
+        self.fixed_size = coding == "dense"  # Elias codes are as long as the levels make them
         self.backend = backend
         self.wire_int16 = bool(wire_int16)
 

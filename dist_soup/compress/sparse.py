@@ -117,6 +117,7 @@ class TopK(_Sparse):
     """``build("topk", ratio=0.01)`` or ``k=...``; ``feedback`` (default True) keeps the residue."""
 
     name = "topk"
+    fixed_size = True  # k values and k positions of a width set by the tensor's size
 
     def __init__(self, ratio: float | None = 0.01, k: int | None = None, feedback: bool = True, *, seed: int = 0, rank: int = 0, stream: int = 0):
         super().__init__(ratio, k, seed=seed, rank=rank, stream=stream)
@@ -155,6 +156,7 @@ class RandomK(_Sparse, LinearCodec):
     """``build("randomk", ratio=0.01, seed=s)``: k values at positions shared by all ranks."""
 
     name = "randomk"
+    fixed_size = True
 
     def __init__(self, ratio: float | None = 0.01, k: int | None = None, rescale: bool = False, *, seed: int = 0, rank: int = 0, stream: int = 0):
         super().__init__(ratio, k, seed=seed, rank=rank, stream=stream)
