@@ -75,6 +75,13 @@ def print_summary(summary: dict, run_dir: str) -> None:
     print("\n".join(out), flush=True)
 
 
+def _note(message: str) -> None:
+    """A config note, once per run: under torchrun or mpirun every rank loads the config."""
+    ranks = [os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK") if k in os.environ]
+    if not ranks or ranks[0] == "0":
+        print(f"dist-soup: note: {message}", file=sys.stderr, flush=True)
+
+
 def train_command(args) -> int:
     from . import config as config_mod
     from . import train
@@ -82,7 +89,7 @@ def train_command(args) -> int:
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
-    cfg = config_mod.load(args.config, overrides)
+    cfg = config_mod.load(args.config, overrides, on_note=_note)
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
     launched = train.launcher_env() != "local"
     if args.nproc is not None:

@@ -3,17 +3,27 @@
 Every key is checked: an unknown key, a value of the wrong type or outside what is allowed is a
 ``ConfigError`` naming the dotted key, the bad value and what is allowed. Nothing is silently
 ignored. ``fingerprint`` gives a stable digest that the ranks of a run compare.
+
+Codec names and options are checked here too, against the codecs' own constructors (see
+``dist_soup.compress.registry.option_names``), so a bad option fails before any process starts.
+
+``--set`` overrides follow what they change: when an override changes a section's ``name``
+(``task``, ``solver``, ``compression.jacobian``, ``compression.update``), the file's ``options``
+of that section belonged to the old name and are dropped (with a note); when it changes
+``recipe.kind``, the file's recipe keys that the new kind does not use are dropped (with a note).
+Keys the overrides set themselves are kept and checked like any other.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -70,7 +80,10 @@ class SelectionConfig:
 
 @dataclass
 class CodecConfig:
+    #: A codec of ``dist_soup.compress`` (identity, fp16, bf16, qsgd, adacomp, topk, randomk, cltk).
     name: str = "qsgd"
+    #: Keyword options of that codec's constructor, plus ``error_feedback``. When absent, the
+    #: default codec's default ``{bits: 4}``, or ``{}`` when another codec is named.
     options: dict = field(default_factory=lambda: {"bits": 4})
 
 
@@ -144,6 +157,10 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {"checkpoint.every", "logging.eval_every", "optimizer.momentum", "optimizer.weight_decay",
                  "optimizer.warmup_steps"}
+#: Recipe keys that only some kinds use (anything but null is refused with another kind).
+_RECIPE_KEY_KINDS: dict[str, tuple[str, ...]] = {"order": ("vm",), "levels": ("custom",)}
+#: Sections whose ``options`` belong to their ``name``.
+_OPTIONS_FOLLOW_NAME = ("task", "solver", "compression.jacobian", "compression.update")
 
 
 def _describe(tp: Any) -> str:
@@ -221,6 +238,8 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
         if name in data:
             key = f"{prefix}.{name}" if prefix else name
             kwargs[name] = _coerce(data[name], hints[name], key)
+    if cls is CodecConfig and "options" not in data and kwargs.get("name", CodecConfig.name) != CodecConfig.name:
+        kwargs["options"] = {}  # the default options are the default codec's
     return cls(**kwargs)
 
 
@@ -241,19 +260,55 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}: {get(key)!r} must be >= 0")
     if cfg.recipe.kind == "custom" and not cfg.recipe.levels:
         raise ConfigError("recipe.levels: a custom recipe needs a non-empty list of levels")
-    if cfg.recipe.kind != "custom" and cfg.recipe.levels is not None:
-        raise ConfigError(f"recipe.levels is only used with recipe.kind: custom (kind is {cfg.recipe.kind!r})")
-    if cfg.recipe.order is not None and cfg.recipe.kind != "vm":
-        raise ConfigError(f"recipe.order is only used with recipe.kind: vm (kind is {cfg.recipe.kind!r})")
+    for key, kinds in _RECIPE_KEY_KINDS.items():
+        value = getattr(cfg.recipe, key)
+        if value is not None and cfg.recipe.kind not in kinds:
+            raise ConfigError(f"recipe.{key}: {_short(value)} is only used with recipe.kind {' or '.join(kinds)} "
+                              f"(kind is {cfg.recipe.kind!r})")
     if cfg.selection.rule == "top_m" and (cfg.selection.m is None or cfg.selection.m <= 0):
         raise ConfigError("selection.m: rule top_m needs a positive integer m")
     if cfg.selection.rule == "budget" and (cfg.selection.budget is None or cfg.selection.budget <= 0):
         raise ConfigError("selection.budget: rule budget needs a positive parameter count")
 
 
+def _short(value: Any, limit: int = 60, quote: bool = True) -> str:
+    """A value in one short line: YAML flow style, strings quoted unless ``quote`` is false
+    (as after ``--set key=``)."""
+    if quote and isinstance(value, str):
+        return repr(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_codecs(cfg: Config) -> None:
+    """Each codec's name and options, by building one stream as the exchange will (less the
+    seed, rank and stream it gives each one)."""
+    from .compress import LinearCodec, registry  # importing the package registers every codec
+
+    for part in ("jacobian", "update"):
+        c, key = getattr(cfg.compression, part), f"compression.{part}"
+        if c.name not in registry.names():
+            raise ConfigError(f"{key}.name: {c.name!r} is not a codec; use one of {', '.join(registry.names())}")
+        allowed = registry.option_names(c.name)
+        for opt in c.options:
+            if opt not in allowed:
+                raise ConfigError(f"{key}.options.{opt}: codec {c.name!r} has no option {opt!r}; "
+                                  f"its options: {', '.join(allowed)}")
+        try:
+            probe = registry.build(c.name, **c.options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{key}.options: {_short(c.options)} not allowed for codec {c.name!r}: {exc}") from None
+        if cfg.compression.mode == "allreduce" and not isinstance(probe, LinearCodec):
+            raise ConfigError(f"compression.mode: 'allreduce' sums encodings on the wire, which {key}.name "
+                              f"{c.name!r} cannot; use 'allgather' or 'two_phase' with it")
+
+
 def from_dict(data: Any) -> Config:
     cfg = _build(Config, data)
     _check_ranges(cfg)
+    _check_codecs(cfg)
     return cfg
 
 
@@ -261,8 +316,12 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config file and apply ``key=value`` overrides (values parsed as YAML)."""
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+         on_note: Callable[[str], None] | None = None) -> Config:
+    """Read a YAML config file and apply ``key=value`` overrides (values parsed as YAML).
+
+    ``on_note`` receives one line per file key an override made stale (see the module
+    docstring); by default it goes to stderr."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -274,12 +333,22 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    return from_dict(apply_overrides(data, overrides))
+    return from_dict(apply_overrides(data, overrides, on_note))
 
 
-def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """``a.b=c`` sets data["a"]["b"] = yaml(c); the result is validated by ``from_dict``."""
+def _note_to_stderr(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...],
+                    on_note: Callable[[str], None] | None = None) -> dict:
+    """``a.b=c`` sets data["a"]["b"] = yaml(c); the result is validated by ``from_dict``.
+
+    An override that changes a section's ``name`` or ``recipe.kind`` drops the file's keys that
+    belonged to the old one (not those that overrides set), telling ``on_note`` in one line."""
+    original = data
     data = json.loads(json.dumps(data))  # deep copy of plain data
+    explicit: set[str] = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=100")
@@ -298,7 +367,58 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
             node = child
         node[parts[-1]] = value
+        explicit.add(".".join(parts))
+    _drop_stale(original, data, explicit, on_note or _note_to_stderr)
     return data
+
+
+_MISSING = object()
+
+
+def _get(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return _MISSING
+        data = data[part]
+    return data
+
+
+def _default(key: str) -> Any:
+    node: Any = Config()
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _drop_stale(original: dict, data: dict, explicit: set[str], note: Callable[[str], None]) -> None:
+    """Drop from ``data`` the file's keys that an override of a name or recipe kind made stale."""
+
+    def covered(key: str) -> bool:  # set by an override, itself or within a section it set
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in explicit for i in range(1, len(parts) + 1))
+
+    def old_and_new(key: str) -> tuple[Any, Any] | None:  # when an override changed key
+        if not covered(key):
+            return None
+        old, new = _get(original, key), _get(data, key)
+        old = _default(key) if old is _MISSING else old
+        return None if new == old else (old, new)
+
+    for section in _OPTIONS_FOLLOW_NAME:
+        change, options = old_and_new(f"{section}.name"), _get(data, f"{section}.options")
+        if change is None or not isinstance(options, dict):
+            continue
+        stale = {k: v for k, v in options.items() if not covered(f"{section}.options.{k}")}
+        if stale:
+            _get(data, section)["options"] = {k: v for k, v in options.items() if k not in stale}
+            note(f"--set {section}.name={_short(change[1], quote=False)} drops the file's {section}.options "
+                 f"{_short(stale)} (given for {_short(change[0])})")
+    change, recipe = old_and_new("recipe.kind"), _get(data, "recipe")
+    if change is not None and isinstance(recipe, dict):
+        for key, kinds in _RECIPE_KEY_KINDS.items():
+            if recipe.get(key) is not None and change[1] not in kinds and not covered(f"recipe.{key}"):
+                note(f"--set recipe.kind={_short(change[1], quote=False)} drops the file's recipe.{key}: "
+                     f"{_short(recipe.pop(key))} (only used with recipe.kind {' or '.join(kinds)})")
 
 
 def dump(cfg: Config) -> str:

@@ -1,6 +1,7 @@
 """Codec names, their wire ids and their payload validators, and ``build``."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .base import Compressor
@@ -17,6 +18,9 @@ CODEC_IDS: dict[str, int] = {
     "randomk": 6,
     "cltk": 7,
 }
+#: Keyword arguments every stream takes from whoever owns the streams (an exchange gives each
+#: rank and stream its own), not from the user: ``Compressor.__init__``'s parameters.
+STREAM_ARGS: tuple[str, ...] = tuple(p for p in inspect.signature(Compressor.__init__).parameters if p != "self")
 _CLASSES: dict[str, type[Compressor]] = {}
 _VALIDATORS: dict[int, Validator] = {}
 
@@ -39,6 +43,15 @@ def codec_class(name: str) -> type[Compressor]:
         return _CLASSES[name]
     except KeyError:
         raise ValueError(f"unknown compressor {name!r}; known: {', '.join(names())}") from None
+
+
+def option_names(name: str) -> list[str]:
+    """The options a user may give ``build(name, ...)``: the codec constructor's own parameters,
+    in order, then ``error_feedback``; not the :data:`STREAM_ARGS` (seed, rank, stream)."""
+    params = inspect.signature(codec_class(name).__init__).parameters.values()
+    own = [p.name for p in params if p.name != "self" and p.name not in STREAM_ARGS
+           and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return own + ["error_feedback"]
 
 
 def codec_name_of(codec_id: int) -> str:
@@ -64,10 +77,9 @@ def build(name: str, **options: Any) -> Compressor:
     try:
         stream = cls(**options)
     except TypeError as exc:
-        import inspect
-
-        allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        raise ValueError(f"bad options {sorted(options)} for compressor {name!r}: {exc}; allowed: {allowed}") from None
+        unknown = sorted(set(options) - set(option_names(name)) - set(STREAM_ARGS))
+        raise ValueError(f"bad options {unknown or sorted(options)} for compressor {name!r}: {exc}; "
+                         f"allowed: {option_names(name)}") from None
     if error_feedback:
         from .feedback import ErrorFeedback
 
