@@ -428,3 +428,57 @@ def dump(cfg: Config) -> str:
 def fingerprint(cfg: Config) -> str:
     """sha256 of the canonical JSON of the resolved config."""
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+
+
+# --- the "dist_soup" section of a DeepSpeed config (dist_soup.integrations.deepspeed) ---------
+@dataclass
+class DeepSpeedSection:
+    """The ``"dist_soup"`` section of a DeepSpeed JSON config: this config's keys in one level
+    (``compression``, ``recipe``, ``solver``, ``selection`` as here; ``solve_every``, ``gram``,
+    ``nonfinite``, ``reuse_jacobian`` as in ``train``), checked by the same code."""
+
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    #: Objective names in the order of the Jacobian rows; null: one objective (``loss``).
+    objectives: Optional[list] = None
+    #: Dotted name of the model's shared trunk submodule; needed with several objectives.
+    shared: Optional[str] = None
+    #: Recipe groups for kinds vc and vm, e.g. {asr: [asr_0, asr_1], st: [st], ssl: [ssl]}.
+    groups: Optional[dict] = None
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    solve_every: int = 25
+    gram: Literal["auto", "cross", "plain"] = "auto"
+    nonfinite: Literal["skip", "raise"] = "skip"
+    reuse_jacobian: bool = True
+    #: Seeds the codecs' stochastic rounding (with rank, step and stream).
+    seed: int = 0
+
+
+def deepspeed_section(data: Any) -> DeepSpeedSection:
+    """The checked ``"dist_soup"`` section; a ``ConfigError`` names the key as ``dist_soup.KEY``."""
+    sec = _build(DeepSpeedSection, data, "dist_soup")
+    as_config = Config(recipe=sec.recipe, solver=sec.solver, selection=sec.selection,
+                       compression=sec.compression, seed=sec.seed,
+                       train=TrainConfig(solve_every=sec.solve_every, gram=sec.gram, nonfinite=sec.nonfinite))
+    try:
+        _check_ranges(as_config)
+        _check_codecs(as_config)
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError("dist_soup." + (message[len("train."):] if message.startswith("train.") else message)) from None
+    names = sec.objectives
+    if names is not None:
+        if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise ConfigError(f"dist_soup.objectives: {_short(names)} must be a non-empty list of distinct names")
+        if len(names) > 1 and not sec.shared:
+            raise ConfigError("dist_soup.shared: several objectives need the name of the model's shared trunk "
+                              "submodule (e.g. \"encoder\")")
+    for group, members in (sec.groups or {}).items():
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ConfigError(f"dist_soup.groups.{group}: {_short(members)} is not a list of objective names")
+        unknown = [m for m in members if m not in (names or [])]
+        if unknown:
+            raise ConfigError(f"dist_soup.groups.{group}: {_short(unknown)} are not among "
+                              f"dist_soup.objectives {_short(names)}")
+    return sec
