@@ -1,29 +1,36 @@
 """The soup step (DESIGN section 1): after the user's forward, everything up to the update.
 
-For P workers and K objectives, ``SoupEngine.step(losses)`` runs::
+For P workers and K objectives, ``SoupEngine.backward(losses)`` runs::
 
     2. J^p  = per-objective gradients on the selected shared tensors S   (one batched backward)
     3. Jbar = compressed mean of the rows of J^p over the workers        (comm.Exchange "J")
     4. sum_p G^p, G^p = Jhat^p Jhat^p^T from each worker's decoded rows  (one tiny all-reduce)
     5. rank 0: Gram estimate -> layer selection (probe steps) -> recipe -> lambda, broadcast
-    6. backward of sum_k w_k L_k, compressed mean of the gradient        (comm.Exchange "U"),
-       optimizer step
+    6. backward of sum_k w_k L_k; the compressed mean of the gradient     (comm.Exchange "U")
+       leaves bucket by bucket *during* that backward (comm.reducer), and lands in .grad
 
-Steps 2-5 run on *solve* steps only (every ``solve_every`` steps and on every probe step); in
-between, the last weights are reused and a step costs one backward plus the compressed update.
-Every rank ends a step with bit-identical parameters: the exchanges return the same tensors on
-every rank and the weights come from rank 0.
+and ``SoupEngine.step(losses)`` is zero_grad, ``backward`` and ``optimizer.step()``.
+
+Steps 2-5 run on *solve* steps only (every ``solve_every`` steps and on every probe step), and
+only when some level of the recipe needs a Gram: loss-based weightings (``ew``, ``famo``,
+``dwa``) are computed by every rank from the agreed mean losses, with no Jacobian, no exchange
+of it and no broadcast, so their step costs what compressed data parallelism costs. In between
+solves the last weights are reused. Every rank ends a step with bit-identical gradients: the
+exchanges return the same tensors on every rank and the weights come from rank 0 (or from the
+same agreed inputs).
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .comm import Exchange, NonFiniteError
+from .comm.reducer import GradientReducer
 from .moo import gram as grams
 from .moo import selection
 from .moo.jacobian import jacobian
@@ -80,10 +87,12 @@ class SoupEngine:
     Args:
         model: the whole model (shared trunk and heads), identical on every rank; rank 0's
             parameters are broadcast at construction, as DDP does.
-        optimizer: any torch optimizer over the model's parameters.
+        optimizer: any torch optimizer over the model's parameters; None when only
+            :meth:`backward` is used (the caller, e.g. DeepSpeed, owns the optimizer).
         objectives: the objective names, in the order of the Jacobian rows.
         shared: the shared trunk (a submodule, its dotted name or its parameters): the
-            candidates of layer selection. Heads are never candidates.
+            candidates of layer selection. Heads are never candidates. May be left out with a
+            single objective (plain compressed data parallelism).
         recipe: a :class:`~dist_soup.moo.recipe.Recipe`, or "vs" / "vc" / "vm" built with
             ``groups``, ``solver``, ``solver_options``, ``order`` and ``eta``.
         gram: "cross" (unbiased cross-worker estimate), "plain" (Jbar Jbar^T) or "auto"
@@ -96,6 +105,8 @@ class SoupEngine:
         solve_every: recompute the weighting every this many steps.
         jacobian_compressor / update_compressor: codec names (with ``*_options``) for the
             exchange of the Jacobian rows and of the update; ``mode`` the collective.
+        overlap_mb: the update's launch unit: a bucket of gradients this large leaves as soon
+            as the backward has produced it (:class:`~dist_soup.comm.reducer.GradientReducer`).
         reuse_jacobian: the rows of S take ``Jbar^T w`` on solve steps instead of a second
             exchange.
         nonfinite: "skip" (all ranks skip the step, counted in ``skipped_steps``) or "raise".
@@ -107,9 +118,9 @@ class SoupEngine:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         objectives: Sequence[str],
-        shared,
+        shared=None,
         recipe: Recipe | str = "vs",
         *,
         groups: Mapping[str, Sequence[str]] | None = None,
@@ -127,6 +138,7 @@ class SoupEngine:
         update_options: Mapping | None = None,
         mode: str = "allgather",
         bucket_mb: float = 25.0,
+        overlap_mb: float = 4.0,
         reuse_jacobian: bool = True,
         nonfinite: str = "skip",
         steps_per_epoch: int = 1,
@@ -146,10 +158,15 @@ class SoupEngine:
         for key, value in (("solve_every", solve_every), ("probe_every", probe_every), ("steps_per_epoch", steps_per_epoch)):
             if int(value) < 1:
                 raise ValueError(f"{key}={value!r}: must be a positive integer")
+        if shared is None and len(self.objectives) > 1:
+            raise ValueError("shared: name the shared trunk (a submodule, its name or its parameters); "
+                             "only a single objective may leave it out")
         self.model = model
         self.optimizer = optimizer
-        self.candidates = _shared_parameters(model, shared)
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._param = dict(self.params)
+        # With one objective there is no weighting, so no candidate for selection is needed.
+        self.candidates = _shared_parameters(model, shared) if shared is not None else []
         if isinstance(recipe, str):
             recipe = build_recipe(
                 recipe,
@@ -173,13 +190,15 @@ class SoupEngine:
         common = dict(mode=mode, group=group, transport=transport, bucket_mb=bucket_mb, seed=seed)
         self.j_exchange = Exchange(jacobian_compressor, **common, **dict(jacobian_options or {}))
         self.u_exchange = Exchange(update_compressor, **common, **dict(update_options or {}))
+        self.reducer = GradientReducer(self.params, self.u_exchange, bucket_mb=overlap_mb)
+        self._local_only = False  # inside no_sync()
         self.transport = self.u_exchange.transport
         self.rank = self.transport.rank
         self.world_size = self.transport.world_size
         self.gram = ("cross" if self.world_size > 1 else "plain") if gram == "auto" else gram
         if self.gram == "cross" and self.world_size < 2:
             raise ValueError("gram='cross' needs at least 2 ranks; use 'plain' or 'auto'")
-        self.device = self.candidates[0][1].device
+        self.device = self.params[0][1].device
 
         self.step_count = 0
         self.skipped_steps = 0
@@ -193,17 +212,33 @@ class SoupEngine:
     def selected(self) -> list[str]:
         return [n for (n, _), keep in zip(self.candidates, self.mask.tolist()) if keep]
 
-    def step(self, losses: Mapping[str, torch.Tensor], *, epoch: float | None = None) -> StepResult:
-        """Steps 2 to 6 of the soup step for this rank's ``losses`` (name -> scalar tensor)."""
+    def backward(self, losses: Mapping[str, torch.Tensor], *, epoch: float | None = None) -> StepResult:
+        """Steps 2 to 6 of the soup step for this rank's ``losses`` (name -> scalar tensor), up to
+        and including the compressed mean in every ``.grad``; the optimizer is the caller's.
+
+        Like ``loss.backward()`` under DDP: gradients accumulate into ``.grad`` (zero them
+        yourself), and on return each holds the mean over the ranks, identical on every rank, so
+        clipping, GradScaler, schedulers and ``optimizer.step()`` work as with DDP. Under
+        :meth:`no_sync` the backward only accumulates locally (no collective at all).
+        ``result.skipped``: some rank's loss or gradient was not finite; every rank's gradients
+        are then None and no residue changed.
+        """
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         loss_list = self._check_losses(losses)
+        if self._local_only:
+            tb = time.perf_counter()
+            sum(w * l for w, l in zip(self.w.tolist(), loss_list)).backward()
+            timings["backward_s"] = time.perf_counter() - tb
+            local = torch.stack([l.detach().double() for l in loss_list])
+            return self._result(local, False, False, False, timings, step=self.step_count)
         if epoch is None:
             epoch = self.step_count / self.steps_per_epoch
         # With one objective there is nothing to weigh: plain (compressed) training.
         multi = len(self.objectives) > 1
-        # a probe only serves the selection: the rule "all" never needs one
-        probed = multi and self.selection["rule"] != "all" and self.step_count % self.probe_every == 0
+        # Only Gram-based weightings need a Jacobian; selection (and so a probe) only serves them.
+        gram_based = multi and self.recipe.needs_gram
+        probed = gram_based and self.selection["rule"] != "all" and self.step_count % self.probe_every == 0
         solved = multi and (probed or self.step_count % self.solve_every == 0)
 
         # Agree on the losses (their mean drives loss-based solvers and the logs) and on
@@ -218,49 +253,74 @@ class SoupEngine:
             return self._skip("loss", mean_losses, probed, solved, t0, timings)
 
         jbar_rows = None
-        if solved:
+        if solved and gram_based:
             jbar_rows = self._solve(loss_list, mean_losses, probed, epoch, timings)
             if jbar_rows is None:
                 return self._skip("Jacobian", mean_losses, probed, solved, t0, timings)
+        elif solved:
+            # Loss-based (or fixed) weights: every rank computes the same w from the same agreed
+            # losses and the same solver state, so nothing is exchanged or broadcast.
+            ts = time.perf_counter()
+            w, self.last_info = self.recipe.weights(None, mean_losses, self.objectives, epoch)
+            self.w = w.float()
+            timings["solve_s"] = time.perf_counter() - ts
 
-        tb = time.perf_counter()
+        # The rows of S already hold their mean (Jbar): sum_k w_k Jbar_k is their mean update,
+        # identical on every rank, so they skip the update exchange. Not when gradients are being
+        # accumulated (.grad holds earlier micro-batches), nor with one rank (the backward's
+        # gradient is then the exact mean already).
+        reuse = (jbar_rows is not None and self.reuse_jacobian and self.world_size > 1
+                 and all(p.grad is None for n, p in self.params if n in jbar_rows))
+        reused = jbar_rows if reuse else {}
         weighted = sum(w * l for w, l in zip(self.w.tolist(), loss_list))
-        self.optimizer.zero_grad(set_to_none=True)
-        weighted.backward()
-        timings["backward_s"] = time.perf_counter() - tb
-
-        tu = time.perf_counter()
-        grads = {}
-        reused = {}
-        # With one rank the backward's gradient is already the exact mean: nothing to reuse.
-        reuse = jbar_rows is not None and self.reuse_jacobian and self.world_size > 1
-        selected_names = set(jbar_rows) if reuse else set()
-        for name, p in self.params:
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            if name in selected_names:
-                reused[name] = p
-            else:
-                grads[name] = g
-        named = {f"U/{n}": g for n, g in grads.items()}
+        tb = time.perf_counter()
+        self.reducer.arm(exclude=reused)
         try:
-            # the means land in the gradients themselves (out=): no result to allocate
-            self.u_exchange.all_reduce_many(named, out=named) if named else None
-        except NonFiniteError:  # raised on every rank alike, before any residue changed
+            weighted.backward()  # buckets leave as their gradients become ready
+        except BaseException:
+            self.reducer.abandon()
+            raise
+        tu = time.perf_counter()
+        timings["backward_s"] = tu - tb
+        if not self.reducer.finish():  # False on every rank alike, residues already restored
             return self._skip("gradient", mean_losses, probed, solved, t0, timings)
         w = self.w.to(self.device)
-        for name, p in self.params:
-            if name in reused:
-                # Jbar rows are identical on every rank: sum_k w_k Jbar_k is the mean update.
-                p.grad = torch.tensordot(w.to(jbar_rows[name].dtype), jbar_rows[name], dims=1).to(p.dtype)
-            else:
-                p.grad = grads[name]
-        timings["update_exchange_s"] = time.perf_counter() - tu
-        to = time.perf_counter()
-        self.optimizer.step()
-        timings["optimizer_s"] = time.perf_counter() - to
+        for name, rows in reused.items():
+            p = self._param[name]
+            p.grad = torch.tensordot(w.to(rows.dtype), rows, dims=1).to(p.dtype).reshape(p.shape)
+        timings["update_exchange_s"] = time.perf_counter() - tu  # what the backward did not hide
         self.step_count += 1
         timings["step_s"] = time.perf_counter() - t0
         return self._result(mean_losses, solved, probed, False, timings)
+
+    def step(self, losses: Mapping[str, torch.Tensor], *, epoch: float | None = None) -> StepResult:
+        """One optimizer step: zero the gradients, :meth:`backward`, ``optimizer.step()``
+        (unless some rank's loss or gradient was not finite)."""
+        if self.optimizer is None:
+            raise ValueError("step() needs the optimizer; this engine was built with optimizer=None "
+                             "(call backward() and step your optimizer yourself)")
+        if self._local_only:
+            raise RuntimeError("step() inside no_sync(): call backward() there, step() outside")
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        res = self.backward(losses, epoch=epoch)
+        if not res.skipped:
+            to = time.perf_counter()
+            self.optimizer.step()
+            res.timings["optimizer_s"] = time.perf_counter() - to
+        res.timings["step_s"] = time.perf_counter() - t0
+        return res
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backwards inside only accumulate this rank's gradients (weighted by the current w):
+        no collective, no solve, no step counted. The next :meth:`backward` outside exchanges
+        the accumulated gradients once (gradient accumulation, as with DDP's ``no_sync``)."""
+        outer, self._local_only = self._local_only, True
+        try:
+            yield
+        finally:
+            self._local_only = outer
 
     # --- the solve: steps 2-5 --------------------------------------------------------------
     def _solve(self, loss_list, mean_losses, probed, epoch, timings) -> dict[str, torch.Tensor] | None:
@@ -356,20 +416,21 @@ class SoupEngine:
         return (sum(x.bytes_sent for x in s), sum(x.bytes_received for x in s), sum(x.dense_bytes for x in s))
 
     def _skip(self, what, mean_losses, probed, solved, t0, timings) -> StepResult:
+        for _, p in self.params:
+            p.grad = None
         if self.nonfinite == "raise":
             raise FloatingPointError(f"step {self.step_count}: non-finite {what} on at least one rank")
-        self.optimizer.zero_grad(set_to_none=True)
         self.skipped_steps += 1
         self.step_count += 1
         timings["step_s"] = time.perf_counter() - t0
         return self._result(mean_losses, False, False, True, timings)
 
-    def _result(self, mean_losses, solved, probed, skipped, timings) -> StepResult:
+    def _result(self, mean_losses, solved, probed, skipped, timings, step=None) -> StepResult:
         sent, recv, dense = self._bytes()
         prev = getattr(self, "_bytes_mark", (0, 0, 0))
         self._bytes_mark = (sent, recv, dense)
         return StepResult(
-            step=self.step_count - 1,
+            step=self.step_count - 1 if step is None else step,
             losses={k: float(v) for k, v in zip(self.objectives, mean_losses.tolist())},
             weights={k: float(v) for k, v in zip(self.objectives, self.w.tolist())},
             solved=solved,
