@@ -109,6 +109,8 @@ class SoupEngine:
             as the backward has produced it (:class:`~dist_soup.comm.reducer.GradientReducer`).
         reuse_jacobian: the rows of S take ``Jbar^T w`` on solve steps instead of a second
             exchange.
+        batched_jacobian: one vmap'd backward for the K rows (``is_grads_batched``) instead of
+            K backward passes (the default: faster on CPU as measured here).
         nonfinite: "skip" (all ranks skip the step, counted in ``skipped_steps``) or "raise".
             Either way no residue ever sees a non-finite value.
         steps_per_epoch: converts the step counter into the epoch of the penalty schedules
@@ -140,6 +142,7 @@ class SoupEngine:
         bucket_mb: float = 25.0,
         overlap_mb: float = 4.0,
         reuse_jacobian: bool = True,
+        batched_jacobian: bool = False,
         nonfinite: str = "skip",
         steps_per_epoch: int = 1,
         seed: int = 0,
@@ -184,6 +187,7 @@ class SoupEngine:
         self.probe_every = int(probe_every)
         self.solve_every = int(solve_every)
         self.reuse_jacobian = reuse_jacobian
+        self.batched_jacobian = batched_jacobian
         self.nonfinite = nonfinite
         self.steps_per_epoch = int(steps_per_epoch)
 
@@ -252,12 +256,9 @@ class SoupEngine:
         if local[-1] > 0:
             return self._skip("loss", mean_losses, probed, solved, t0, timings)
 
-        jbar_rows = None
         if solved and gram_based:
-            jbar_rows = self._solve(loss_list, mean_losses, probed, epoch, timings)
-            if jbar_rows is None:
-                return self._skip("Jacobian", mean_losses, probed, solved, t0, timings)
-        elif solved:
+            return self._solve_step(loss_list, mean_losses, probed, epoch, t0, timings)
+        if solved:
             # Loss-based (or fixed) weights: every rank computes the same w from the same agreed
             # losses and the same solver state, so nothing is exchanged or broadcast.
             ts = time.perf_counter()
@@ -265,16 +266,9 @@ class SoupEngine:
             self.w = w.float()
             timings["solve_s"] = time.perf_counter() - ts
 
-        # The rows of S already hold their mean (Jbar): sum_k w_k Jbar_k is their mean update,
-        # identical on every rank, so they skip the update exchange. Not when gradients are being
-        # accumulated (.grad holds earlier micro-batches), nor with one rank (the backward's
-        # gradient is then the exact mean already).
-        reuse = (jbar_rows is not None and self.reuse_jacobian and self.world_size > 1
-                 and all(p.grad is None for n, p in self.params if n in jbar_rows))
-        reused = jbar_rows if reuse else {}
         weighted = sum(w * l for w, l in zip(self.w.tolist(), loss_list))
         tb = time.perf_counter()
-        self.reducer.arm(exclude=reused)
+        self.reducer.arm()
         try:
             weighted.backward()  # buckets leave as their gradients become ready
         except BaseException:
@@ -284,14 +278,40 @@ class SoupEngine:
         timings["backward_s"] = tu - tb
         if not self.reducer.finish():  # False on every rank alike, residues already restored
             return self._skip("gradient", mean_losses, probed, solved, t0, timings)
-        w = self.w.to(self.device)
-        for name, rows in reused.items():
-            p = self._param[name]
-            p.grad = torch.tensordot(w.to(rows.dtype), rows, dims=1).to(p.dtype).reshape(p.shape)
         timings["update_exchange_s"] = time.perf_counter() - tu  # what the backward did not hide
         self.step_count += 1
         timings["step_s"] = time.perf_counter() - t0
         return self._result(mean_losses, solved, probed, False, timings)
+
+    def _solve_step(self, loss_list, mean_losses, probed, epoch, t0, timings) -> StepResult:
+        """A solve step of a Gram-based recipe. The per-objective gradients of *every*
+        parameter (K backward passes) give both the Jacobian on S and, once w is known, the
+        weighted gradient ``sum_k w_k g_k``: no further backward. Rows of S were exchanged
+        already, so their mean update is ``Jbar^T w`` (identical on every rank) and they skip
+        the update exchange; the other gradients go through it."""
+        solved = self._solve(loss_list, mean_losses, probed, epoch, timings)
+        if solved is None:
+            return self._skip("Jacobian", mean_losses, probed, True, t0, timings)
+        rows, reused = solved
+        tb = time.perf_counter()
+        w = self.w.to(self.device)
+        for name, p in self.params:
+            if name in reused:
+                continue
+            g = torch.tensordot(w.to(rows[name].dtype), rows[name], dims=1).to(p.dtype)
+            p.grad = g if p.grad is None else p.grad.add_(g)
+        timings["backward_s"] = time.perf_counter() - tb
+        tu = time.perf_counter()
+        self.reducer.arm(exclude=reused)
+        if not self.reducer.finish():
+            return self._skip("gradient", mean_losses, probed, True, t0, timings)
+        for name, jbar in reused.items():
+            p = self._param[name]
+            p.grad = torch.tensordot(w.to(jbar.dtype), jbar, dims=1).to(p.dtype)
+        timings["update_exchange_s"] = time.perf_counter() - tu
+        self.step_count += 1
+        timings["step_s"] = time.perf_counter() - t0
+        return self._result(mean_losses, True, probed, False, timings)
 
     def step(self, losses: Mapping[str, torch.Tensor], *, epoch: float | None = None) -> StepResult:
         """One optimizer step: zero the gradients, :meth:`backward`, ``optimizer.step()``
@@ -323,27 +343,34 @@ class SoupEngine:
             self._local_only = outer
 
     # --- the solve: steps 2-5 --------------------------------------------------------------
-    def _solve(self, loss_list, mean_losses, probed, epoch, timings) -> dict[str, torch.Tensor] | None:
-        """Steps 2-5; the mean Jacobian rows of the tensors now in S, or None when some rank's
-        rows were not finite (nothing was exchanged)."""
+    def _solve(self, loss_list, mean_losses, probed, epoch, timings):
+        """Steps 2-5. Returns (this rank's rows ``dL_k/dtheta`` of every parameter, the mean
+        rows Jbar of the tensors of S when they may serve as their update, else {}), or None
+        when some rank's rows were not finite (nothing was exchanged)."""
         tj = time.perf_counter()
         S = self.candidates if probed else [c for c, keep in zip(self.candidates, self.mask.tolist()) if keep]
-        rows = jacobian(loss_list, [p for _, p in S], retain_graph=True)
+        # K backward passes through the whole model: the loop beat the vmap'd batched backward
+        # on CPU (README, "Engine overhead"); the graph is not needed afterwards.
+        all_rows = jacobian(loss_list, [p for _, p in self.params], retain_graph=False,
+                            batched=self.batched_jacobian)
+        rows = dict(zip((n for n, _ in self.params), all_rows))
         timings["jacobian_s"] = time.perf_counter() - tj
         K = len(self.objectives)
+        # The means of S's rows are their update unless gradients are being accumulated (.grad
+        # holds earlier micro-batches) or there is one rank (the local rows are then exact).
+        reuse = self.reuse_jacobian and self.world_size > 1 and all(p.grad is None for _, p in S)
 
         tx = time.perf_counter()
-        named = {}
-        for (name, _), r in zip(S, rows):
-            for k in range(K):
-                named[f"J/{self.objectives[k]}/{name}"] = r[k]
+        named = {f"J/{self.objectives[k]}/{name}": rows[name][k] for name, _ in S for k in range(K)}
         try:
-            # out=named: each row's mean overwrites the row, so rows[l] becomes Jbar_l in place
             cross = self.gram == "cross"  # only the cross estimate needs each rank's own decode
-            result = self.j_exchange.all_reduce_many(named, return_local=cross, out=named)
+            # out=named when reusing: each row's mean overwrites the row in place
+            result = self.j_exchange.all_reduce_many(named, return_local=cross, out=named if reuse else None)
         except NonFiniteError:  # raised on every rank alike, before any residue changed
             return None
-        jbar = {name: r for (name, _), r in zip(S, rows)}
+        means = result[0] if cross else result
+        jbar = {name: rows[name] if reuse else torch.stack([means[f"J/{o}/{name}"] for o in self.objectives])
+                for name, _ in S}
         timings["jacobian_exchange_s"] = time.perf_counter() - tx
 
         tg = time.perf_counter()
@@ -379,8 +406,7 @@ class SoupEngine:
         if probed:
             self.mask = decision[K:] > 0.5
         timings["solve_s"] = time.perf_counter() - ts
-        # The rows of the tensors now in S (after a probe, S shrinks to the selection).
-        return {name: jbar[name] for name in self.selected if name in jbar}
+        return rows, (jbar if reuse else {})
 
     # --- helpers ---------------------------------------------------------------------------
     def _check_losses(self, losses: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
