@@ -456,3 +456,39 @@ def _worker_corrupt(rank: int, P: int) -> None:
 
 def test_corrupted_payloads_name_the_sender():
     spawn(_worker_corrupt, 2)
+
+
+# --------------------------------------------------------------------------------------------
+def _worker_agreed_layout(rank: int, P: int) -> None:
+    mine = rank_tensors(rank, SHAPES)
+    for codec, opts, per_bucket in (("qsgd", {"bits": 4}, 1), ("adacomp", {}, 2)):
+        ex = Exchange(codec, "allgather", **opts)
+        first = ex.all_reduce_many(mine)
+        n1 = ex.stats.collectives
+        second = ex.all_reduce_many(mine)
+        n2 = ex.stats.collectives - n1
+        # the control collective runs once per layout; fixed-size payloads skip the size exchange
+        assert n1 == 1 + per_bucket and n2 == per_bucket, (codec, n1, n2)
+        assert same_on_all_ranks(second) and all(s.shape == first[k].shape for k, s in second.items())
+    # on the agreed layout a rank's bad input still stops every rank, with nothing changed
+    ex = Exchange("fp16", error_feedback=True)
+    ex.all_reduce_many(mine)
+    before = {k: v["residue"].clone() for k, v in ex.state_dict()["streams"].items()}
+    bad = dict(mine)
+    if rank == 1:
+        bad["w1"] = bad["w1"].clone()
+        bad["w1"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="'w1'.*non-finite.*rank 1"):
+        ex.all_reduce_many(bad)
+    wrong = dict(mine)
+    if rank == 0:
+        wrong["b1"] = wrong["b1"].long()
+    with pytest.raises(ValueError, match="dtype" if rank == 0 else "rank 0 rejected"):
+        ex.all_reduce_many(wrong)
+    after = ex.state_dict()["streams"]
+    assert all(torch.equal(after[k]["residue"], v) for k, v in before.items())
+    assert same_on_all_ranks(ex.all_reduce_many(mine))
+
+
+def test_agreed_layout_needs_no_control_collective_and_still_stops_together():
+    spawn(_worker_agreed_layout, 2)

@@ -44,7 +44,7 @@ from ..compress.base import Compressor, LinearCodec
 from ..compress.registry import build
 from .agreement import NonFiniteError, Setting, TensorSpec, agree_async, exchange_settings, stream_id, tensor_settings
 from .buckets import Bucket, pieces, plan
-from .modes import MODES, BucketWork, Prepared
+from .modes import MODES, REJECTED, BucketWork, Prepared, RemoteNonFinite
 from .stats import ExchangeStats
 from .transport import LocalTransport, Transport, TorchTransport
 
@@ -138,6 +138,8 @@ class Exchange:
         # (linear codecs keep what decode_sum needs between encode_sum and decode_sum).
         self._inflight: set[str] = set()
         self._journal: dict | None = None  # see _journaling
+        self._agreed: set[tuple] = set()  # layouts every rank's control step has accepted
+        self._agreed_names: dict[tuple[str, ...], tuple] = {}  # their tensor names -> layout
         self._settings = exchange_settings(compressor, self.options, seed, mode,
                                            self.transport.world_size, self.bucket_mb, self.chunk_mb)
         self._n_settings = len(self._settings) + len(tensor_settings([]))
@@ -218,8 +220,29 @@ class Exchange:
             nonfinite = _first_nonfinite([tensors[s[0]] for s in specs])
         except (TypeError, ValueError) as exc:
             error = exc
+        # A group of one with the lossless codec: the mean (and the local decode) is the input,
+        # so the handle's copy replaces the encode/pack/decode copies.
+        passthrough = self.transport.world_size == 1 and self.compressor == "identity"
+        status = None
+        if error is not None and isinstance(tensors, Mapping) and tuple(tensors) in self._agreed_names:
+            # The others are about to run this agreed layout without a control collective: take
+            # part with zeros of it and a status word that makes every rank raise.
+            layout = self._agreed_names[tuple(tensors)]
+            tensors = {n: torch.zeros(s, dtype=d, device=dev) for n, s, d, dev in layout}
+            specs, outs, status = [(n, s, d) for n, s, d, _ in layout], {}, REJECTED
+        else:
+            layout = tuple((n, s, d, tensors[n].device) for n, s, d in specs
+                           if math.prod(s) > 0 and not passthrough)
+        # A layout that every rank has agreed on in an earlier call needs no control collective
+        # when the mode carries each rank's status word (non-finite or not) with its payloads.
+        fast = (self.transport.world_size > 1 and self._mode.carries_status and layout in self._agreed
+                and (error is None or status == REJECTED))
         ctl0 = time.perf_counter()
-        if self.transport.world_size > 1:
+        if fast:
+            if status is None:
+                status = 0 if nonfinite is None else nonfinite + 1
+            check = lambda: (0, 0)  # noqa: E731
+        elif self.transport.world_size > 1:
             # The control collective travels while this rank encodes its first bucket.
             check = agree_async(self.transport, settings, specs, n_settings=self._n_settings,
                                 local_error=error, nonfinite=nonfinite)
@@ -243,17 +266,16 @@ class Exchange:
                 self.stats.comm_s += time.perf_counter() - t0
             self.stats.overhead_bytes += nbytes
             self.stats.collectives += ncoll
+            if self.transport.world_size > 1 and len(layout) == len(specs):
+                self._agreed.add(layout)
+                self._agreed_names[tuple(n for n, _, _ in specs)] = layout
             for name, shape, dtype in specs:
                 self._known.setdefault(name, (shape, dtype))
                 self.stats.dense_bytes += 4 * math.prod(shape)
 
-        if error is not None or nonfinite is not None:
+        if not fast and (error is not None or nonfinite is not None):
             checked()  # raises on this rank (and, through the control collective, on every rank)
 
-        # A group of one with the lossless codec: the mean (and the local decode) is the input,
-        # so the handle's copy replaces the encode/pack/decode copies.
-        passthrough = self.transport.world_size == 1 and self.compressor == "identity"
-        layout = tuple((n, s, d, tensors[n].device) for n, s, d in specs if math.prod(s) > 0 and not passthrough)
         cached = self._plans.get(layout)
         if cached is None:
             checked()  # a new layout: planning (which names streams) waits for the agreement
@@ -263,16 +285,23 @@ class Exchange:
         buckets, cuts = cached
         names = {n for n, _, _ in specs} | {p for cut in cuts.values() for p, _, _ in cut}
         self._inflight |= names
+        if status and status != REJECTED:
+            # This rank's input is not finite: it still sends (zeros, so no codec sees the
+            # values), and its status word makes every rank drop the call and undo it.
+            tensors = {n: torch.zeros_like(t) for n, t in tensors.items()}
         inputs: dict[str, torch.Tensor] = {}
         for n, cut in cuts.items():
             flat = tensors[n].detach().reshape(-1)
             inputs.update((p, flat[off : off + k]) for p, off, k in cut)
+        extra = {"status": status} if fast else {}
 
         def prepare(b: Bucket) -> Prepared:
             return self._mode.prepare(
                 b, [inputs[e.name] if e.name in inputs else tensors[e.name].detach() for e in b.entries],
-                return_local)
+                return_local, **extra)
 
+        if fast and journal is None:
+            journal = {}  # a call that may learn of a non-finite input only in wait() must be undoable
         works: list[BucketWork] = []
         ready: list[Prepared] = []
         first = {} if journal is None else journal  # what the first bucket's encode touches
@@ -303,7 +332,7 @@ class Exchange:
             self._inflight -= names
             raise
         return ExchangeHandle(self, tensors, specs, buckets, works, return_local, passthrough, cuts, names, outs,
-                              journal)
+                              journal, error)
 
     def _plan(self, layout: tuple) -> tuple[list[Bucket], dict[str, list[tuple[str, int, int]]]]:
         """Buckets of a call's layout, and the pieces of every tensor cut into pieces."""
@@ -462,9 +491,10 @@ class ExchangeHandle:
                  buckets: list[Bucket], works: list[BucketWork], return_local: bool,
                  passthrough: bool = False, cuts: Mapping[str, list[tuple[str, int, int]]] | None = None,
                  streams: set[str] | None = None, out: Mapping[str, torch.Tensor] | None = None,
-                 journal: dict | None = None) -> None:
+                 journal: dict | None = None, local_error: Exception | None = None) -> None:
         self._exchange = exchange
         self._journal = journal
+        self._local_error = local_error  # this rank's rejected input, raised once all ranks know
         self._out = dict(out or {})
         # piece name -> (tensor name, offset, numel), for putting the pieces back together
         self._piece_of = {p: (n, off, k) for n, cut in (cuts or {}).items() for p, off, k in cut}
@@ -478,6 +508,21 @@ class ExchangeHandle:
         self._result: Any = None
         self._error: BaseException | None = None
         self._done = False
+
+    def _status_error(self, statuses: list[int]) -> Exception:
+        """The error every rank raises when some rank's status word is not 0."""
+        rank = self._exchange.transport.rank
+        if self._local_error is not None:
+            return self._local_error
+        rejected = [r for r, s in enumerate(statuses) if s == REJECTED]
+        if rejected:
+            return ValueError(f"rank {rejected[0]} rejected its input to this exchange call (its own error says "
+                              f"why); rank {rank} stops too, and no residue changed")
+        r = next(r for r, s in enumerate(statuses) if s)
+        i = statuses[r] - 1
+        name = self._names[i] if 0 <= i < len(self._names) else f"#{i}"
+        return NonFiniteError(f"tensor {name!r} holds non-finite values (inf or NaN) on rank {r}; every rank "
+                              "drops this exchange call and no residue changed")
 
     def _target(self, name: str, means: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """Where the mean of bucket entry ``name`` finally lives, when that memory exists already."""
@@ -533,9 +578,15 @@ class ExchangeHandle:
         except BaseException as exc:
             for work in self._works[done:]:
                 work.abandon()
-            self._error = exc
             self._works = []
             self._exchange._inflight -= self._streams
+            if isinstance(exc, RemoteNonFinite):
+                if self._journal is not None:
+                    self._exchange.restore(self._journal)
+                exc = self._status_error(exc.statuses)
+                self._error = exc
+                raise exc from None
+            self._error = exc
             raise
         self._exchange._inflight -= self._streams
         for name, t in self._tensors.items():

@@ -73,6 +73,20 @@ def _outside_level() -> int:
     return level
 
 
+class RemoteNonFinite(Exception):
+    """Some rank sent a non-zero status word: ``statuses[r]`` is rank r's (``i + 1``: its
+    tensor i is not finite; ``REJECTED``: its input was refused)."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        super().__init__(f"status words {statuses}")
+        self.statuses = statuses
+
+
+REJECTED = -1
+
+STATUS_BYTES = 8  # one int64 after a rank's packed payloads
+
+
 class DecodeError(ValueError):
     """A received payload that does not decode; ``sender`` is the rank it came from."""
 
@@ -161,6 +175,10 @@ class Mode(ABC):
     #: ``prepare`` only encodes (no collective), so the exchange may run it while its control
     #: collective is in flight (and roll the streams back if the control step fails).
     encodes_locally: ClassVar[bool] = False
+    #: ``prepare(..., status=s)`` sends this rank's status word with the payload and ``finish``
+    #: raises :class:`RemoteNonFinite` when some rank's is not 0, so a call on a layout the
+    #: ranks have agreed on needs no control collective of its own.
+    carries_status: ClassVar[bool] = False
 
     def __init__(self, transport: Transport, stats: ExchangeStats,
                  stream: Callable[[str], Compressor], server: Callable[[str], Compressor]) -> None:
@@ -211,10 +229,14 @@ class Mode(ABC):
         return [r.cpu().tolist() for r in rows]
 
 
-def _pack(payloads: Sequence[Payload | None]) -> tuple[torch.Tensor, list[int]]:
-    """Concatenate payloads into one CPU uint8 buffer (a None payload takes 0 bytes)."""
+def _pack(payloads: Sequence[Payload | None], trailer: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate payloads into one CPU uint8 buffer (a None payload takes 0 bytes), followed
+    by the int64 ``trailer`` when given."""
     sizes = [p.nbytes if p is not None else 0 for p in payloads]
-    buf = torch.empty(sum(sizes), dtype=torch.uint8)
+    total = sum(sizes)
+    buf = torch.empty(total + (STATUS_BYTES if trailer is not None else 0), dtype=torch.uint8)
+    if trailer is not None:
+        buf[total:].view(torch.int64)[0] = trailer
     off = 0
     for p, n in zip(payloads, sizes):
         if p is not None:
@@ -235,30 +257,32 @@ def _cut(buf: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
 class AllGather(Mode):
     name = "allgather"
     encodes_locally = True
+    carries_status = True
 
     def start(self, bucket, tensors, want_local):
         return self.prepare(bucket, tensors, want_local).launch()
 
-    def prepare(self, bucket, tensors, want_local):
+    def prepare(self, bucket, tensors, want_local, status=None):
         # Encoding needs no collective: it happens here, before the exchange's control check.
         with self.timed("encode_s"):
             streams = [self.stream(e.name) for e in bucket.entries]
             payloads = [s.compress(t) for s, t in zip(streams, tensors)]
-            buf, sizes = _pack(payloads)
+            buf, sizes = _pack(payloads, trailer=status)
         fixed = all(s.fixed_size for s in streams)
-        return Prepared(lambda: self._launch(bucket, buf, sizes, fixed, want_local))
+        return Prepared(lambda: self._launch(bucket, buf, sizes, fixed, want_local, status is not None))
 
-    def _launch(self, bucket, buf, sizes, fixed, want_local):
+    def _launch(self, bucket, buf, sizes, fixed, want_local, trailed):
+        extra = STATUS_BYTES if trailed else 0
         with self.timed("comm_s"):
             # Fixed-size payloads: every rank's sizes are this rank's (same codec, options and
             # tensors on every rank, which the exchange's control step checks), so no size exchange.
             rows = [list(sizes)] * self.transport.world_size if fixed else self.gather_sizes(sizes)
-            counts = [sum(r) for r in rows]
+            counts = [sum(r) + extra for r in rows]
             work = self.transport.all_gather_v_async(self.to_wire(buf), counts)
-        rank = self.transport.rank
-        self.count(sent=counts[rank], received=sum(counts) - counts[rank],
-                   overhead=self.gather_padding(counts), collectives=1)
-        return _AllGatherWork(self, bucket, rows, buf, work, want_local)
+        rank, P = self.transport.rank, self.transport.world_size
+        self.count(sent=counts[rank] - extra, received=sum(counts) - counts[rank] - (P - 1) * extra,
+                   overhead=self.gather_padding(counts) + P * extra, collectives=1)
+        return _AllGatherWork(self, bucket, rows, buf, work, want_local, trailed)
 
 
 def _shares(t: torch.Tensor, buffers: Sequence[torch.Tensor]) -> bool:
@@ -268,8 +292,9 @@ def _shares(t: torch.Tensor, buffers: Sequence[torch.Tensor]) -> bool:
 
 class _AllGatherWork(BucketWork):
     def __init__(self, mode: AllGather, bucket: Bucket, rows: list[list[int]], buf: torch.Tensor, work: Work,
-                 want_local: bool):
+                 want_local: bool, trailed: bool = False):
         self.mode, self.bucket, self.rows, self.work, self.want_local = mode, bucket, rows, work, want_local
+        self.trailed = trailed
         self.buf = buf  # this rank's own packed payloads, the bytes it sent
 
     def _launched(self) -> list[Work]:
@@ -288,6 +313,10 @@ class _AllGatherWork(BucketWork):
             own = self._decode_row(rank, self.buf)
         with m.timed("comm_s"):
             pieces = [p.cpu() for p in self.work.wait()]
+        if self.trailed:  # every rank reads the same words and takes the same decision
+            statuses = [int(p[p.numel() - STATUS_BYTES :].clone().view(torch.int64)[0]) for p in pieces]
+            if any(statuses):
+                raise RemoteNonFinite(statuses)
         with m.timed("decode_s"):
             if P > 1 and not torch.equal(pieces[rank], self.buf):
                 # What the others received differs from what was sent: decode the received

@@ -15,10 +15,10 @@ unused on some ranks). Bucket j's encode runs in the hook, on the thread that ru
 backward; the wire transfer runs on the transport's own threads.
 
 Non-finite gradients: every call of the exchange tells every rank whether some rank's input
-was not finite (before that call encodes anything that travels). The reducer then launches no
-later bucket, waits for the earlier ones, puts back every stream those calls touched (the
-exchange's journal) and reports the step as failed on every rank: no residue absorbs a NaN,
-and no rank steps while another skips.
+was not finite, at its launch (control collective) or, on a layout already agreed, with its
+payloads (status words). The reducer then waits for everything launched, puts back every
+stream those calls touched (the exchange's journal) and reports the step as failed on every
+rank: no residue absorbs a NaN, and no rank steps while another skips.
 """
 from __future__ import annotations
 
@@ -87,6 +87,8 @@ class GradientReducer:
             for handle in self._handles:
                 try:
                     handle.wait()
+                except NonFiniteError as exc:  # learnt from the payloads (an agreed layout)
+                    self._nonfinite = self._nonfinite or exc
                 except BaseException as exc:  # keep waiting: every launched collective must complete
                     failure = failure or exc
             if failure is not None:
