@@ -6,10 +6,15 @@ One exchange owns one codec configuration and many *streams*, one per tensor nam
 where ``stream_id`` is a stable hash of the stream's name, so reruns and resumed runs draw the
 same random numbers. A stream keeps its residue across calls with the same name.
 
-Every call starts with one small control collective (see :mod:`dist_soup.comm.agreement`) that
-checks, on every call, that all ranks run the same configuration on the same tensors, and carries
-the input-validation and finiteness status of every rank: an error on one rank becomes an error
-on all of them, before anything is encoded. Then the tensors are cut into buckets
+The first call on each layout of tensors starts with one small control collective (see
+:mod:`dist_soup.comm.agreement`) that checks that all ranks run the same configuration on the
+same tensors and carries the input-validation and finiteness status of every rank: an error on
+one rank becomes an error on all of them. It travels while this rank encodes its first bucket
+(which is undone if the check fails). Later calls on an agreed layout skip it where the mode
+carries a status word with its payloads (``allgather``): a rank whose input is not finite, or
+rejected, sends zeros and a non-zero word, and every rank raises in ``wait()`` before decoding,
+with every stream the call touched put back (``journal``). Other modes keep the per-call
+control collective. Then the tensors are cut into buckets
 (:mod:`dist_soup.comm.buckets`) and each bucket goes through the mode's collectives
 (:mod:`dist_soup.comm.modes`); the asynchronous form returns after launching them.
 
