@@ -1,6 +1,7 @@
 """``dist-soup`` / ``python -m dist_soup``: train and plot.
 
     dist-soup train --config FILE [--nproc N] [--run-dir DIR] [--steps N] [--resume] [--set k=v ...]
+    dist-soup train --config FILE --deepspeed DS_JSON [--nproc N] ...   (DeepSpeed plugin, ZeRO stage 0)
     dist-soup plot RUN_DIR
 
 ``--nproc N`` starts N local processes joined by gloo on 127.0.0.1; under torchrun or mpirun
@@ -26,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None, help="where config, metrics, checkpoints and summary go (default runs/<config name>)")
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir (a fresh start if there is none)")
+    t.add_argument("--deepspeed", default=None, metavar="DS_JSON", help="train through DeepSpeed (dist_soup.integrations.deepspeed) with this DeepSpeed JSON config")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.batch_size=16")
     pl = sub.add_parser("plot", help="write PNG plots of a run dir")
     pl.add_argument("run_dir")
@@ -38,12 +40,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cfg, run_dir: str, resume: bool) -> None:
+def _worker(rank: int, world: int, port: int, cfg, run_dir: str, resume: bool, deepspeed: str | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     os.environ.setdefault("DIST_SOUP_BACKEND", "gloo")
-    from . import train
-
-    summary = train.run(cfg, Path(run_dir), resume=resume)
+    summary = _train(cfg, run_dir, resume, deepspeed)
     if summary is not None:
         print_summary(summary, run_dir)
 
@@ -82,6 +82,16 @@ def _note(message: str) -> None:
         print(f"dist-soup: note: {message}", file=sys.stderr, flush=True)
 
 
+def _train(cfg, run_dir: str, resume: bool, deepspeed: str | None) -> dict | None:
+    if deepspeed is not None:
+        from .integrations import deepspeed_train
+
+        return deepspeed_train.run(cfg, Path(run_dir), deepspeed, resume=resume)
+    from . import train
+
+    return train.run(cfg, Path(run_dir), resume=resume)
+
+
 def train_command(args) -> int:
     from . import config as config_mod
     from . import train
@@ -98,14 +108,14 @@ def train_command(args) -> int:
         if launched:
             raise ConfigError("--nproc is for local runs; under torchrun or mpirun the launcher sets the number of processes")
     if args.nproc is None or args.nproc == 1 or launched:
-        summary = train.run(cfg, Path(run_dir), resume=args.resume)
+        summary = _train(cfg, run_dir, args.resume, args.deepspeed)
         if summary is not None:
             print_summary(summary, run_dir)
         return 0
     import torch.multiprocessing as mp
 
     try:
-        mp.start_processes(_worker, args=(args.nproc, _free_port(), cfg, run_dir, args.resume), nprocs=args.nproc, start_method="spawn")
+        mp.start_processes(_worker, args=(args.nproc, _free_port(), cfg, run_dir, args.resume, args.deepspeed), nprocs=args.nproc, start_method="spawn")
     except mp.ProcessRaisedException as exc:
         last = str(exc).strip().splitlines()[-1]
         print(f"dist-soup: a worker failed: {last}", file=sys.stderr)

@@ -454,6 +454,9 @@ class DeepSpeedSection:
     #: Seeds the codecs' stochastic rounding (with rank, step and stream).
     seed: int = 0
 
+    #: Optimizer steps per epoch of the penalty schedules (eta); null: from the DeepSpeed
+    #: dataloader when ``training_data`` is given, else 1 (or pass ``epoch=`` to backward).
+    steps_per_epoch: Optional[int] = None
 
 def deepspeed_section(data: Any) -> DeepSpeedSection:
     """The checked ``"dist_soup"`` section; a ``ConfigError`` names the key as ``dist_soup.KEY``."""
@@ -470,6 +473,8 @@ def deepspeed_section(data: Any) -> DeepSpeedSection:
     names = sec.objectives
     if names is not None:
         if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+    if sec.steps_per_epoch is not None and sec.steps_per_epoch < 1:
+        raise ConfigError(f"dist_soup.steps_per_epoch: {sec.steps_per_epoch!r} must be > 0")
             raise ConfigError(f"dist_soup.objectives: {_short(names)} must be a non-empty list of distinct names")
         if len(names) > 1 and not sec.shared:
             raise ConfigError("dist_soup.shared: several objectives need the name of the model's shared trunk "
