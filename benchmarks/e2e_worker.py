@@ -1,0 +1,292 @@
+"""One rank of ``benchmarks/e2e_hosts.py``: trains one row's way for N steps and times every step.
+
+Started by torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``) with
+``--spec FILE``, the JSON that ``e2e_hosts.run_row`` writes. Writes ``rankR.json`` (every step's
+times and bytes, the host's eth0 counters over the steady state) into the spec's ``out_dir``.
+
+The loop is the same for every row (as in ``dist_soup/train.py``)::
+
+    batch = task.batch(sampler.indices(step))      # data_s
+    losses = task.losses(trainer.model, batch)     # forward_s
+    sent, received, dense = trainer.step(losses, step)   # step_s: backward + exchange + optimizer
+
+``BUILDERS`` maps a row's ``kind`` to the class that builds its model, optimizer and step from the
+row's config; a new way of training (e.g. DeepSpeed) is a new class registered there.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import e2e_hosts as bench  # noqa: E402
+from dist_soup import tasks, train  # noqa: E402
+
+
+def _param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+class Trainer:
+    """What every builder provides, built in ``__init__(cfg, task, spec, rank, world)`` after the
+    process group exists (``spec["options"]`` holds the row's options):
+
+    * ``model``: what the forward runs through (a wrapper such as DDP or a DeepSpeed engine is fine),
+    * ``optimizer``: its ``param_groups`` get the config's learning rate every step,
+    * ``objectives``: the losses the step takes,
+    * ``step(losses, step) -> (sent, received, dense)``: backward, exchange and optimizer step;
+      the bytes this rank handed to (and got from) the collectives in this step, and what fp32
+      would have sent,
+    * ``summary()``: extras for the rank file; ``close()``: before the group is destroyed.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    objectives: tuple[str, ...]
+
+    def summary(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class ComputeTrainer(Trainer):
+    """No communication: sum of the losses, backward, optimizer step (each rank trains alone)."""
+
+    def __init__(self, cfg, task, spec, rank: int, world: int) -> None:
+        self.model = task.build_model(cfg.seed)
+        self.optimizer = train.build_optimizer(cfg, self.model)
+        self.objectives = train.objectives_of(cfg, task)
+
+    def step(self, losses, step: int):
+        self.optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        self.optimizer.step()
+        return 0, 0, 0
+
+
+class _CountAllReduce:
+    """Counts the bytes torch's DDP comm hooks hand to ``dist.all_reduce`` (they call it by module
+    attribute, so wrapping the attribute sees every call)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._orig = dist.all_reduce
+        counter = self
+
+        def all_reduce(tensor, *a, **kw):
+            counter.bytes += tensor.numel() * tensor.element_size()
+            return counter._orig(tensor, *a, **kw)
+
+        dist.all_reduce = all_reduce
+
+    def close(self) -> None:
+        dist.all_reduce = self._orig
+
+
+class DDPTrainer(Trainer):
+    """torch DistributedDataParallel (default buckets), sum of the losses; ``options["hook"]``:
+    None (DDP's own fp32 all-reduce), "fp16" (``fp16_compress_hook``) or "powersgd"
+    (``powerSGD_hook``, ``rank``, ``start_iter``)."""
+
+    def __init__(self, cfg, task, spec, rank: int, world: int) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = task.build_model(cfg.seed)
+        self.model = DistributedDataParallel(net)
+        self.optimizer = train.build_optimizer(cfg, net)
+        self.objectives = train.objectives_of(cfg, task)
+        self.dense = _param_bytes(net)
+        hook = spec["options"].get("hook")
+        self.counter = None
+        self.state = None
+        if hook == "fp16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            self.model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif hook == "powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+            self.state = psgd.PowerSGDState(process_group=None,
+                                            matrix_approximation_rank=int(spec["options"].get("rank", 4)),
+                                            start_powerSGD_iter=int(spec["options"].get("start_iter", 2)),
+                                            random_seed=cfg.seed)
+            self.model.register_comm_hook(self.state, psgd.powerSGD_hook)
+        elif hook is not None:
+            raise ValueError(f"ddp row: unknown hook {hook!r} (None, 'fp16', 'powersgd')")
+        if hook is not None:
+            self.counter = _CountAllReduce()
+
+    def step(self, losses, step: int):
+        before = self.counter.bytes if self.counter else 0
+        self.optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        self.optimizer.step()
+        # DDP's own path all-reduces every fp32 bucket once per step: the parameters' bytes.
+        sent = self.counter.bytes - before if self.counter else self.dense
+        return sent, sent, self.dense
+
+    def summary(self) -> dict:
+        if self.state is None:
+            return {}
+        rate, before, after = self.state.compression_stats()
+        return {"powersgd": {"iter": self.state.iter, "compress_rate": rate}}
+
+    def close(self) -> None:
+        if self.counter:
+            self.counter.close()
+
+
+class SoupTrainer(Trainer):
+    """``SoupEngine`` built from the row's config the way ``dist_soup.train`` builds it;
+    ``engine.step(losses)`` does the backward, exchanges and optimizer step."""
+
+    def __init__(self, cfg, task, spec, rank: int, world: int) -> None:
+        from dist_soup.engine import SoupEngine
+
+        self.cfg = cfg
+        objectives = train.objectives_of(cfg, task)
+        groups = {g: tuple(k for k in ks if k in objectives) for g, ks in task.groups.items()}
+        groups = {g: ks for g, ks in groups.items() if ks}
+        self.model = task.build_model(cfg.seed)
+        self.optimizer = train.build_optimizer(cfg, self.model)
+        self.objectives = objectives
+        self.steps_per_epoch = train.ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world,
+                                                    cfg.seed).steps_per_epoch
+        c = cfg.compression
+        # The same construction as dist_soup/train.py's _run (keep the two in step).
+        self.engine = SoupEngine(
+            self.model, self.optimizer, objectives, task.shared, train.build_recipe(cfg, objectives, groups),
+            gram=cfg.train.gram, selection={k: v for k, v in vars(cfg.selection).items() if k != "probe_every"},
+            probe_every=cfg.selection.probe_every, solve_every=cfg.train.solve_every,
+            jacobian_compressor=c.jacobian.name, jacobian_options=c.jacobian.options,
+            update_compressor=c.update.name, update_options=c.update.options, mode=c.mode,
+            bucket_mb=c.bucket_mb, reuse_jacobian=cfg.train.reuse_jacobian, nonfinite=cfg.train.nonfinite,
+            steps_per_epoch=self.steps_per_epoch, seed=cfg.seed, transport="torch",
+        )
+        train.agree_on_config(self.engine.transport, cfg)
+        self.timings: dict[str, list[float]] = {}
+        self.solved = 0
+        self.skipped = 0
+        self.warmup = int(spec.get("warmup", 0))
+
+    def step(self, losses, step: int):
+        res = self.engine.step(losses, epoch=step / self.steps_per_epoch)
+        if step >= self.warmup:
+            self.solved += bool(res.solved)
+            self.skipped += bool(res.skipped)
+            for k, v in res.timings.items():
+                self.timings.setdefault(k, []).append(v)
+        return res.bytes_sent, res.bytes_received, res.dense_bytes
+
+    def summary(self) -> dict:
+        # each timing is the mean over the steady-state steps that have it (jacobian_s: solve steps)
+        return {
+            "engine_timings_ms": {k: 1e3 * sum(v) / len(v) for k, v in self.timings.items()},
+            "solved_steps": self.solved,
+            "skipped_steps": self.skipped,
+        }
+
+    def close(self) -> None:
+        self.engine = None
+        gc.collect()  # drop exchanges (and the gloo work they hold) while the interpreter is whole
+
+
+BUILDERS: dict[str, type[Trainer]] = {
+    "compute": ComputeTrainer,
+    "ddp": DDPTrainer,
+    "soup": SoupTrainer,
+}
+
+
+def _iface_bytes(iface: str | None) -> tuple[int, int] | None:
+    """(tx, rx) byte counters of ``iface`` in this network namespace, None without one."""
+    if iface is None:
+        return None
+    base = Path("/sys/class/net") / iface / "statistics"
+    try:
+        return int((base / "tx_bytes").read_text()), int((base / "rx_bytes").read_text())
+    except OSError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--spec", required=True, help="the row's JSON spec (written by e2e_hosts.py)")
+    args = p.parse_args(argv)
+    job = json.loads(Path(args.spec).read_text())
+    spec_d = dict(job["row"])
+    spec = bench.RowSpec(**{**spec_d, "set": tuple(spec_d["set"])})
+    steps, warmup, threads = int(job["steps"]), int(job["warmup"]), int(job["threads"])
+    torch.set_num_threads(threads)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # env:// from torchrun (its agent's store); a peer that dies fails the collectives in time
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(job.get("timeout_s", 300))))
+
+    cfg = bench.row_config(spec, steps, job["task_options"], tuple(job.get("extra_set", ())))
+    torch.manual_seed(cfg.seed)
+    task = tasks.build(cfg.task.name, **cfg.task.options)
+    # The sampler of train.py: every row draws the same batches on the same rank.
+    sampler = train.ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
+    if spec.kind not in BUILDERS:
+        raise SystemExit(f"row {spec.name}: unknown kind {spec.kind!r}; builders: {sorted(BUILDERS)}")
+    trainer = BUILDERS[spec.kind](cfg, task, {**spec_d, "warmup": warmup}, rank, world)
+    objectives = trainer.objectives
+
+    records = []
+    eth_start = None
+    last_losses: dict[str, float] = {}
+    dist.barrier()  # start together (untimed); no barrier between steps
+    for step in range(steps):
+        if step == warmup and local_rank == 0:
+            eth_start = _iface_bytes(job.get("iface"))
+        t0 = time.perf_counter()
+        batch = task.batch(sampler.indices(step))
+        t1 = time.perf_counter()
+        losses = task.losses(trainer.model, batch)
+        losses = {k: losses[k] for k in objectives}
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = cfg.optimizer.lr * train.lr_factor(cfg, step)
+        t2 = time.perf_counter()
+        sent, received, dense = trainer.step(losses, step)
+        t3 = time.perf_counter()
+        records.append({"step": step, "total_s": t3 - t0, "data_s": t1 - t0, "forward_s": t2 - t1,
+                        "step_s": t3 - t2, "sent": int(sent), "received": int(received), "dense": int(dense)})
+        if step == steps - 1:
+            last_losses = {k: float(v.detach()) for k, v in losses.items()}
+    eth = None
+    if eth_start is not None:
+        end = _iface_bytes(job.get("iface"))
+        eth = {"tx": end[0] - eth_start[0], "rx": end[1] - eth_start[1], "steps": steps - warmup}
+    result = {
+        "rank": rank, "world": world, "local_rank": local_rank, "kind": spec.kind, "row": spec.name,
+        "threads": threads, "torch_threads": torch.get_num_threads(), "steps": records, "eth0": eth,
+        "final_losses": last_losses, **trainer.summary(),
+    }
+    out = Path(job["out_dir"]) / f"rank{rank}.json"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(out)
+    trainer.close()
+    dist.barrier()  # leave together: no gloo peer vanishes under in-flight work
+    gc.collect()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
