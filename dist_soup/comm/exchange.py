@@ -238,9 +238,11 @@ class Exchange:
         else:
             layout = tuple((n, s, d, tensors[n].device) for n, s, d in specs
                            if math.prod(s) > 0 and not passthrough)
-        # A layout that every rank has agreed on in an earlier call needs no control collective
-        # when the mode carries each rank's status word (non-finite or not) with its payloads.
-        fast = (self.transport.world_size > 1 and self._mode.carries_status and layout in self._agreed
+        # A layout that every rank has agreed on in an earlier call needs no control collective:
+        # each rank's status word (non-finite, rejected or fine) travels with its payloads where
+        # the mode carries it, else in a tiny all-reduce launched with them and waited for (first)
+        # in wait(), so that nothing waits for it before the payloads leave.
+        fast = (self.transport.world_size > 1 and layout in self._agreed
                 and (error is None or status == REJECTED))
         ctl0 = time.perf_counter()
         if fast:
@@ -298,7 +300,15 @@ class Exchange:
         for n, cut in cuts.items():
             flat = tensors[n].detach().reshape(-1)
             inputs.update((p, flat[off : off + k]) for p, off, k in cut)
-        extra = {"status": status} if fast else {}
+        extra = {"status": status} if fast and self._mode.carries_status else {}
+        status_work = None
+        if fast and not self._mode.carries_status:
+            me = self.transport.rank + 1
+            word = torch.tensor([me if status and status != REJECTED else 0, status if status != REJECTED else 0,
+                                 me if status == REJECTED else 0], dtype=torch.int64, device=self.transport.device)
+            status_work = self.transport.all_reduce_async_(word, "max")
+            self.stats.overhead_bytes += 24
+            self.stats.collectives += 1
 
         def prepare(b: Bucket) -> Prepared:
             return self._mode.prepare(
@@ -337,7 +347,7 @@ class Exchange:
             self._inflight -= names
             raise
         return ExchangeHandle(self, tensors, specs, buckets, works, return_local, passthrough, cuts, names, outs,
-                              journal, error)
+                              journal, error, status_work)
 
     def _plan(self, layout: tuple) -> tuple[list[Bucket], dict[str, list[tuple[str, int, int]]]]:
         """Buckets of a call's layout, and the pieces of every tensor cut into pieces."""
@@ -496,8 +506,10 @@ class ExchangeHandle:
                  buckets: list[Bucket], works: list[BucketWork], return_local: bool,
                  passthrough: bool = False, cuts: Mapping[str, list[tuple[str, int, int]]] | None = None,
                  streams: set[str] | None = None, out: Mapping[str, torch.Tensor] | None = None,
-                 journal: dict | None = None, local_error: Exception | None = None) -> None:
+                 journal: dict | None = None, local_error: Exception | None = None,
+                 status_work: Any = None) -> None:
         self._exchange = exchange
+        self._status_work = status_work  # the ranks' status words, when they travel on their own
         self._journal = journal
         self._local_error = local_error  # this rank's rejected input, raised once all ranks know
         self._out = dict(out or {})
@@ -559,6 +571,15 @@ class ExchangeHandle:
                 mine[n] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
         done = 0
         try:
+            if self._status_work is not None:
+                bad, index, rejected = self._status_work.wait().cpu().tolist()
+                if bad or rejected:  # [rank + 1 of a non-finite input, its tensor + 1, rank + 1 rejected]
+                    statuses = [0] * self._exchange.transport.world_size
+                    if bad:
+                        statuses[bad - 1] = index
+                    if rejected:
+                        statuses[rejected - 1] = REJECTED
+                    raise RemoteNonFinite(statuses)
             works = self._works
             if works:
                 works[0].advance()
