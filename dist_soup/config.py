@@ -470,11 +470,11 @@ def deepspeed_section(data: Any) -> DeepSpeedSection:
     except ConfigError as exc:
         message = str(exc)
         raise ConfigError("dist_soup." + (message[len("train."):] if message.startswith("train.") else message)) from None
+    if sec.steps_per_epoch is not None and sec.steps_per_epoch < 1:
+        raise ConfigError(f"dist_soup.steps_per_epoch: {sec.steps_per_epoch!r} must be > 0")
     names = sec.objectives
     if names is not None:
         if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-    if sec.steps_per_epoch is not None and sec.steps_per_epoch < 1:
-        raise ConfigError(f"dist_soup.steps_per_epoch: {sec.steps_per_epoch!r} must be > 0")
             raise ConfigError(f"dist_soup.objectives: {_short(names)} must be a non-empty list of distinct names")
         if len(names) > 1 and not sec.shared:
             raise ConfigError("dist_soup.shared: several objectives need the name of the model's shared trunk "
