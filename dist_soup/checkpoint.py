@@ -10,7 +10,8 @@ Layout inside ``<run_dir>/checkpoints``::
 Each file is written to a temporary name and renamed; the directory is built as
 ``step-...tmp`` and renamed once every rank has written (a barrier between), and ``latest`` is
 replaced last. A crash at any point leaves the previous checkpoint intact and ``latest``
-pointing at it. Loading uses ``torch.load(..., weights_only=True)``: tensors and plain data only.
+pointing at it; a write that fails (a full disk) fails on every rank together
+(:class:`CheckpointError`), with the unfinished directory removed. Loading uses ``torch.load(..., weights_only=True)``: tensors and plain data only.
 """
 from __future__ import annotations
 
@@ -78,6 +79,28 @@ def latest(run_dir: Path) -> Path | None:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that could not be written (every rank raises it together); the previous
+    checkpoint and ``latest`` are untouched and no step directory of it is left."""
+
+
+def _space(path: Path) -> str:
+    try:
+        st = os.statvfs(path)
+        return f"{st.f_bavail * st.f_frsize / 1e6:.2f} MB free on that file system"
+    except OSError:
+        return "free space unknown"
+
+
+def _attempt(what: str, fn: Callable[[], Any], where: Path) -> str | None:
+    try:
+        fn()
+        return None
+    except Exception as exc:  # ENOSPC arrives as OSError or as torch's RuntimeError from its writer
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"{what}: {text} ({_space(where)})"
+
+
 def save(
     run_dir: Path,
     step: int,
@@ -86,29 +109,61 @@ def save(
     rank_state: dict,
     barrier: Callable[[], None],
     keep: int = 2,
+    all_ok: Callable[[bool], bool] | None = None,
 ) -> Path:
     """Collective: every rank calls it at the same step.
 
-    ``shared_state`` is called on rank 0 only (it may be None elsewhere).
+    ``shared_state`` is called on rank 0 only (it may be None elsewhere). ``all_ok(ok)`` returns
+    whether every rank's ``ok`` is true (a collective; the identity for one process): a rank
+    that cannot write its part (a full disk, a vanished directory) makes every rank raise
+    :class:`CheckpointError` after rank 0 has removed the unfinished ``step-...tmp``, so
+    ``latest`` keeps naming the previous complete checkpoint.
     """
+    agree = all_ok or (lambda ok: ok)
     root = Path(run_dir) / SUBDIR
     final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
-    if rank == 0:
+    previous = (root / "latest").read_text(encoding="utf-8").strip() if (root / "latest").is_file() else None
+
+    def fail(err: str | None) -> None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        kept = f"latest still names {previous}" if previous else "there is no earlier checkpoint"
+        mine = f"rank {rank}: {err}" if err else "another rank could not write its part"
+        raise CheckpointError(f"checkpoint of step {step} in {str(root)!r} could not be written ({mine}); "
+                              f"nothing of it was kept and {kept}")
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    barrier()
-    atomic_save(rank_state, tmp / f"rank-{rank}.pt")
-    if rank == 0:
-        atomic_save(shared_state(), tmp / "shared.pt")
-    barrier()
-    if rank == 0:
+
+    err = _attempt("preparing the step directory", prepare, Path(run_dir)) if rank == 0 else None
+    if not agree(err is None):
+        fail(err)
+    err = _attempt(f"writing rank-{rank}.pt", lambda: atomic_save(rank_state, tmp / f"rank-{rank}.pt"), tmp)
+    if rank == 0 and err is None:
+        err = _attempt("writing shared.pt", lambda: atomic_save(shared_state(), tmp / "shared.pt"), tmp)
+    if not agree(err is None):
+        fail(err)
+
+    def publish() -> None:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        atomic_write_text(root / "latest", final.name + "\n")
+        try:
+            atomic_write_text(root / "latest", final.name + "\n")
+        except Exception:
+            if previous != final.name:  # latest names the previous one: drop what it does not name
+                shutil.rmtree(final, ignore_errors=True)
+            raise
+
+    err = _attempt("publishing the checkpoint", publish, root) if rank == 0 else None
+    if not agree(err is None):
+        fail(err)
+    if rank == 0:
         done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

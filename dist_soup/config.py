@@ -119,6 +119,9 @@ class TrainConfig:
     nonfinite: Literal["skip", "raise"] = "skip"
     #: Rows of the selected tensors reuse the exchanged Jacobian (Jbar^T w) in the update.
     reuse_jacobian: bool = True
+    #: Seconds a collective or the rendezvous store may wait for a peer before every rank gives
+    #: up (a dead host, a link down): the torch.distributed process group's timeout.
+    timeout_s: float = 180.0
 
 
 @dataclass
@@ -153,7 +156,7 @@ class Config:
 
 _POSITIVE = {
     "train.steps", "train.batch_size", "train.solve_every", "selection.probe_every",
-    "logging.every", "checkpoint.keep", "optimizer.lr", "compression.bucket_mb",
+    "logging.every", "checkpoint.keep", "optimizer.lr", "compression.bucket_mb", "train.timeout_s",
 }
 _NON_NEGATIVE = {"checkpoint.every", "logging.eval_every", "optimizer.momentum", "optimizer.weight_decay",
                  "optimizer.warmup_steps"}

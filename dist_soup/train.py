@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint, config as config_mod, tasks
+from . import checkpoint, config as config_mod, faults, resize, tasks
 from .config import Config, ConfigError
 from .engine import SoupEngine
 from .moo.recipe import Recipe, Schedule
@@ -33,16 +33,21 @@ def launcher_env() -> str:
     return "local"
 
 
-def init_distributed() -> tuple[str | None, int, int]:
-    """(transport name, rank, world size) after joining the launcher's process group."""
+def init_distributed(timeout_s: float | None = None) -> tuple[str | None, int, int]:
+    """(transport name, rank, world size) after joining the launcher's process group.
+
+    ``timeout_s`` (``train.timeout_s``) bounds every collective and store wait of the group.
+    """
     kind = launcher_env()
     if kind == "torch":
         import torch.distributed as dist
+        from datetime import timedelta
 
         if not dist.is_initialized():
+            timeout_s = float(timeout_s or config_mod.TrainConfig.timeout_s)
             backend = "nccl" if torch.cuda.is_available() and os.environ.get("DIST_SOUP_BACKEND", "") != "gloo" else "gloo"
-            dist.init_process_group(backend=backend, store=_attempt_store(), rank=int(os.environ["RANK"]),
-                                    world_size=int(os.environ["WORLD_SIZE"]))
+            dist.init_process_group(backend=backend, store=_attempt_store(timeout_s), rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
         return "torch", dist.get_rank(), dist.get_world_size()
     if kind == "mpi":
         try:
@@ -64,23 +69,31 @@ def _device(kind: str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _attempt_store():
-    """The launcher's rendezvous store, with keys private to this torchrun attempt.
+_PEERS: "faults.Peers | None" = None
+_GENERATION: int | None = None  # which start of the job's process group this is (1, 2, ...)
 
-    After a worker failure torchrun restarts every worker against the same store; without a
-    per-attempt prefix a restarted rank can read the address its dead peer published and fail
-    to connect. ``TORCHELASTIC_RESTART_COUNT`` numbers the attempts.
+
+def _attempt_store(timeout_s: float):
+    """The launcher's rendezvous store, with keys private to this attempt of the job.
+
+    After a failure torchrun restarts every worker against the same store, which still holds
+    the keys (gloo addresses) of the dead attempt. ``TORCHELASTIC_RESTART_COUNT`` does not name
+    an attempt (each agent counts only its own failures: the agents of healthy nodes restart at
+    a lower count), so the ranks agree on a fresh generation number instead
+    (:func:`dist_soup.faults.generation_store`).
     """
     import torch.distributed as dist
     from datetime import timedelta
 
+    global _PEERS, _GENERATION
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=not agent_store and rank == 0, timeout=timedelta(minutes=5),
-                          multi_tenant=not agent_store)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"dist_soup/attempt{attempt}", store)
+    store = dist.TCPStore(addr, port, world, is_master=not agent_store and rank == 0,
+                          timeout=timedelta(seconds=timeout_s), multi_tenant=not agent_store)
+    prefixed, _GENERATION = faults.generation_store(store, rank, world, timeout_s)
+    _PEERS = faults.Peers(prefixed, rank, world, (addr, port))
+    return prefixed
 
 
 def shutdown_distributed(kind: str | None) -> None:
@@ -196,13 +209,50 @@ def agree_on_config(transport, cfg: Config) -> None:
 
 # --- the run ---------------------------------------------------------------------------------
 def run(cfg: Config, run_dir: Path, *, resume: bool = False, log=print) -> dict | None:
-    """Train one rank. Returns the summary on rank 0, None elsewhere."""
+    """Train one rank. Returns the summary on rank 0, None elsewhere.
+
+    Exits (``SystemExit``) with :data:`faults.EXIT_PREEMPTED` after a SIGTERM (a checkpoint at
+    the next step boundary, on every rank); the process ends at once (``os._exit``) with
+    :data:`faults.EXIT_PEER_LOST` when the torch.distributed group's collectives fail (a peer
+    died, a link is down, ``train.timeout_s`` ran out), after a message naming the silent peers.
+    """
     torch.set_num_threads(int(os.environ.get("DIST_SOUP_THREADS", "1")))
-    kind, rank, world = init_distributed()
-    try:
-        return _run(cfg, Path(run_dir), resume, kind, rank, world, log)
-    finally:
-        shutdown_distributed(kind)
+    with faults.Preemption() as preemption:
+        progress = {"step": None}
+        try:
+            kind, rank, world = init_distributed(cfg.train.timeout_s)
+        except Exception as exc:
+            if not faults.is_comm_error(exc):
+                raise
+            faults.warn(f"[dist_soup] rank {os.environ.get('RANK', '?')}: could not join the process group: "
+                        f"{faults._first_line(exc)}")
+            raise SystemExit(faults.EXIT_PEER_LOST) from None
+        broken = False
+        try:
+            return _run(cfg, Path(run_dir), resume, kind, rank, world, log, preemption, progress)
+        except faults.Preempted as p:
+            if rank == 0:
+                log(f"[dist_soup] {p}; exit code {faults.EXIT_PREEMPTED}, --resume continues")
+            raise SystemExit(faults.EXIT_PREEMPTED) from None
+        except Exception as exc:
+            if kind != "torch" or not faults.is_comm_error(exc):
+                raise
+            broken = True
+            msg = _PEERS.diagnose(exc, progress["step"], stop=lambda: preemption.requested) if _PEERS else \
+                f"[dist_soup] rank {rank}: communication failed: {faults._first_line(exc)}"
+            try:
+                last = checkpoint.latest(run_dir) if (Path(run_dir) / checkpoint.SUBDIR / "latest").is_file() else None
+            except ValueError:
+                last = None
+            faults.warn(msg + (f" The run dir keeps {last.name}; rerun with --resume once the fault is fixed."
+                               if last else " No checkpoint was written yet."))
+            # Leave now: tearing down a process group whose peers are gone can block (gloo
+            # pairs, store requests to an unreachable host), and the launcher is waiting.
+            sys.stdout.flush()
+            os._exit(faults.EXIT_PEER_LOST)
+        finally:
+            if not broken:
+                shutdown_distributed(kind)
 
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, rank: int) -> Path | None:
@@ -234,10 +284,13 @@ def _without_steps(cfg: Config) -> Config:
 
     c = copy.deepcopy(cfg)
     c.train.steps = 0
+    c.train.timeout_s = 0.0
     return c
 
 
-def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, log) -> dict | None:
+def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, log,
+         preemption: "faults.Preemption | None" = None, progress_at: dict | None = None) -> dict | None:
+    progress_at = {} if progress_at is None else progress_at
     torch.manual_seed(cfg.seed)
     task = tasks.build(cfg.task.name, **cfg.task.options)
     objectives = objectives_of(cfg, task)
@@ -267,9 +320,14 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     restore = _prepare_run_dir(cfg, run_dir, resume, rank)
     first_losses: dict[str, float] = {}
     if restore is not None:
-        shared, mine = checkpoint.load_checkpoint(restore, rank)
-        if shared.get("world_size") != world:
-            raise ConfigError(f"checkpoint {str(restore)!r} was saved by {shared.get('world_size')} ranks, this run has {world}")
+        shared = checkpoint.load(restore / "shared.pt")
+        if shared.get("world_size") == world:
+            shared, mine = checkpoint.load_checkpoint(restore, rank)
+        else:  # resize: fold the old ranks' residues (dist_soup.resize)
+            shared, mine, old_world = resize.load_resized(restore, rank, world, mode=cfg.compression.mode, seed=cfg.seed)
+            if rank == 0:
+                log(f"[dist_soup] resizing: checkpoint of {old_world} ranks resumed on {world} "
+                    "(each rank holds the mean of the old ranks' residues)")
         model.load_state_dict(shared["model"])
         optimizer.load_state_dict(shared["optimizer"])
         engine.load_state_dict({**shared["engine"], **mine["engine"]})
@@ -277,7 +335,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
         start = int(shared["step"])
         first_losses = dict(shared.get("first_losses", {}))
         if rank == 0:
-            log(f"[dist_soup] resumed from {restore} at step {start}")
+            gen = f" (process group generation {_GENERATION})" if _GENERATION else ""
+            log(f"[dist_soup] resumed from {restore} at step {start}{gen}")
     if rank == 0:
         checkpoint.atomic_write_text(run_dir / "config.yaml", config_mod.dump(cfg))
     metrics_path = run_dir / "metrics.jsonl"
@@ -298,11 +357,34 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
             "config_sha256": config_mod.fingerprint(cfg),
         }
 
-    def save() -> None:
+    def save() -> Path:
         es = engine.state_dict()
         mine = {"engine": {k: es[k] for k in ("j_exchange", "u_exchange")}, "rng": torch.get_rng_state()}
-        checkpoint.save(run_dir, engine.step_count, rank, shared_state if rank == 0 else None, mine,
-                        transport.barrier, keep=cfg.checkpoint.keep)
+        return checkpoint.save(run_dir, engine.step_count, rank, shared_state if rank == 0 else None, mine,
+                               transport.barrier, keep=cfg.checkpoint.keep, all_ok=all_ok)
+
+    def all_ok(ok: bool) -> bool:
+        if world == 1:
+            return ok
+        flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64)
+        transport.all_reduce_(flag, "min")
+        return bool(flag.item() > 0)
+
+    control = faults.StepControl(transport, world, rank)
+    pending_lines: dict[int, dict] = {}
+
+    def write_lines(done) -> bool:
+        """Write the log line of the step whose reduction ``done`` is; its stop flag."""
+        if done is None:
+            return False
+        at, step_times, compute_times, stop = done
+        line = pending_lines.pop(at, None)
+        if line is not None:
+            line["rank_step_s"] = [round(t, 6) for t in step_times]
+            line["rank_compute_s"] = [round(t, 6) for t in compute_times]
+            mfile.write(json.dumps(line) + "\n")
+            mfile.flush()
+        return stop
 
     progress = _Progress(cfg, start, rank)
     t_start = time.perf_counter()
@@ -310,12 +392,15 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     last_res = None
     with open(metrics_path, "a", encoding="utf-8") if rank == 0 else _Null() as mfile:
         for step in range(start, cfg.train.steps):
+            progress_at["step"] = step
+            t_step = time.perf_counter()
             model.train()
             batch = task.batch(sampler.indices(step))
             if device.type != "cpu" and hasattr(batch, "to"):
                 batch = batch.to(device)
             losses = task.losses(model, batch)
             losses = {k: losses[k] for k in objectives}
+            forward_s = time.perf_counter() - t_step
             for group in optimizer.param_groups:
                 group["lr"] = cfg.optimizer.lr * lr_factor(cfg, step)
             res = engine.step(losses, epoch=step / sampler.steps_per_epoch)
@@ -324,17 +409,29 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
                 first_losses = dict(res.losses)
             for k in ("bytes_sent", "bytes_received", "dense_bytes"):
                 totals[k] += getattr(res, k)
+            # every rank's step time and local compute time, and the stop flag of SIGTERM: the
+            # reduction runs one step behind (faults.StepControl), so is this step's log line
+            step_s = time.perf_counter() - t_step
             if rank == 0 and (step % cfg.logging.every == 0 or step == cfg.train.steps - 1 or res.probed):
-                mfile.write(json.dumps(_metrics_line(res, step)) + "\n")
-                mfile.flush()
+                pending_lines[step] = _metrics_line(res, step)
+            stop = write_lines(control.push(step, step_s, faults.compute_time(forward_s, res.timings),
+                                            bool(preemption is not None and preemption.requested)))
             if cfg.logging.eval_every and (step + 1) % cfg.logging.eval_every == 0 and rank == 0:
                 model.eval()
                 with torch.no_grad():
                     ev = task.evaluate(model)
                 mfile.write(json.dumps({"step": step, "eval": ev}) + "\n")
             progress.update(step, res)
+            if (stop or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)) and step + 1 < cfg.train.steps:
+                # a checkpoint covers the log lines of the steps it holds
+                stop = write_lines(control.flush()) or stop
+            if stop and step + 1 < cfg.train.steps:
+                path = save()
+                progress.close()
+                raise faults.Preempted(step, path)
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and step + 1 < cfg.train.steps:
                 save()
+        write_lines(control.flush())
     progress.close()
     elapsed = time.perf_counter() - t_start
     save()
