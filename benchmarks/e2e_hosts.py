@@ -41,8 +41,8 @@ cores (``cores // (hosts * nproc_per_node)``, at least 1), so that every host is
 in a real run (on the 2-core dev VM: one process per host, one thread each).
 
 Adding rows: append a ``RowSpec`` to ``ROWS``. ``kind`` picks the worker's builder
-(``e2e_worker.BUILDERS``: ``compute``, ``ddp``, ``soup``); a new way of training (e.g. DeepSpeed)
-is a new builder there plus rows here.
+(``e2e_worker.BUILDERS``: ``compute``, ``ddp``, ``soup``, ``deepspeed``); a new way of training is a
+new builder there plus rows here.
 
 Needs root and iproute2 for the namespaces; ``--loopback`` runs the same jobs over 127.0.0.1
 instead (no link cap), e.g. where namespaces cannot be made.
@@ -138,6 +138,10 @@ ROWS: list[RowSpec] = [
             config="configs/quickstart.yaml", set=("train.solve_every=2",)),
     RowSpec("quickstart_solve25", "quickstart recipe (vm, MGDA, threshold), QSGD 4-bit, solve_every 25", "soup",
             config="configs/quickstart.yaml", set=("train.solve_every=25",)),
+    RowSpec("ds_allreduce", "DeepSpeed ZeRO 0 fp32, its own all-reduce, sum of losses", "deepspeed",
+            options={"plugin": False}),
+    RowSpec("ds_soup_qsgd4", "DeepSpeed + dist_soup plugin, QSGD 4-bit, allgather, sum of losses", "deepspeed",
+            set=_codec("qsgd", "{bits: 4}") + ("compression.mode=allgather",), options={"plugin": True}),
 ]
 BASELINE_ROW = "ddp_fp32"
 COMPUTE_ROW = "compute"

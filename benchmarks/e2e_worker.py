@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import e2e_hosts as bench  # noqa: E402
-from dist_soup import tasks, train  # noqa: E402
+from dist_soup import config, tasks, train  # noqa: E402
 
 
 def _param_bytes(model: torch.nn.Module) -> int:
@@ -166,17 +166,9 @@ class SoupTrainer(Trainer):
         self.objectives = objectives
         self.steps_per_epoch = train.ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world,
                                                     cfg.seed).steps_per_epoch
-        c = cfg.compression
-        # The same construction as dist_soup/train.py's _run (keep the two in step).
-        self.engine = SoupEngine(
-            self.model, self.optimizer, objectives, task.shared, train.build_recipe(cfg, objectives, groups),
-            gram=cfg.train.gram, selection={k: v for k, v in vars(cfg.selection).items() if k != "probe_every"},
-            probe_every=cfg.selection.probe_every, solve_every=cfg.train.solve_every,
-            jacobian_compressor=c.jacobian.name, jacobian_options=c.jacobian.options,
-            update_compressor=c.update.name, update_options=c.update.options, mode=c.mode,
-            bucket_mb=c.bucket_mb, reuse_jacobian=cfg.train.reuse_jacobian, nonfinite=cfg.train.nonfinite,
-            steps_per_epoch=self.steps_per_epoch, seed=cfg.seed, transport="torch",
-        )
+        self.engine = SoupEngine(self.model, self.optimizer, objectives, task.shared,
+                                 train.build_recipe(cfg, objectives, groups), steps_per_epoch=self.steps_per_epoch,
+                                 transport="torch", **config.engine_options(cfg))
         train.agree_on_config(self.engine.transport, cfg)
         self.timings: dict[str, list[float]] = {}
         self.solved = 0
@@ -205,10 +197,61 @@ class SoupTrainer(Trainer):
         gc.collect()  # drop exchanges (and the gloo work they hold) while the interpreter is whole
 
 
+class DeepSpeedTrainer(Trainer):
+    """A DeepSpeed engine (ZeRO stage 0, fp32, the config's optimizer as DeepSpeed's client
+    optimizer), sum of the losses as its one loss; ``engine.backward(loss); engine.step()``.
+    ``options["plugin"]``: False, DeepSpeed's own gradient all-reduce; True, built by
+    ``dist_soup.integrations.deepspeed.initialize`` with the row config's ``compression``, so
+    the mean travels through the compressed exchange."""
+
+    def __init__(self, cfg, task, spec, rank: int, world: int) -> None:
+        import deepspeed
+
+        from dist_soup.integrations import deepspeed as ds_soup
+        from dist_soup.integrations.deepspeed_train import default_extensions_dir
+
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+        net = task.build_model(cfg.seed)
+        self.optimizer = train.build_optimizer(cfg, net)
+        self.objectives = train.objectives_of(cfg, task)
+        self.dense = _param_bytes(net)
+        ds = {"train_micro_batch_size_per_gpu": cfg.train.batch_size, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.plugin = bool(spec["options"].get("plugin"))
+        if self.plugin:
+            c = config.to_dict(cfg)["compression"]
+            ds[ds_soup.SECTION] = {"compression": c, "seed": cfg.seed}
+            self.model, _, _, _ = ds_soup.initialize(model=net, model_parameters=params, optimizer=self.optimizer,
+                                                    config=ds)
+        else:
+            self.model, _, _, _ = deepspeed.initialize(model=net, model_parameters=params, optimizer=self.optimizer,
+                                                      config=ds)
+        self._mark = ds_soup.stats(self.model) if self.plugin else None
+
+    def step(self, losses, step: int):
+        from dist_soup.integrations import deepspeed as ds_soup
+
+        self.model.backward(sum(losses.values()))
+        self.model.step()
+        if not self.plugin:  # DeepSpeed's own all-reduce sends every fp32 gradient
+            return self.dense, self.dense, self.dense
+        now = ds_soup.stats(self.model)
+        sent, received = (now[k] - self._mark[k] for k in ("bytes_sent", "bytes_received"))
+        self._mark = now
+        return sent, received, self.dense
+
+    def close(self) -> None:
+        self.model.destroy()
+        self.model = None
+        gc.collect()
+
+
 BUILDERS: dict[str, type[Trainer]] = {
     "compute": ComputeTrainer,
     "ddp": DDPTrainer,
     "soup": SoupTrainer,
+    "deepspeed": DeepSpeedTrainer,
 }
 
 

@@ -93,6 +93,9 @@ class CompressionConfig:
     update: CodecConfig = field(default_factory=CodecConfig)
     mode: Literal["allgather", "allreduce", "two_phase"] = "allgather"
     bucket_mb: float = 25.0
+    #: Size of the update buckets that leave during the backward (smaller: earlier overlap,
+    #: more calls).
+    overlap_mb: float = 4.0
 
 
 @dataclass
@@ -156,7 +159,8 @@ class Config:
 
 _POSITIVE = {
     "train.steps", "train.batch_size", "train.solve_every", "selection.probe_every",
-    "logging.every", "checkpoint.keep", "optimizer.lr", "compression.bucket_mb", "train.timeout_s",
+    "logging.every", "checkpoint.keep", "optimizer.lr", "compression.bucket_mb", "compression.overlap_mb",
+    "train.timeout_s",
 }
 _NON_NEGATIVE = {"checkpoint.every", "logging.eval_every", "optimizer.momentum", "optimizer.weight_decay",
                  "optimizer.warmup_steps"}
@@ -207,6 +211,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: {value!r} is not a number")
         return float(value)
@@ -461,15 +470,36 @@ class DeepSpeedSection:
     #: dataloader when ``training_data`` is given, else 1 (or pass ``epoch=`` to backward).
     steps_per_epoch: Optional[int] = None
 
+    def as_config(self) -> Config:
+        """This section as a project config (its ``train`` keys in ``train``)."""
+        return Config(recipe=self.recipe, solver=self.solver, selection=self.selection,
+                      compression=self.compression, seed=self.seed,
+                      train=TrainConfig(solve_every=self.solve_every, gram=self.gram, nonfinite=self.nonfinite,
+                                        reuse_jacobian=self.reuse_jacobian))
+
+
+def engine_options(cfg: Config) -> dict:
+    """The keyword arguments of ``SoupEngine`` that the config sets (the compression, the
+    selection, the solve cadence); the caller adds the model, optimizer, objectives, trunk,
+    recipe, ``steps_per_epoch`` and transport. One place, so that the CLI, the DeepSpeed plugin
+    and the benchmarks build the same engine from the same config."""
+    c = cfg.compression
+    return dict(
+        gram=cfg.train.gram, selection={k: v for k, v in vars(cfg.selection).items() if k != "probe_every"},
+        probe_every=cfg.selection.probe_every, solve_every=cfg.train.solve_every,
+        jacobian_compressor=c.jacobian.name, jacobian_options=c.jacobian.options,
+        update_compressor=c.update.name, update_options=c.update.options, mode=c.mode,
+        bucket_mb=c.bucket_mb, overlap_mb=c.overlap_mb, reuse_jacobian=cfg.train.reuse_jacobian,
+        nonfinite=cfg.train.nonfinite, seed=cfg.seed,
+    )
+
+
 def deepspeed_section(data: Any) -> DeepSpeedSection:
     """The checked ``"dist_soup"`` section; a ``ConfigError`` names the key as ``dist_soup.KEY``."""
     sec = _build(DeepSpeedSection, data, "dist_soup")
-    as_config = Config(recipe=sec.recipe, solver=sec.solver, selection=sec.selection,
-                       compression=sec.compression, seed=sec.seed,
-                       train=TrainConfig(solve_every=sec.solve_every, gram=sec.gram, nonfinite=sec.nonfinite))
     try:
-        _check_ranges(as_config)
-        _check_codecs(as_config)
+        _check_ranges(sec.as_config())
+        _check_codecs(sec.as_config())
     except ConfigError as exc:
         message = str(exc)
         raise ConfigError("dist_soup." + (message[len("train."):] if message.startswith("train.") else message)) from None

@@ -300,16 +300,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     model = task.build_model(cfg.seed).to(device)
     optimizer = build_optimizer(cfg, model)
     sampler = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
-    c = cfg.compression
-    engine = SoupEngine(
-        model, optimizer, objectives, task.shared, build_recipe(cfg, objectives, groups),
-        gram=cfg.train.gram, selection={k: v for k, v in vars(cfg.selection).items() if k != "probe_every"},
-        probe_every=cfg.selection.probe_every, solve_every=cfg.train.solve_every,
-        jacobian_compressor=c.jacobian.name, jacobian_options=c.jacobian.options,
-        update_compressor=c.update.name, update_options=c.update.options, mode=c.mode,
-        bucket_mb=c.bucket_mb, reuse_jacobian=cfg.train.reuse_jacobian, nonfinite=cfg.train.nonfinite,
-        steps_per_epoch=sampler.steps_per_epoch, seed=cfg.seed, transport=kind,
-    )
+    engine = SoupEngine(model, optimizer, objectives, task.shared, build_recipe(cfg, objectives, groups),
+                        steps_per_epoch=sampler.steps_per_epoch, transport=kind, **config_mod.engine_options(cfg))
     transport = engine.transport
     agree_on_config(transport, cfg)
 

@@ -133,3 +133,13 @@ def test_cli_refuses_a_bad_codec_option_before_starting(tmp_path):
     code = cli.main(["train", "--config", str(QUICKSTART), "--nproc", "2", "--run-dir", str(tmp_path / "r"),
                      "--set", "compression.update.name=adacomp", "--set", "compression.update.options.bits=4"])
     assert code == 2 and not (tmp_path / "r").exists()
+
+
+def test_exponent_without_a_dot_is_a_number():
+    """YAML 1.1 reads ``3e-3`` as a string; a float key takes it as the number a user means."""
+    cfg = C.from_dict(C.apply_overrides({}, ["optimizer.lr=3e-3", "compression.overlap_mb=2"]))
+    assert cfg.optimizer.lr == 3e-3 and cfg.compression.overlap_mb == 2.0
+    with pytest.raises(C.ConfigError, match="optimizer.lr: 'fast' is not a number"):
+        C.from_dict(C.apply_overrides({}, ["optimizer.lr=fast"]))
+    with pytest.raises(C.ConfigError, match="compression.overlap_mb"):
+        C.from_dict(C.apply_overrides({}, ["compression.overlap_mb=0"]))

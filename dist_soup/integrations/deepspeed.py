@@ -71,9 +71,8 @@ import hashlib
 import inspect
 import json
 import os
-import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -523,16 +522,8 @@ def initialize(*args, **kwargs):
     steps_per_epoch = section.steps_per_epoch
     if steps_per_epoch is None:
         steps_per_epoch = max(1, len(dataloader) // engine.gradient_accumulation_steps()) if dataloader is not None else 1
-    c = section.compression
-    soup = SoupEngine(
-        engine.module, None, objectives, section.shared, recipe,
-        gram=section.gram, selection={k: v for k, v in vars(section.selection).items() if k != "probe_every"},
-        probe_every=section.selection.probe_every, solve_every=section.solve_every,
-        jacobian_compressor=c.jacobian.name, jacobian_options=c.jacobian.options,
-        update_compressor=c.update.name, update_options=c.update.options, mode=c.mode, bucket_mb=c.bucket_mb,
-        reuse_jacobian=section.reuse_jacobian, nonfinite=section.nonfinite, steps_per_epoch=steps_per_epoch,
-        seed=section.seed, transport="torch",
-    )
+    soup = SoupEngine(engine.module, None, objectives, section.shared, recipe, steps_per_epoch=steps_per_epoch,
+                      transport="torch", **config_mod.engine_options(section.as_config()))
     engine.__class__ = _soup_class(type(engine))
     engine.enable_backward_allreduce = False  # the soup engine averages the gradients
     engine.soup = soup
@@ -563,38 +554,3 @@ def stats(engine) -> dict:
     total["ratio"] = total["dense_bytes"] / total["bytes_sent"] if total["bytes_sent"] else None
     total.update(update=u, jacobian=j, exchanges=soup.step_count, skipped_steps=soup.skipped_steps)
     return total
-
-
-def benchmark(engine, loss_fn: Callable[[Any, int], Any], steps: int, *, warmup: int = 5) -> dict:
-    """Steady-state timing of ``engine.backward(loss_fn(engine, i)); engine.step()``, for the
-    end-to-end benchmark: the same call times a plain DeepSpeed engine (its own all-reduce)
-    and one built by :func:`initialize`.
-
-    ``loss_fn(engine, i)`` runs micro-batch i's forward and returns its loss (or dict of
-    losses). Returns ``ms_per_step`` (median over the optimizer steps after ``warmup``),
-    ``ms_mean``, and per optimizer step this rank's ``bytes_sent`` and ``dense_bytes`` (for a
-    plain engine both are the fp32 gradient size: DeepSpeed's all-reduce sends it dense).
-    """
-    gas = engine.gradient_accumulation_steps()
-    soup = getattr(engine, "soup", None)
-    dense = 4 * sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
-    times, mark = [], None
-    for s in range(warmup + steps):
-        if s == warmup:
-            mark = stats(engine) if soup is not None else None
-        dist.barrier()
-        t0 = time.perf_counter()
-        for m in range(gas):
-            engine.backward(loss_fn(engine, s * gas + m))
-            engine.step()
-        if s >= warmup:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    out = {"ms_per_step": 1e3 * times[len(times) // 2], "ms_mean": 1e3 * sum(times) / len(times), "steps": steps}
-    if soup is not None:
-        now = stats(engine)
-        out["bytes_sent"] = (now["bytes_sent"] - mark["bytes_sent"]) / steps
-        out["dense_bytes"] = (now["dense_bytes"] - mark["dense_bytes"]) / steps
-    else:
-        out["bytes_sent"] = out["dense_bytes"] = dense
-    return out
