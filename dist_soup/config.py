@@ -44,11 +44,18 @@ class TaskConfig:
 
 @dataclass
 class EtaConfig:
-    """Penalty schedule eta(epoch) = min(cap, start + step * epoch)."""
+    """Penalty schedule of the later levels (``dist_soup.moo.recipe.Schedule``):
+    eta(t) = min(cap, start + step * t), or with ``every``: min(cap, start + step * floor(t / every))."""
 
     start: float = 0.1
     step: float = 0.02
     cap: Optional[float] = 1.5
+    #: What t counts: epochs (fractional, step / steps per epoch), steps (optimizer steps done)
+    #: or fraction (steps done / train.steps: 0 at the start, about 1 at the end).
+    unit: Literal["epochs", "steps", "fraction"] = "epochs"
+    #: null: eta grows by ``step`` per unit, linearly; N: by ``step`` every N units (stairs;
+    #: a whole number with unit steps, at most 1 with unit fraction).
+    every: Optional[float] = None
 
 
 @dataclass
@@ -277,10 +284,52 @@ def _check_ranges(cfg: Config) -> None:
         if value is not None and cfg.recipe.kind not in kinds:
             raise ConfigError(f"recipe.{key}: {_short(value)} is only used with recipe.kind {' or '.join(kinds)} "
                               f"(kind is {cfg.recipe.kind!r})")
+    _check_recipe(cfg)
     if cfg.selection.rule == "top_m" and (cfg.selection.m is None or cfg.selection.m <= 0):
         raise ConfigError("selection.m: rule top_m needs a positive integer m")
     if cfg.selection.rule == "budget" and (cfg.selection.budget is None or cfg.selection.budget <= 0):
         raise ConfigError("selection.budget: rule budget needs a positive parameter count")
+
+
+def _check_recipe(cfg: Config) -> None:
+    """The penalty schedule, the custom levels and the solver's name and options, built as the
+    run will build them, so that a bad value fails before any process starts."""
+    from .moo import solvers
+    from .moo.recipe import Recipe, Schedule
+
+    eta = cfg.recipe.eta
+    for key in ("start", "cap"):  # a negative weight would ascend its objectives
+        if getattr(eta, key) is not None and getattr(eta, key) < 0:
+            raise ConfigError(f"recipe.eta.{key}: {getattr(eta, key)!r} must be >= 0")
+    if eta.every is not None:
+        if eta.every <= 0:
+            raise ConfigError(f"recipe.eta.every: {eta.every!r} must be > 0 (units per stair) or null (linear)")
+        if eta.unit == "steps" and eta.every != int(eta.every):
+            raise ConfigError(f"recipe.eta.every: {eta.every!r} must be a whole number of steps with recipe.eta.unit steps")
+        if eta.unit == "fraction" and eta.every > 1:
+            raise ConfigError(f"recipe.eta.every: {eta.every!r} must be in (0, 1] with recipe.eta.unit fraction "
+                              "(a stair longer than the run is never climbed)")
+    try:
+        Schedule.from_spec(vars(eta))
+    except ValueError as exc:
+        raise ConfigError(f"recipe.eta: {exc}") from None
+    if cfg.recipe.kind == "custom" and cfg.recipe.levels:
+        try:
+            Recipe.from_levels(cfg.recipe.levels)
+        except ValueError as exc:
+            raise ConfigError(f"recipe.levels: {exc}") from None
+    s = cfg.solver
+    if s.name not in solvers.names():
+        raise ConfigError(f"solver.name: {s.name!r} is not a solver; use one of {', '.join(solvers.names())}")
+    allowed = solvers.option_names(s.name)
+    for opt in s.options:
+        if opt not in allowed:
+            raise ConfigError(f"solver.options.{opt}: solver {s.name!r} has no option {opt!r}; "
+                              f"its options: {', '.join(allowed) if allowed else 'none'}")
+    try:
+        solvers.build(s.name, **s.options)
+    except ValueError as exc:
+        raise ConfigError(f"solver.options: {_short(s.options)} not allowed for solver {s.name!r}: {exc}") from None
 
 
 def _short(value: Any, limit: int = 60, quote: bool = True) -> str:
@@ -505,6 +554,14 @@ def deepspeed_section(data: Any) -> DeepSpeedSection:
         raise ConfigError("dist_soup." + (message[len("train."):] if message.startswith("train.") else message)) from None
     if sec.steps_per_epoch is not None and sec.steps_per_epoch < 1:
         raise ConfigError(f"dist_soup.steps_per_epoch: {sec.steps_per_epoch!r} must be > 0")
+    fraction = ["recipe.eta"] if sec.recipe.eta.unit == "fraction" and sec.recipe.kind in ("vc", "vm") else []
+    for j, level in enumerate((sec.recipe.levels or []) if sec.recipe.kind == "custom" else []):
+        if isinstance(level.get("eta"), dict) and level["eta"].get("unit") == "fraction":
+            fraction.append(f"recipe.levels[{j}].eta")
+    if fraction:
+        # The section carries no run length (DeepSpeed leaves the number of steps to the script).
+        raise ConfigError(f"dist_soup.{fraction[0]}.unit: 'fraction' needs the run's number of steps, which a "
+                          "DeepSpeed config does not give; use 'steps' or 'epochs'")
     names = sec.objectives
     if names is not None:
         if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):

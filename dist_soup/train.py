@@ -163,14 +163,19 @@ def lr_factor(cfg: Config, step: int) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def build_recipe(cfg: Config, objectives: tuple[str, ...], groups: dict) -> Recipe | str:
+def build_recipe(cfg: Config, objectives: tuple[str, ...], groups: dict, steps_per_epoch: int | None = None) -> Recipe:
+    """The config's recipe, told the run length (``steps_per_epoch``: the engine's) that penalty
+    schedules in steps or fractions of the run need."""
     r = cfg.recipe
-    eta = Schedule(start=r.eta.start, step=r.eta.step, cap=r.eta.cap)
     if r.kind == "custom":
-        return Recipe.from_levels(r.levels)
-    from .moo.recipe import build_recipe as build
+        recipe = Recipe.from_levels(r.levels)
+    else:
+        from .moo.recipe import build_recipe as build
 
-    return build(r.kind, objectives, groups, solver=cfg.solver.name, solver_options=cfg.solver.options, order=r.order, eta=eta)
+        recipe = build(r.kind, objectives, groups, solver=cfg.solver.name, solver_options=cfg.solver.options,
+                       order=r.order, eta=Schedule.from_spec(vars(r.eta)))
+    recipe.set_run_length(steps_per_epoch=steps_per_epoch, total_steps=cfg.train.steps)
+    return recipe
 
 
 def objectives_of(cfg: Config, task) -> tuple[str, ...]:
@@ -300,7 +305,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     model = task.build_model(cfg.seed).to(device)
     optimizer = build_optimizer(cfg, model)
     sampler = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
-    engine = SoupEngine(model, optimizer, objectives, task.shared, build_recipe(cfg, objectives, groups),
+    engine = SoupEngine(model, optimizer, objectives, task.shared, build_recipe(cfg, objectives, groups, sampler.steps_per_epoch),
                         steps_per_epoch=sampler.steps_per_epoch, transport=kind, **config_mod.engine_options(cfg))
     transport = engine.transport
     agree_on_config(transport, cfg)

@@ -465,7 +465,7 @@ def _recipe(section: DeepSpeedSection, objectives: tuple[str, ...]):
     if r.kind == "custom":
         return Recipe.from_levels(r.levels)
     groups = {g: tuple(m) for g, m in (section.groups or {}).items()}
-    eta = Schedule(start=r.eta.start, step=r.eta.step, cap=r.eta.cap)
+    eta = Schedule.from_spec(vars(r.eta))
     try:
         return build_recipe(r.kind, objectives, groups, solver=section.solver.name,
                             solver_options=section.solver.options, order=r.order, eta=eta)
@@ -522,6 +522,7 @@ def initialize(*args, **kwargs):
     steps_per_epoch = section.steps_per_epoch
     if steps_per_epoch is None:
         steps_per_epoch = max(1, len(dataloader) // engine.gradient_accumulation_steps()) if dataloader is not None else 1
+    recipe.set_run_length(steps_per_epoch=steps_per_epoch)  # for eta schedules in steps
     soup = SoupEngine(engine.module, None, objectives, section.shared, recipe, steps_per_epoch=steps_per_epoch,
                       transport="torch", **config_mod.engine_options(section.as_config()))
     engine.__class__ = _soup_class(type(engine))

@@ -1,7 +1,8 @@
 """Recipes (Objective Soups): ordered levels of objectives, each with a solver and a penalty.
 
 A recipe is a list of levels ``j``; level j holds a group of objectives ``O_j`` (disjoint
-across levels), a solver and a weight schedule ``eta_j(t)`` (t in epochs). Each level's solver
+across levels), a solver and a weight schedule ``eta_j(t)`` (see :class:`Schedule`: t counts
+epochs, optimizer steps or the fraction of the run). Each level's solver
 sees only the sub-Gram and losses of its own objectives and returns ``lambda^j`` (|O_j|
 weights), which is embedded into the K objectives (zeros elsewhere). The final weights are
 
@@ -15,6 +16,11 @@ and the update direction is ``J^T w``; the same ``w`` weights the losses of ever
   ``eta(t) = min(cap, start + step t)``, default 0.1 + 0.02 t capped at 1.5 (the paper's code).
 * VM (multilevel): ordered MOO levels, e.g. ASR, ST, SSL ("uas") or ST, ASR, SSL ("usa");
   level 0 has eta = 1, later levels the ramp schedule.
+
+The engine tells the recipe where the run is by one number, the (fractional) epoch
+``step / steps_per_epoch``. A schedule in steps or in fractions of the run needs the run
+length to read that number: :meth:`Recipe.set_run_length` gives it ``steps_per_epoch`` (the
+engine's) and ``total_steps`` (``train.steps``), and ``dist_soup.train`` calls it.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from torch import Tensor
 from . import solvers as solver_registry
 from .gram import check_finite, psd_clip
 
-__all__ = ["Schedule", "Level", "Recipe", "build_recipe", "RECIPE_KINDS", "VM_ORDERS", "DEFAULT_RAMP"]
+__all__ = ["Schedule", "Level", "Recipe", "build_recipe", "RECIPE_KINDS", "VM_ORDERS", "DEFAULT_RAMP", "SCHEDULE_UNITS"]
 
 RECIPE_KINDS = ("vs", "vc", "vm")
 VM_ORDERS = {"uas": ("asr", "st", "ssl"), "usa": ("st", "asr", "ssl")}
@@ -40,13 +46,46 @@ def _finite(name: str, value: Any) -> float:
     return float(value)
 
 
+#: What the schedule's ``t`` counts (see :class:`Schedule`).
+SCHEDULE_UNITS = ("epochs", "steps", "fraction")
+_SCHEDULE_KEYS = ("start", "step", "cap", "unit", "every")
+# Positions come from floats (epoch = step / steps_per_epoch, t / every); a value this close to
+# an integer is that integer, so that a staircase does not lose a stair to rounding.
+_SNAP = 1e-9
+
+
+def _snap_floor(x: float) -> float:
+    r = round(x)
+    return float(r) if abs(x - r) <= _SNAP * max(1.0, abs(x)) else float(math.floor(x))
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """``eta(t) = min(cap, max(0, start + step * t))`` for epoch ``t >= 0`` (no cap when None)."""
+    """A penalty weight ``eta(t) >= 0`` that ramps linearly or by stairs.
+
+    ``eta(t) = min(cap, max(0, start + step * t))``              when ``every`` is None;
+    ``eta(t) = min(cap, max(0, start + step * floor(t / every)))``  otherwise,
+
+    (no cap when ``cap`` is None), where ``t`` counts ``unit``:
+
+    * ``epochs`` (default): the fractional epoch the engine passes, ``step / steps_per_epoch``.
+    * ``steps``: optimizer steps done before this one, ``round(epoch * steps_per_epoch)``.
+    * ``fraction``: the fraction of the run done, ``steps / total_steps`` (0 at the first step,
+      ``(T-1)/T`` at the last), so ``{start: 0.1, step: 1.4, unit: fraction}`` ramps from 0.1
+      to 1.5 over the whole run whatever its length.
+
+    So ``step`` is the increase per unit (linear) or per stair of ``every`` units:
+    ``{start: 0.1, step: 0.02, every: 10, unit: steps}`` adds 0.02 every 10 steps, and
+    ``{start: 0.1, step: 0.02, every: 1}`` is the paper's code's per-epoch staircase, where the
+    default (``every`` None) ramps within the epoch. ``steps`` and ``fraction`` need the run
+    length in :meth:`value` (``steps_per_epoch``; ``fraction`` also ``total_steps``).
+    """
 
     start: float = 1.0
     step: float = 0.0
     cap: float | None = None
+    unit: str = "epochs"
+    every: float | None = None
 
     def __post_init__(self) -> None:
         # A negative weight would ascend its objectives: start and cap must be >= 0; a negative
@@ -56,27 +95,62 @@ class Schedule:
         _finite("step", self.step)
         if self.cap is not None and _finite("cap", self.cap) < 0:
             raise ValueError(f"schedule cap must be >= 0, got {self.cap!r}")
+        if self.unit not in SCHEDULE_UNITS:
+            raise ValueError(f"schedule unit {self.unit!r} is not allowed; use one of {', '.join(SCHEDULE_UNITS)}")
+        if self.every is not None:
+            every = _finite("every", self.every)
+            if every <= 0:
+                raise ValueError(f"schedule every must be > 0 (units per stair), got {self.every!r}")
+            if self.unit == "steps" and every != int(every):
+                raise ValueError(f"schedule every must be a whole number of steps with unit steps, got {self.every!r}")
+            if self.unit == "fraction" and every > 1:
+                # t stays below 1, so a stair longer than the run would never be climbed.
+                raise ValueError(f"schedule every must be in (0, 1] with unit fraction, got {self.every!r}")
 
-    def value(self, epoch: float) -> float:
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The run-length numbers :meth:`value` needs for this unit."""
+        return {"epochs": (), "steps": ("steps_per_epoch",), "fraction": ("steps_per_epoch", "total_steps")}[self.unit]
+
+    def position(self, epoch: float, *, steps_per_epoch: int | None = None, total_steps: int | None = None) -> float:
+        """``t`` in this schedule's unit at the engine's fractional ``epoch``."""
         e = _finite("epoch", epoch)
         if e < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch!r}")
-        v = max(0.0, self.start + self.step * e)
+        if self.unit == "epochs":
+            return e
+        if steps_per_epoch is None or (self.unit == "fraction" and total_steps is None):
+            raise ValueError(
+                f"a schedule in unit {self.unit!r} needs the run length ({', '.join(self.needs)}); "
+                "pass it to Recipe.set_run_length"
+            )
+        steps = e * steps_per_epoch
+        r = round(steps)
+        steps = float(r) if abs(steps - r) <= _SNAP * max(1.0, steps) else steps
+        return steps if self.unit == "steps" else steps / total_steps
+
+    def value(self, epoch: float, *, steps_per_epoch: int | None = None, total_steps: int | None = None) -> float:
+        """``eta`` at the engine's fractional ``epoch`` (run length as in :meth:`position`)."""
+        t = self.position(epoch, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        if self.every is not None:
+            t = _snap_floor(t / self.every)
+        v = max(0.0, self.start + self.step * t)
         return v if self.cap is None else min(self.cap, v)
 
     @classmethod
     def from_spec(cls, spec: Any) -> "Schedule":
-        """A Schedule from a number (constant), a mapping (start/step/cap) or a Schedule."""
+        """A Schedule from a number (constant), a mapping (start, step, cap, unit, every) or a
+        Schedule."""
         if isinstance(spec, Schedule):
             return spec
         if isinstance(spec, Mapping):
-            unknown = sorted(set(spec) - {"start", "step", "cap"})
+            unknown = sorted(set(spec) - set(_SCHEDULE_KEYS))
             if unknown:
-                raise ValueError(f"schedule got unknown keys {unknown}; allowed: start, step, cap")
+                raise ValueError(f"schedule got unknown keys {unknown}; allowed: {', '.join(_SCHEDULE_KEYS)}")
             return cls(**dict(spec))
         if isinstance(spec, (int, float)) and not isinstance(spec, bool):
             return cls(start=float(spec))
-        raise ValueError(f"a schedule is a number or a mapping with start/step/cap, got {spec!r}")
+        raise ValueError(f"a schedule is a number or a mapping with {', '.join(_SCHEDULE_KEYS)}, got {spec!r}")
 
 
 DEFAULT_RAMP = Schedule(start=0.1, step=0.02, cap=1.5)
@@ -128,6 +202,37 @@ class Recipe:
                 seen[o] = j
         self.levels = levels
         self.solvers = [solver_registry.build(lv.solver, **lv.solver_options) for lv in levels]
+        self.steps_per_epoch: int | None = None
+        self.total_steps: int | None = None
+
+    def set_run_length(self, *, steps_per_epoch: int | None = None, total_steps: int | None = None) -> None:
+        """The run length that schedules in ``steps`` and ``fraction`` read the epoch with.
+
+        ``steps_per_epoch`` must be the one the engine divides its step count by (the epoch it
+        passes is ``step / steps_per_epoch``); ``total_steps`` is the run's number of optimizer
+        steps (``train.steps``). A value left None keeps the one set before. It is configuration,
+        not state: a resumed run sets it again (and a resume with a larger ``train.steps``
+        stretches a ``fraction`` schedule from there on).
+        """
+        for key, value in (("steps_per_epoch", steps_per_epoch), ("total_steps", total_steps)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"recipe run length: {key} must be an integer >= 1, got {value!r}")
+            setattr(self, key, value)
+
+    def _check_run_length(self) -> None:
+        for j, level in enumerate(self.levels):
+            missing = [key for key in level.eta.needs if getattr(self, key) is None]
+            if missing:
+                raise ValueError(
+                    f"level {j} ({', '.join(level.objectives)}): its eta schedule is in {level.eta.unit!r} "
+                    f"and needs {' and '.join(missing)}; call recipe.set_run_length("
+                    f"{', '.join(k + '=...' for k in missing)}) before the first step"
+                )
+
+    def _eta(self, level: Level, epoch: float) -> float:
+        return level.eta.value(epoch, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
 
     @property
     def objectives(self) -> tuple[str, ...]:
@@ -153,12 +258,17 @@ class Recipe:
             )
 
     def etas(self, epoch: float) -> list[float]:
-        return [lv.eta.value(epoch) for lv in self.levels]
+        """Each level's eta at the engine's fractional ``epoch``."""
+        self._check_run_length()
+        return [self._eta(lv, epoch) for lv in self.levels]
 
     def weights(
         self, gram: Tensor | None, losses: Tensor, names: Sequence[str], epoch: float
     ) -> tuple[Tensor, dict[str, Any]]:
         """``w = sum_j eta_j(epoch) lambda^j`` over the K objectives ordered as ``names``.
+
+        ``epoch`` is the engine's fractional epoch ``step / steps_per_epoch``; schedules in steps
+        or fractions of the run read it with :meth:`set_run_length`'s numbers.
 
         ``gram`` is (K, K) in the order of ``names`` (None is allowed when no level needs it);
         each level sees its sub-Gram, PSD-clipped first when its solver needs PSD. Returns the
@@ -179,6 +289,7 @@ class Recipe:
             check_finite(gram, "gram")
         elif self.needs_gram:
             raise ValueError("this recipe has a solver that needs the Gram; got gram=None")
+        self._check_run_length()
         pos = {n: i for i, n in enumerate(names)}
         w = torch.zeros(k, dtype=torch.float64)
         info: dict[str, Any] = {"etas": [], "lambdas": [], "levels": []}
@@ -191,7 +302,7 @@ class Recipe:
                 if solver.needs_psd:
                     sub_g = psd_clip(sub_g)
             lam = solver.weights(sub_g, sub_l)
-            eta = level.eta.value(epoch)
+            eta = self._eta(level, epoch)
             w[idx] += eta * lam.to(torch.float64)
             info["etas"].append(eta)
             info["lambdas"].append(lam)
@@ -212,7 +323,8 @@ class Recipe:
     @classmethod
     def from_levels(cls, spec: Sequence[Mapping[str, Any]]) -> "Recipe":
         """A recipe from a user list: each item has ``objectives`` and ``solver`` and optionally
-        ``solver_options`` (mapping), ``eta`` (number or {start, step, cap}), ``penalty`` (bool)."""
+        ``solver_options`` (mapping), ``eta`` (number or {start, step, cap, unit, every}, see
+        :class:`Schedule`), ``penalty`` (bool)."""
         if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
             raise ValueError("a recipe spec is a list of level mappings")
         levels = []
@@ -235,9 +347,11 @@ class Recipe:
             objs = item["objectives"]
             if isinstance(objs, str):
                 raise ValueError(f"level {j}: objectives must be a list of names, got the string {objs!r}")
-            levels.append(
-                Level(tuple(objs), item["solver"], dict(opts), Schedule.from_spec(item.get("eta", 1.0)), penalty)
-            )
+            try:
+                eta = Schedule.from_spec(item.get("eta", 1.0))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"level {j}: eta: {exc}") from None
+            levels.append(Level(tuple(objs), item["solver"], dict(opts), eta, penalty))
         return cls(levels)
 
     def __repr__(self) -> str:

@@ -7,7 +7,7 @@ float32 weights ``lambda`` and the update direction is ``J^T lambda``.
 name      what                                                        gram   psd
 ========  =========================================================  =====  =====
 ew        plain sum (unitary scalarization)                           no     no
-mgda      exact min-norm point of the hull (normalization option)     yes    yes
+mgda      exact min-norm point of the hull (normalization, momentum)  yes    yes
 modo      one projected step on the MGDA objective per call           yes    no
 cagrad    conflict-averse direction (c, rescale)                      yes    yes
 pcgrad    gradient surgery, seeded orders                             yes    yes
@@ -32,7 +32,7 @@ from .pcgrad import PCGrad
 from .scalar import EW
 from .upgrad import UPGrad
 
-__all__ = ["Solver", "build", "names", "EW", "MGDA", "MoDo", "CAGrad", "PCGrad", "UPGrad", "NashMTL", "FAMO", "DWA"]
+__all__ = ["Solver", "build", "names", "option_names", "EW", "MGDA", "MoDo", "CAGrad", "PCGrad", "UPGrad", "NashMTL", "FAMO", "DWA"]
 
 _REGISTRY: dict[str, type[Solver]] = {
     cls.name: cls for cls in (EW, MGDA, MoDo, CAGrad, PCGrad, UPGrad, NashMTL, FAMO, DWA)
@@ -51,10 +51,16 @@ def solver_class(name: str) -> type[Solver]:
     return _REGISTRY[name]
 
 
+def option_names(name: str) -> tuple[str, ...]:
+    """The options solver ``name`` accepts (its constructor's keyword arguments)."""
+    cls = solver_class(name)
+    return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
+
+
 def build(name: str, **options: Any) -> Solver:
     """A new solver ``name`` with ``options``; unknown names and options raise ValueError."""
     cls = solver_class(name)
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    allowed = list(option_names(name))
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(
