@@ -83,7 +83,10 @@ class RowSpec:
     ``kind``: the worker's builder (``e2e_worker.BUILDERS``). ``config``: a YAML file (relative to
     the repository) the row's config starts from, None for the common base alone. ``set``:
     ``--set``-style ``key=value`` overrides applied after the common ones (``COMMON``).
-    ``options``: what the builder takes besides the config (e.g. the DDP hook).
+    ``options``: what the builder takes besides the config (e.g. DeepSpeed's plugin switch).
+    ``common``: False when ``config`` is complete by itself (a sweep cell's resolved config,
+    ``benchmarks/bandwidth_accuracy.py``): then neither ``COMMON`` nor the harness's task
+    options apply, only ``train.steps`` and ``set``.
     """
 
     name: str
@@ -92,6 +95,7 @@ class RowSpec:
     config: str | None = None
     set: tuple[str, ...] = ()
     options: dict = field(default_factory=dict)
+    common: bool = True
 
 
 # Every row's config: the task, model, batch and optimizer of the measurement. {steps} and the
@@ -112,6 +116,8 @@ QUICK_TASK_OPTIONS = {"languages": 2, "hidden": 64, "layers": 2, "n_train": 1200
 
 # dist_soup `ew` rows: one level, equal weights, every shared tensor (no selection, no probe).
 _EW = ("recipe.kind=vs", "solver.name=ew", "selection.rule=all")
+# torch DDP rows: dist_soup.ddp_baseline, the step `dist-soup train` runs with train.engine ddp.
+_DDP = ("train.engine=ddp",)
 
 
 def _codec(name: str, options: str = "{}") -> tuple[str, ...]:
@@ -122,10 +128,12 @@ def _codec(name: str, options: str = "{}") -> tuple[str, ...]:
 
 ROWS: list[RowSpec] = [
     RowSpec("compute", "compute alone (one process per rank slot, no communication)", "compute"),
-    RowSpec("ddp_fp32", "torch DDP fp32, sum of losses", "ddp", options={"hook": None}),
-    RowSpec("ddp_fp16", "torch DDP + fp16_compress_hook", "ddp", options={"hook": "fp16"}),
+    RowSpec("ddp_fp32", "torch DDP fp32, sum of losses", "ddp", set=_DDP),
+    RowSpec("ddp_fp16", "torch DDP + fp16_compress_hook", "ddp", set=_DDP + ("ddp.hook=fp16",)),
+    RowSpec("ddp_powersgd1", "torch DDP + PowerSGD rank 1", "ddp",
+            set=_DDP + ("ddp.hook=powersgd", "ddp.powersgd_rank=1", "ddp.powersgd_start=2")),
     RowSpec("ddp_powersgd4", "torch DDP + PowerSGD rank 4", "ddp",
-            options={"hook": "powersgd", "rank": 4, "start_iter": 2}),
+            set=_DDP + ("ddp.hook=powersgd", "ddp.powersgd_rank=4", "ddp.powersgd_start=2")),
     RowSpec("ew_identity", "dist_soup ew, identity, allreduce", "soup",
             set=_EW + _codec("identity") + ("compression.mode=allreduce", "train.solve_every=100000")),
     RowSpec("ew_fp16", "dist_soup ew, fp16, allreduce", "soup",
@@ -154,7 +162,8 @@ def row_config(spec: RowSpec, steps: int, task_options: dict, extra: tuple[str, 
     """
     from dist_soup import config as config_mod
 
-    overrides = [*COMMON, f"task.options={json.dumps(task_options)}", f"train.steps={steps}", *spec.set, *extra]
+    common = [*COMMON, f"task.options={json.dumps(task_options)}"] if spec.common else []
+    overrides = [*common, f"train.steps={steps}", *spec.set, *extra]
     if spec.config is not None:
         return config_mod.load(ROOT / spec.config, overrides)
     return config_mod.from_dict(config_mod.apply_overrides({}, overrides))
@@ -542,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    recipe {cfg.recipe.kind}/{cfg.solver.name}, selection {cfg.selection.rule}, "
                       f"J {c.jacobian.name}{c.jacobian.options}, U {c.update.name}{c.update.options}, mode {c.mode}, "
                       f"solve_every {cfg.train.solve_every}  (config {config_mod.fingerprint(cfg)[:12]})")
+            elif spec.kind == "ddp":
+                d = cfg.ddp
+                rank = f", rank {d.powersgd_rank}, from step {d.powersgd_start}" if d.hook == "powersgd" else ""
+                print(f"    hook {d.hook}{rank}, buckets of {d.bucket_mb:g} MB  (config {config_mod.fingerprint(cfg)[:12]})")
         return 0
     if not args.loopback:
         if os.geteuid() != 0:

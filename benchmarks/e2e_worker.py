@@ -78,76 +78,32 @@ class ComputeTrainer(Trainer):
         return 0, 0, 0
 
 
-class _CountAllReduce:
-    """Counts the bytes torch's DDP comm hooks hand to ``dist.all_reduce`` (they call it by module
-    attribute, so wrapping the attribute sees every call)."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._orig = dist.all_reduce
-        counter = self
-
-        def all_reduce(tensor, *a, **kw):
-            counter.bytes += tensor.numel() * tensor.element_size()
-            return counter._orig(tensor, *a, **kw)
-
-        dist.all_reduce = all_reduce
-
-    def close(self) -> None:
-        dist.all_reduce = self._orig
-
-
 class DDPTrainer(Trainer):
-    """torch DistributedDataParallel (default buckets), sum of the losses; ``options["hook"]``:
-    None (DDP's own fp32 all-reduce), "fp16" (``fp16_compress_hook``) or "powersgd"
-    (``powerSGD_hook``, ``rank``, ``start_iter``)."""
+    """The torch DDP baseline that ``dist-soup train`` runs under ``train.engine: ddp``
+    (``dist_soup.ddp_baseline.DDPBaseline``: sum of the losses, DDP with the ``ddp`` section's
+    comm hook, optimizer step), built from the row's config."""
 
     def __init__(self, cfg, task, spec, rank: int, world: int) -> None:
-        from torch.nn.parallel import DistributedDataParallel
+        from dist_soup.ddp_baseline import DDPBaseline
 
+        if cfg.train.engine != "ddp":
+            raise ValueError(f"row {spec['name']}: kind 'ddp' needs train.engine=ddp in the row's config")
         net = task.build_model(cfg.seed)
-        self.model = DistributedDataParallel(net)
         self.optimizer = train.build_optimizer(cfg, net)
         self.objectives = train.objectives_of(cfg, task)
-        self.dense = _param_bytes(net)
-        hook = spec["options"].get("hook")
-        self.counter = None
-        self.state = None
-        if hook == "fp16":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-            self.model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        elif hook == "powersgd":
-            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
-
-            self.state = psgd.PowerSGDState(process_group=None,
-                                            matrix_approximation_rank=int(spec["options"].get("rank", 4)),
-                                            start_powerSGD_iter=int(spec["options"].get("start_iter", 2)),
-                                            random_seed=cfg.seed)
-            self.model.register_comm_hook(self.state, psgd.powerSGD_hook)
-        elif hook is not None:
-            raise ValueError(f"ddp row: unknown hook {hook!r} (None, 'fp16', 'powersgd')")
-        if hook is not None:
-            self.counter = _CountAllReduce()
+        self.engine = DDPBaseline(net, self.optimizer, self.objectives, cfg.ddp, nonfinite=cfg.train.nonfinite,
+                                  seed=cfg.seed)
+        self.model = self.engine.model
 
     def step(self, losses, step: int):
-        before = self.counter.bytes if self.counter else 0
-        self.optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        self.optimizer.step()
-        # DDP's own path all-reduces every fp32 bucket once per step: the parameters' bytes.
-        sent = self.counter.bytes - before if self.counter else self.dense
-        return sent, sent, self.dense
+        res = self.engine.step(losses)
+        return res.bytes_sent, res.bytes_received, res.dense_bytes
 
     def summary(self) -> dict:
-        if self.state is None:
-            return {}
-        rate, before, after = self.state.compression_stats()
-        return {"powersgd": {"iter": self.state.iter, "compress_rate": rate}}
+        return self.engine.summary()
 
     def close(self) -> None:
-        if self.counter:
-            self.counter.close()
+        self.engine.close()
 
 
 class SoupTrainer(Trainer):

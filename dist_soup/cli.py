@@ -70,7 +70,8 @@ def print_summary(summary: dict, run_dir: str) -> None:
         out.append(f"Delta_m vs single-task baselines: {summary['delta_m']:+.1f}% (negative is better)")
     if summary.get("skipped_steps"):
         out.append(f"skipped steps (non-finite): {summary['skipped_steps']}")
-    out.append(f"selected tensors: {', '.join(summary['selected'])}")
+    if summary["selected"]:  # none under train.engine ddp
+        out.append(f"selected tensors: {', '.join(summary['selected'])}")
     out.append(f"run dir: {run_dir}")
     print("\n".join(out), flush=True)
 
@@ -84,6 +85,9 @@ def _note(message: str) -> None:
 
 def _train(cfg, run_dir: str, resume: bool, deepspeed: str | None) -> dict | None:
     if deepspeed is not None:
+        if cfg.train.engine == "ddp":
+            raise ConfigError("train.engine: 'ddp' is the torch DDP baseline and --deepspeed trains through "
+                              "DeepSpeed; use one or the other")
         from .integrations import deepspeed_train
 
         return deepspeed_train.run(cfg, Path(run_dir), deepspeed, resume=resume)

@@ -132,6 +132,26 @@ class TrainConfig:
     #: Seconds a collective or the rendezvous store may wait for a peer before every rank gives
     #: up (a dead host, a link down): the torch.distributed process group's timeout.
     timeout_s: float = 180.0
+    #: soup: the dist_soup engine (the recipe, solver, selection and compression sections);
+    #: ddp: the torch DDP baseline on the sum of the losses (the ``ddp`` section; those four
+    #: sections are then not used), for comparisons on the same task, data and optimizer.
+    engine: Literal["soup", "ddp"] = "soup"
+
+
+@dataclass
+class DDPConfig:
+    """``train.engine: ddp``: torch ``DistributedDataParallel`` with one of torch's own comm hooks
+    (``dist_soup.ddp_baseline``)."""
+
+    #: none: DDP's own fp32 all-reduce; fp16: ``fp16_compress_hook``; powersgd: ``powerSGD_hook``.
+    hook: Literal["none", "fp16", "powersgd"] = "none"
+    #: powersgd only: ``matrix_approximation_rank``.
+    powersgd_rank: int = 1
+    #: powersgd only: ``start_powerSGD_iter``, the plain all-reduce steps before compression
+    #: (torch needs >= 2 with its error feedback and warm start, which are on).
+    powersgd_start: int = 2
+    #: DDP's ``bucket_cap_mb``.
+    bucket_mb: float = 25.0
 
 
 @dataclass
@@ -159,6 +179,7 @@ class Config:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0
@@ -167,7 +188,7 @@ class Config:
 _POSITIVE = {
     "train.steps", "train.batch_size", "train.solve_every", "selection.probe_every",
     "logging.every", "checkpoint.keep", "optimizer.lr", "compression.bucket_mb", "compression.overlap_mb",
-    "train.timeout_s",
+    "train.timeout_s", "ddp.powersgd_rank", "ddp.bucket_mb",
 }
 _NON_NEGATIVE = {"checkpoint.every", "logging.eval_every", "optimizer.momentum", "optimizer.weight_decay",
                  "optimizer.warmup_steps"}
@@ -285,6 +306,7 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"recipe.{key}: {_short(value)} is only used with recipe.kind {' or '.join(kinds)} "
                               f"(kind is {cfg.recipe.kind!r})")
     _check_recipe(cfg)
+    _check_ddp(cfg)
     if cfg.selection.rule == "top_m" and (cfg.selection.m is None or cfg.selection.m <= 0):
         raise ConfigError("selection.m: rule top_m needs a positive integer m")
     if cfg.selection.rule == "budget" and (cfg.selection.budget is None or cfg.selection.budget <= 0):
@@ -330,6 +352,26 @@ def _check_recipe(cfg: Config) -> None:
         solvers.build(s.name, **s.options)
     except ValueError as exc:
         raise ConfigError(f"solver.options: {_short(s.options)} not allowed for solver {s.name!r}: {exc}") from None
+
+
+def _check_ddp(cfg: Config) -> None:
+    """The ``ddp`` section is only used by ``train.engine: ddp``, its PowerSGD keys only by that
+    hook: a key set where it has no effect is refused rather than ignored."""
+    d, default = cfg.ddp, DDPConfig()
+    if cfg.train.engine != "ddp":
+        for key in ("hook", "powersgd_rank", "powersgd_start", "bucket_mb"):
+            if getattr(d, key) != getattr(default, key):
+                raise ConfigError(f"ddp.{key}: {_short(getattr(d, key))} is only used with train.engine 'ddp' "
+                                  f"(engine is {cfg.train.engine!r})")
+        return
+    if d.hook != "powersgd":
+        for key in ("powersgd_rank", "powersgd_start"):
+            if getattr(d, key) != getattr(default, key):
+                raise ConfigError(f"ddp.{key}: {getattr(d, key)!r} is only used with ddp.hook 'powersgd' "
+                                  f"(hook is {d.hook!r})")
+    if d.powersgd_start < 2:
+        raise ConfigError(f"ddp.powersgd_start: {d.powersgd_start!r} must be >= 2 (torch's PowerSGD needs a plain "
+                          "all-reduce step before its error feedback and warm start begin)")
 
 
 def _short(value: Any, limit: int = 60, quote: bool = True) -> str:

@@ -19,6 +19,7 @@ import yaml
 
 from . import checkpoint, config as config_mod, faults, resize, tasks
 from .config import Config, ConfigError
+from .ddp_baseline import DDPBaseline
 from .engine import SoupEngine
 from .moo.recipe import Recipe, Schedule
 
@@ -305,8 +306,12 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     model = task.build_model(cfg.seed).to(device)
     optimizer = build_optimizer(cfg, model)
     sampler = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
-    engine = SoupEngine(model, optimizer, objectives, task.shared, build_recipe(cfg, objectives, groups, sampler.steps_per_epoch),
-                        steps_per_epoch=sampler.steps_per_epoch, transport=kind, **config_mod.engine_options(cfg))
+    if cfg.train.engine == "ddp":  # the torch DDP baseline on the same task, data and optimizer
+        engine = DDPBaseline(model, optimizer, objectives, cfg.ddp, nonfinite=cfg.train.nonfinite, seed=cfg.seed)
+    else:
+        engine = SoupEngine(model, optimizer, objectives, task.shared,
+                            build_recipe(cfg, objectives, groups, sampler.steps_per_epoch),
+                            steps_per_epoch=sampler.steps_per_epoch, transport=kind, **config_mod.engine_options(cfg))
     transport = engine.transport
     agree_on_config(transport, cfg)
 
@@ -349,14 +354,14 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
             "world_size": world,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "engine": {k: es[k] for k in ("step", "skipped", "w", "mask", "recipe")},
+            "engine": {k: es[k] for k in ("step", "skipped", "w", "mask", "recipe") if k in es},
             "first_losses": first_losses,
             "config_sha256": config_mod.fingerprint(cfg),
         }
 
     def save() -> Path:
         es = engine.state_dict()
-        mine = {"engine": {k: es[k] for k in ("j_exchange", "u_exchange")}, "rng": torch.get_rng_state()}
+        mine = {"engine": {k: es[k] for k in ("j_exchange", "u_exchange") if k in es}, "rng": torch.get_rng_state()}
         return checkpoint.save(run_dir, engine.step_count, rank, shared_state if rank == 0 else None, mine,
                                transport.barrier, keep=cfg.checkpoint.keep, all_ok=all_ok)
 
@@ -395,7 +400,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
             batch = task.batch(sampler.indices(step))
             if device.type != "cpu" and hasattr(batch, "to"):
                 batch = batch.to(device)
-            losses = task.losses(model, batch)
+            losses = task.losses(engine.model, batch)  # DDP's forward runs through its wrapper
             losses = {k: losses[k] for k in objectives}
             forward_s = time.perf_counter() - t_step
             for group in optimizer.param_groups:
@@ -477,6 +482,8 @@ def _write_summary(run_dir, cfg, task, model, engine, objectives, first_losses, 
         "selected": engine.selected,
         "weights": dict(zip(objectives, engine.w.tolist())),
         "param_sha256": param_sha256(model),
+        "config_sha256": config_mod.fingerprint(cfg),
+        "engine": cfg.train.engine,
         "time_s": elapsed,
         "steps_per_s": steps_done / elapsed if elapsed > 0 else None,
     }
