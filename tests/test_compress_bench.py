@@ -3,8 +3,6 @@ import importlib.util
 import pathlib
 
 
-
-
 def test_benchmark_runs_quick(capsys):
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "compress_throughput.py"
     spec = importlib.util.spec_from_file_location("compress_throughput", path)

@@ -5,10 +5,8 @@ import math
 import pytest
 import torch
 
-from dist_soup.compress import Payload, build
-from dist_soup.compress import kernels
+from dist_soup.compress import Payload, build, kernels
 from dist_soup.compress.qsgd import omega_codes, omega_decode, sum_dtype, write_bits
-
 
 
 def _gen(seed):
@@ -94,13 +92,16 @@ def test_elias_and_dense_decode_identically():
         assert torch.equal(a.decompress(a.compress(g)), b.decompress(b.compress(g)))
 
 
+def _pad8(b):
+    return (b + 7) // 8 * 8
+
+
 def test_exact_dense_size():
     for n, bits, d in [(100_000, 4, 512), (4097, 2, 128), (9999, 8, 512)]:
         p = build("qsgd", bits=bits, bucket_size=d).compress(torch.randn(n))
         nb = -(-n // d)
-        pad8 = lambda b: (b + 7) // 8 * 8
         header = 16 + 8 * (1 + 6 + 4)
-        assert p.nbytes == header + pad8(4 * nb) + pad8(nb * d * bits // 8)  # last bucket padded
+        assert p.nbytes == header + _pad8(4 * nb) + _pad8(nb * d * bits // 8)  # last bucket padded
         assert p.nbytes == p.to_bytes().numel()
     p = build("qsgd", bits=4).compress(torch.randn(1 << 20))
     assert abs(p.nbytes * 8 / (1 << 20) - 4.0625) < 0.001  # bits + 32/d
@@ -234,30 +235,34 @@ def test_omega_codes_known_values():
 
 def test_malformed_qsgd_payloads():
     g = torch.randn(4096, generator=_gen(50))
-    p = build("qsgd", bits=4).compress(g)
+    c = build("qsgd", bits=4)
+    p = c.compress(g)
     # packed part shorter than the shape needs (header consistent, sizes lie)
     short = Payload(p.codec, p.shape, p.dtype, p.meta, [p.parts[0], p.parts[1][:-8]])
     with pytest.raises(ValueError, match="part 1"):
-        Payload.from_bytes(short.to_bytes())
+        c.decompress(Payload.from_bytes(short.to_bytes()))
     # a shape that claims more values than the parts hold
     lie = Payload(p.codec, (8192,), p.dtype, p.meta, p.parts)
     with pytest.raises(ValueError):
-        Payload.from_bytes(lie.to_bytes())
-    for meta in [(1, 3, 512, 0, 0, 0), (1, 4, 500, 0, 0, 0), (1, 4, 512, 2, 0, 0), (7, 4, 512, 0, 0, 0), (1, 4, 512, 0, 5, 0)]:
+        c.decompress(Payload.from_bytes(lie.to_bytes()))
+    bad_metas = [(1, 3, 512, 0, 0, 0), (1, 4, 500, 0, 0, 0), (1, 4, 512, 2, 0, 0), (7, 4, 512, 0, 0, 0),
+                 (1, 4, 512, 0, 5, 0)]
+    for meta in bad_metas:
         with pytest.raises(ValueError):
-            Payload.from_bytes(Payload(p.codec, p.shape, p.dtype, meta, p.parts).to_bytes())
+            c.decompress(Payload.from_bytes(Payload(p.codec, p.shape, p.dtype, meta, p.parts).to_bytes()))
     nan = p.parts[0].clone()
     nan[3] = float("nan")
     with pytest.raises(ValueError, match="scales"):
-        Payload.from_bytes(Payload(p.codec, p.shape, p.dtype, p.meta, [nan, p.parts[1]]).to_bytes())
+        c.decompress(Payload.from_bytes(Payload(p.codec, p.shape, p.dtype, p.meta, [nan, p.parts[1]]).to_bytes()))
     # elias streams with corrupted bits decode to an error, not a silent tensor
     c = build("qsgd", bits=2, norm="l2", coding="elias")
     e = c.compress(g)
     gen = _gen(51)
     raised = 0
-    for trial in range(30):
+    for _ in range(30):
         data = e.parts[1].clone()
-        data[torch.randint(0, data.numel(), (3,), generator=gen)] ^= torch.randint(1, 256, (3,), generator=gen, dtype=torch.uint8)
+        where = torch.randint(0, data.numel(), (3,), generator=gen)
+        data[where] ^= torch.randint(1, 256, (3,), generator=gen, dtype=torch.uint8)
         q = Payload(e.codec, e.shape, e.dtype, e.meta, [e.parts[0], data])
         try:
             out = c.decompress(Payload.from_bytes(q.to_bytes()))

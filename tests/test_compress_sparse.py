@@ -6,7 +6,6 @@ import torch
 from dist_soup.compress import ErrorFeedback, LinearCodec, Payload, build
 
 
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -64,7 +63,8 @@ def test_topk_state_resume_and_nonfinite():
 
 
 # --- error feedback wrapper --------------------------------------------------------------------
-@pytest.mark.parametrize("name,opts", [("qsgd", dict(bits=2)), ("fp16", {}), ("randomk", dict(ratio=0.1)), ("topk", dict(feedback=False))])
+@pytest.mark.parametrize("name,opts", [("qsgd", dict(bits=2)), ("fp16", {}), ("randomk", dict(ratio=0.1)),
+                                       ("topk", dict(feedback=False))])
 def test_error_feedback_conserves(name, opts):
     c = build(name, error_feedback=True, **opts)
     sent = torch.zeros(40, 50, dtype=torch.float64)

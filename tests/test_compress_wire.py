@@ -1,6 +1,7 @@
 """The wire format for every codec: exact sizes, byte round trips, and malformed buffers
-(truncated, random, wrong magic/version, lying sizes) refused with ValueError, quickly.
-Ends with a hypothesis fuzz of Payload.from_bytes."""
+(truncated, random, wrong magic/version, lying sizes) refused with ValueError, quickly: by
+Payload.from_bytes (structure) or by the codec's decompress before it decodes (fields).
+Ends with a hypothesis fuzz of reading and decoding."""
 import struct
 import time
 
@@ -10,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dist_soup.compress import Payload, build, names
-from dist_soup.compress.registry import codec_name_of
+from dist_soup.compress.payload import CODEC_IDS, codec_name_of
 
 CODECS = [
     ("identity", {}),
@@ -45,7 +46,7 @@ PAYLOADS = _payloads()
 
 
 def test_every_registered_codec_is_covered():
-    assert {n for n, _ in CODECS} == set(names())
+    assert {n for n, _ in CODECS} == set(names()) == set(CODEC_IDS)
 
 
 @pytest.mark.parametrize("case", PAYLOADS, ids=[f"{n}-{i}" for i, (n, *_) in enumerate(PAYLOADS)])
@@ -70,10 +71,15 @@ def test_round_trip_and_exact_size(case):
         assert torch.equal(d, g)
 
 
+def _read_and_decode(buf):
+    p = Payload.from_bytes(buf)
+    return build(codec_name_of(p.codec)).decompress(p)
+
+
 def _raises_fast(buf, match=None):
     t = time.perf_counter()
     with pytest.raises(ValueError, match=match):
-        Payload.from_bytes(buf)
+        _read_and_decode(buf)
     assert time.perf_counter() - t < 1.0
 
 
@@ -143,7 +149,9 @@ def test_fuzz_random_buffers(data):
 
 
 @settings(max_examples=250, deadline=2000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(which=st.integers(0, len(PAYLOADS) - 1), flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=4), cut=st.integers(0, 3))
+@given(which=st.integers(0, len(PAYLOADS) - 1),
+       flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=4),
+       cut=st.integers(0, 3))
 def test_fuzz_mutated_payloads(which, flips, cut):
     buf = PAYLOADS[which][-1].to_bytes().clone()
     for pos, x in flips:

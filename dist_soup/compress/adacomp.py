@@ -41,17 +41,15 @@ from typing import Any
 
 import torch
 
-from .base import Compressor
 from . import kernels
-from .payload import Payload
-from .registry import CODEC_IDS, register
+from .base import FLOATS, Compressor, check_choice, check_int, flat_input
+from .kernels import pack_bits, unpack_bits
+from .payload import CODEC_IDS, Payload
 
 INDEX_FORMATS = {"offsets": 0, "bitmap": 1, "rice": 2}
 INDEX_CODINGS = ("auto", "design")
 _MAX_RICE_K = 40
 VALUE_FORMATS = {"ternary": 0, "fp16": 1}
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_MSB = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
 def _f32_bits(x: float) -> int:
@@ -108,26 +106,9 @@ def rice_parameter(v: torch.Tensor) -> tuple[int, int]:
         return 0, 0
     mean = float(v.sum()) / v.numel()
     guess = max(0, int(math.log2(mean * 0.69 + 1.0)))
-    best = None
-    for k in range(max(0, guess - 1), min(_MAX_RICE_K, guess + 1) + 1):
-        q = int((v >> k).sum())
-        cost = k * v.numel() + q
-        if best is None or cost < best[0]:
-            best = (cost, k, q)
-    return best[1], best[2]
-
-
-def _pack(bits: torch.Tensor) -> torch.Tensor:
-    """uint8 0/1 tensor -> bytes, MSB first, zero padded."""
-    pad = (-bits.numel()) % 8
-    if pad:
-        bits = torch.cat([bits, bits.new_zeros(pad)])
-    return (bits.view(-1, 8) * _MSB.to(bits.device)).sum(1, dtype=torch.int32).to(torch.uint8)
-
-
-def _unpack(data: torch.Tensor, nbits: int) -> torch.Tensor:
-    sh = torch.arange(7, -1, -1, dtype=torch.uint8, device=data.device)
-    return ((data[:, None] >> sh) & 1).view(-1)[:nbits]
+    sums = {k: int((v >> k).sum()) for k in range(max(0, guess - 1), min(_MAX_RICE_K, guess + 1) + 1)}
+    k = min(sums, key=lambda j: (j * v.numel() + sums[j], j))
+    return k, sums[k]
 
 
 def _read_fixed(bits: torch.Tensor, count: int, w: int) -> torch.Tensor:
@@ -150,14 +131,13 @@ class AdaComp(Compressor):
     name = "adacomp"
     builtin_feedback = True
 
-    def __init__(self, bin_size: int | None = None, values: str = "ternary", index_coding: str = "auto", *, seed: int = 0, rank: int = 0, stream: int = 0) -> None:
+    def __init__(self, bin_size: int | None = None, values: str = "ternary", index_coding: str = "auto",
+                 *, seed: int = 0, rank: int = 0, stream: int = 0) -> None:
         super().__init__(seed=seed, rank=rank, stream=stream)
-        if bin_size is not None and (not isinstance(bin_size, int) or not 2 <= bin_size <= 1 << 16):
-            raise ValueError(f"adacomp bin_size must be None (auto: 50 conv, 500 dense) or an int in [2, 65536], got {bin_size!r}")
-        if values not in VALUE_FORMATS:
-            raise ValueError(f"adacomp values must be one of {sorted(VALUE_FORMATS)}, got {values!r}")
-        if index_coding not in INDEX_CODINGS:
-            raise ValueError(f"adacomp index_coding must be one of {INDEX_CODINGS}, got {index_coding!r}")
+        if bin_size is not None:  # None: 50 for conv kernels, 500 otherwise
+            check_int("adacomp bin_size", bin_size, 2, 1 << 16)
+        check_choice("adacomp values", values, VALUE_FORMATS)
+        check_choice("adacomp index_coding", index_coding, INDEX_CODINGS)
         self.bin_size = bin_size
         self.values = values
         self.index_coding = index_coding
@@ -168,11 +148,13 @@ class AdaComp(Compressor):
     def __repr__(self) -> str:
         return f"AdaComp(bin_size={self.bin_size}, values={self.values!r})"
 
-    def _alloc(self, m: int, device: torch.device) -> None:
+    def _alloc(self, m: int, device: torch.device) -> torch.Tensor:
+        """Zero buffers for m values (whole bins); returns the new residue."""
         self.residue = torch.zeros(m, dtype=torch.float32, device=device)
         self._G = torch.zeros(m, dtype=torch.float32, device=device)
         self._H = torch.zeros(m, dtype=torch.float32, device=device)
         self._mask = torch.zeros(m + (-m) % 8, dtype=torch.bool, device=device)
+        return self.residue
 
     def bins_for(self, shape: tuple[int, ...]) -> int:
         if self.bin_size is not None:
@@ -180,23 +162,21 @@ class AdaComp(Compressor):
         return 50 if len(shape) >= 3 else 500
 
     def compress(self, g: torch.Tensor) -> Payload:
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"adacomp compresses a torch.Tensor, got {type(g).__name__}")
-        if g.dtype not in _FLOATS:
-            raise ValueError(f"adacomp compresses floating tensors {_FLOATS}, got {g.dtype}")
+        flat = flat_input(self.name, g)
         shape = tuple(g.shape)
-        flat = g.detach().reshape(-1)
         n = flat.numel()
         L = self.bins_for(shape)
         nb = -(-n // L)
-        if self.residue is None:
-            self._alloc(nb * L, flat.device)
+        r = self.residue
+        if r is None:
+            r = self._alloc(nb * L, flat.device)
             self._shape = shape
         elif self._shape != shape:
-            raise ValueError(f"adacomp stream saw shape {self._shape} before and now {shape}; use one stream per tensor")
+            raise ValueError(f"adacomp stream saw shape {self._shape} before and now {shape}; "
+                             "use one stream per tensor")
         # All work happens in buffers the stream keeps (fresh large tensors cost page faults that
         # can exceed the arithmetic). Their tails past n stay zero, so no padding copies.
-        r, G, H, mask = self.residue, self._G, self._H, self._mask
+        G, H, mask = self._G, self._H, self._mask
         torch.add(r[:n], flat, out=G[:n])  # G = r + g
         Gb = G.view(nb, L)
         gmax = torch.maximum(Gb.amax(1), Gb.amin(1).neg_())
@@ -247,7 +227,7 @@ class AdaComp(Compressor):
         pieces = [pos_bits]
         if value_part is None:
             pieces.append(neg.to(torch.uint8))
-        data = _pack(torch.cat(pieces))
+        data = pack_bits(torch.cat(pieces))
         vfmt = VALUE_FORMATS[self.values]
         meta = (fmt, vfmt, L, nnz, _f32_bits(scale), aux)
         parts = [data] if value_part is None else [data, value_part]
@@ -259,7 +239,7 @@ class AdaComp(Compressor):
         n = payload.numel
         data = payload.parts[0]
         nb = -(-n // L)
-        bits = _unpack(data, stream_bits(fmt, vfmt, n, L, nnz, aux))
+        bits = unpack_bits(data, stream_bits(fmt, vfmt, n, L, nnz, aux))
         ib = index_bits(fmt, n, L, nnz, aux)
         if fmt == INDEX_FORMATS["bitmap"]:
             pos = bits[:n].nonzero().view(-1)
@@ -292,7 +272,7 @@ class AdaComp(Compressor):
         return out.to(payload.dtype).reshape(payload.shape)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.residue is None:
+        if self.residue is None or self._shape is None:
             return {"step": self.step, "residue": None}
         n = math.prod(self._shape)
         return {"step": self.step, "residue": self.residue[:n].reshape(self._shape).clone()}
@@ -308,18 +288,18 @@ class AdaComp(Compressor):
         self._shape = tuple(r.shape)
         L = self.bins_for(self._shape)
         n = r.numel()
-        self._alloc(-(-n // L) * L, r.device)
-        self.residue[:n] = r.reshape(-1)
+        self._alloc(-(-n // L) * L, r.device)[:n] = r.reshape(-1)
 
 
 def validate(p: Payload) -> None:
+    """The fields of an AdaComp payload (``decompress`` runs this before decoding)."""
     if len(p.meta) != 6:
         raise ValueError(f"adacomp payload needs 6 meta values, has {len(p.meta)}")
     fmt, vfmt, L, nnz, sbits, aux = p.meta
     n = p.numel
     if fmt not in INDEX_FORMATS.values() or vfmt not in VALUE_FORMATS.values():
         raise ValueError(f"adacomp payload formats unknown: index {fmt}, values {vfmt}")
-    if not 2 <= L <= 1 << 16 or not 0 <= nnz <= n or p.dtype not in _FLOATS:
+    if not 2 <= L <= 1 << 16 or not 0 <= nnz <= n or p.dtype not in FLOATS:
         raise ValueError(f"adacomp payload fields out of range: bin_size={L}, nnz={nnz}, n={n}, dtype={p.dtype}")
     if fmt == INDEX_FORMATS["rice"]:
         # gaps sum to at most n, so the unary part sum(gap >> k) cannot exceed n >> k
@@ -340,5 +320,3 @@ def validate(p: Payload) -> None:
         if not bool(torch.isfinite(p.parts[1]).all()):
             raise ValueError("adacomp payload values must be finite")
 
-
-register(AdaComp, validate)

@@ -12,6 +12,7 @@ same bits, and resuming from a ``state_dict`` continues the same sequence.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +20,38 @@ import torch
 from .payload import Payload
 
 _MASK63 = (1 << 63) - 1
+#: The dtypes every codec compresses.
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def flat_input(codec: str, g: torch.Tensor) -> torch.Tensor:
+    """``g`` detached and flattened; ``TypeError`` or ``ValueError`` unless a floating tensor."""
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{codec} compresses a torch.Tensor, got {type(g).__name__}")
+    if g.dtype not in FLOATS:
+        raise ValueError(f"{codec} compresses floating tensors {FLOATS}, got {g.dtype}")
+    return g.detach().reshape(-1)
+
+
+# Option checks: ``what`` names the codec and the option ("topk ratio"); each returns the value.
+def check_choice(what: str, value: Any, allowed: Iterable[Any]) -> Any:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def check_int(what: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{what} must be an int {bound}, got {value!r}")
+    return value
+
+
+def check_fraction(what: str, value: Any) -> float:
+    if not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise ValueError(f"{what} must be in (0, 1], got {value!r}")
+    return float(value)
 
 
 def mix_key(*values: int) -> int:

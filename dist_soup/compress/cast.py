@@ -11,8 +11,7 @@ from typing import ClassVar
 import torch
 
 from .base import LinearCodec
-from .payload import Payload
-from .registry import CODEC_IDS, register
+from .payload import CODEC_IDS, Payload
 
 
 class _Cast(LinearCodec):
@@ -26,6 +25,7 @@ class _Cast(LinearCodec):
         return Payload(CODEC_IDS[self.name], tuple(g.shape), g.dtype, (), [data])
 
     def decompress(self, payload: Payload) -> torch.Tensor:
+        payload.expect(self.name, 0, [(self.wire_dtype, payload.numel)])
         return payload.parts[0].to(payload.dtype).reshape(payload.shape)
 
     def encode_sum(self, g, agreed, world_size):
@@ -42,13 +42,6 @@ class _Cast(LinearCodec):
         if self.wire_dtype == torch.float32:
             return wire.clone()
         return wire.to(torch.float32) * world_size
-
-
-def _validator(name: str, dtype: torch.dtype):
-    def check(p: Payload) -> None:
-        p.expect(name, 0, [(dtype, p.numel)])
-
-    return check
 
 
 class Identity(_Cast):
@@ -71,6 +64,3 @@ class BF16(_Cast):
     name = "bf16"
     wire_dtype = torch.bfloat16
 
-
-for _cls in (Identity, FP16, BF16):
-    register(_cls, _validator(_cls.name, _cls.wire_dtype))

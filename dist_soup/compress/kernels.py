@@ -26,10 +26,10 @@ import functools
 import os
 import threading
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 _M32 = 0xFFFFFFFF
 _C1 = 0x7FEB352D  # odd multipliers below 2**31: products of 32-bit values stay below 2**63
@@ -97,7 +97,8 @@ def _index(nb: int, d: int, key: torch.Tensor, device: torch.device) -> torch.Te
     return torch.arange(nb, dtype=torch.int64, device=device)[:, None] * d + key[2]
 
 
-def qsgd_encode(xb: torch.Tensor, key: torch.Tensor, *, bits: int, d: int, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+def qsgd_encode(xb: torch.Tensor, key: torch.Tensor, *, bits: int, d: int,
+                norm: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole buckets (nb, d) -> (fp32 scale per bucket, packed codes ``sign*level + s``: nb*d*bits/8 bytes)."""
     s = (1 << (bits - 1)) - 1
     per = 8 // bits
@@ -112,6 +113,7 @@ def qsgd_encode(xb: torch.Tensor, key: torch.Tensor, *, bits: int, d: int, norm:
         lvl = _level(v, inv, base + t * q, key, s)
         code = torch.where(v < 0, s - lvl, s + lvl).to(torch.uint8)
         packed = code if packed is None else packed | (code << (bits * t))
+    assert packed is not None  # per >= 1
     return scale, packed.reshape(-1)
 
 
@@ -128,7 +130,8 @@ def qsgd_decode(scale: torch.Tensor, packed: torch.Tensor, *, bits: int, d: int,
     return out.reshape(-1).to(dtype)
 
 
-def qsgd_levels(xb: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, *, s: int, d: int, out: torch.dtype) -> torch.Tensor:
+def qsgd_levels(xb: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, *, s: int, d: int,
+                out: torch.dtype) -> torch.Tensor:
     """Signed integer levels of whole buckets (nb, d) against given (shared) bucket scales."""
     xb = xb.to(torch.float32)
     index = _index(xb.shape[0], d, key, xb.device) + torch.arange(d, dtype=torch.int64, device=xb.device)
@@ -159,7 +162,8 @@ def _warn_once(exc: BaseException) -> None:
         )
 
 
-def run(fn: Callable[..., Any], args: tuple, static: dict[str, Any], backend: str = "auto", numel: int | None = None) -> Any:
+def run(fn: Callable[..., Any], args: tuple, static: dict[str, Any], backend: str = "auto",
+        numel: int | None = None) -> Any:
     """Run kernel ``fn(*args, **static)``: compiled and cached per static config, or eagerly.
 
     ``backend``: "eager" never compiles; "compiled" and "auto" compile (falling back to eager,
@@ -195,6 +199,22 @@ def run(fn: Callable[..., Any], args: tuple, static: dict[str, Any], backend: st
         _failed.add(ckey)
         _warn_once(exc)
         return fn(*args, **static)
+
+
+# --- bit streams --------------------------------------------------------------------------------
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """A uint8 0/1 tensor as bytes, MSB first, the last byte zero padded."""
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    w = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
+    return (bits.view(-1, 8) * w).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(data: torch.Tensor, nbits: int) -> torch.Tensor:
+    """The first ``nbits`` bits of ``data`` (MSB first) as a uint8 0/1 tensor."""
+    sh = torch.arange(7, -1, -1, device=data.device, dtype=torch.uint8)
+    return ((data[:, None] >> sh) & 1).reshape(-1)[:nbits]
 
 
 # --- AdaComp ---------------------------------------------------------------------------------

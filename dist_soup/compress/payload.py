@@ -4,12 +4,15 @@ A :class:`Payload` is what a compressor produces and what travels: a small self-
 header and a few raw tensors ("parts"). It knows nothing of processes; ``to_bytes`` makes the
 single flat ``uint8`` tensor that a collective moves, ``from_bytes`` reads one back and refuses,
 with a ``ValueError`` naming the problem, anything that is not exactly a well-formed payload.
+``from_bytes`` checks the structure (header, known codec id, part sizes); the codec's
+``decompress`` checks its own fields (meta and parts, through :meth:`Payload.expect`) before it
+decodes anything. This module is the bottom layer: the codecs import it, never the reverse.
 
 Layout (little-endian, every field 8-byte aligned so parts can be viewed without a copy)::
 
     offset 0   magic  b"DSUP"                       4 bytes
            4   version (uint8) = 1
-           5   codec id (uint8)                      see ``dist_soup.compress.registry``
+           5   codec id (uint8)                      see ``CODEC_IDS``
            6   original dtype code (uint8)
            7   ndim (uint8, <= 8)
            8   number of meta integers (uint8, <= 16)
@@ -25,8 +28,8 @@ Layout (little-endian, every field 8-byte aligned so parts can be viewed without
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -51,6 +54,26 @@ DTYPE_CODES: dict[torch.dtype, int] = {
     torch.int64: 8,
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+# Wire ids are part of the payload format: never renumber, only append.
+CODEC_IDS: dict[str, int] = {
+    "identity": 0,
+    "fp16": 1,
+    "bf16": 2,
+    "qsgd": 3,
+    "adacomp": 4,
+    "topk": 5,
+    "randomk": 6,
+    "cltk": 7,
+}
+CODEC_NAMES = {cid: name for name, cid in CODEC_IDS.items()}
+
+
+def codec_name_of(codec_id: int) -> str:
+    """The codec name of a wire id; ``ValueError`` for an unknown one."""
+    try:
+        return CODEC_NAMES[codec_id]
+    except KeyError:
+        raise ValueError(f"payload codec id {codec_id} is unknown; known: {sorted(CODEC_NAMES)}") from None
 
 
 def _pad8(n: int) -> int:
@@ -124,12 +147,13 @@ class Payload:
         return out
 
     @classmethod
-    def from_bytes(cls, buf: torch.Tensor | bytes | bytearray | memoryview) -> "Payload":
-        """Read a payload back; raise ``ValueError`` on anything malformed.
+    def from_bytes(cls, buf: torch.Tensor | bytes | bytearray | memoryview) -> Payload:
+        """Read a payload back; raise ``ValueError`` on any structural fault.
 
         The parts of the returned payload are views into ``buf`` when it is 8-byte aligned,
-        copies otherwise. The codec's own consistency check runs too, so a payload that
-        passes here decodes to a tensor of its declared shape.
+        copies otherwise. Whether the fields make sense for the codec is the codec's check:
+        its ``decompress`` refuses, with ``ValueError``, a payload it cannot decode to a
+        tensor of the declared shape, before decoding anything.
         """
         if not isinstance(buf, torch.Tensor):
             buf = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
@@ -149,9 +173,7 @@ class Payload:
             raise ValueError(f"payload version {version} is not supported (this build reads {VERSION})")
         if any(head[10:16]):
             raise ValueError("payload header has non-zero reserved bytes")
-        from .registry import codec_name_of, validator_of  # late: registry imports codecs
-
-        name = codec_name_of(codec)  # raises ValueError for an unknown id
+        codec_name_of(codec)  # raises ValueError for an unknown id
         if dcode not in CODE_DTYPES:
             raise ValueError(f"payload dtype code {dcode} unknown; known: {sorted(CODE_DTYPES)}")
         if ndim > MAX_NDIM or nmeta > MAX_META or nparts > MAX_PARTS:
@@ -186,15 +208,15 @@ class Payload:
             off += _pad8(size)
         if off != n:
             raise ValueError(f"payload length mismatch: header and parts account for {off} bytes, buffer has {n}")
-        payload = cls(codec, shape, CODE_DTYPES[dcode], meta, parts)
-        validator_of(codec)(payload)
-        return payload
+        return cls(codec, shape, CODE_DTYPES[dcode], meta, parts)
 
     def expect(self, name: str, n_meta: int, part_specs: Sequence[tuple[torch.dtype, int | None]]) -> None:
-        """Codec-side check: meta count and each part's dtype and (if given) numel.
+        """Codec-side check: codec id, meta count and each part's dtype and (if given) numel.
 
         Raises ``ValueError`` naming the codec and the first field that does not fit.
         """
+        if self.codec != CODEC_IDS[name]:
+            raise ValueError(f"a {name} stream cannot decode a payload of codec {codec_name_of(self.codec)}")
         if len(self.meta) != n_meta:
             raise ValueError(f"{name} payload needs {n_meta} meta values, has {len(self.meta)}")
         if len(self.parts) != len(part_specs):
@@ -204,6 +226,3 @@ class Payload:
                 raise ValueError(f"{name} payload part {i} must be {dtype}, is {part.dtype}")
             if numel is not None and part.numel() != numel:
                 raise ValueError(f"{name} payload part {i} must hold {numel} values, holds {part.numel()}")
-
-
-Validator = Callable[[Payload], None]

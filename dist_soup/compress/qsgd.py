@@ -8,7 +8,7 @@ For each bucket v of d consecutive values with scale ``n(v)`` (``max|v_i|`` by d
 
 With l2 scaling the variance is bounded: ``E||Q(v) - v||^2 <= min(d/s^2, sqrt(d)/s) ||v||^2``.
 
-Wire modes (the ``mode`` meta field):
+Wire formats (``WIRE_FORMATS``, the first meta field):
 
 * ``dense`` (default): ``sign * level + s`` in ``bits`` bits, ``8 / bits`` values per byte, plus
   one fp32 scale per bucket: ``bits + 32 / d`` bits per value (4.0625 at 4 bits, d = 512; a
@@ -19,7 +19,7 @@ Wire modes (the ``mode`` meta field):
   sign bit per nonzero. Sparse level vectors (2 bits, or l2 scaling) cost far fewer bits.
   Encoding and decoding are vectorized (decoding finds every code boundary at once by pointer
   doubling; see :func:`omega_decode`), at the price of scratch memory of about 50 bytes per
-  stream bit and about 0.1 GB/s: a mode for sparse level vectors, not for 8-bit max scaling.
+  stream bit and about 0.1 GB/s: a format for sparse level vectors, not for 8-bit max scaling.
 * ``raw``: tensors with fewer than ``min_numel`` values travel as they are (the paper sent
   tensors under about 10K values uncompressed; the header alone outweighs the saving on tiny
   ones). Default ``min_numel = 1024``.
@@ -41,14 +41,13 @@ from typing import Any
 import torch
 
 from . import kernels
-from .base import LinearCodec
-from .payload import Payload
-from .registry import CODEC_IDS, register
+from .base import FLOATS, LinearCodec, check_choice, check_int, flat_input
+from .kernels import pack_bits, unpack_bits
+from .payload import CODEC_IDS, Payload
 
-MODES = {"raw": 0, "dense": 1, "elias": 2}
+WIRE_FORMATS = {"raw": 0, "dense": 1, "elias": 2}
 NORMS = {"max": 0, "l2": 1}
 CODINGS = ("dense", "elias")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Largest value Elias-omega codes here (gaps up to the tensor size): codes stay within 63 bits.
 _OMEGA_MAX_BITS = 63
 _OMEGA_MAX_GROUP = 41  # widest group a code of a value below 2**40 contains (40 bits + slack)
@@ -114,20 +113,7 @@ def write_bits(codes: torch.Tensor, lengths: torch.Tensor, chunk: int = 1 << 18)
         sh = (ln[:, None] - 1 - j).clamp_(min=0)
         bits = ((c[:, None] >> sh) & 1).to(torch.uint8)
         pieces.append(bits[j < ln[:, None]])  # row-major: codes in order, each MSB first
-    return _pack_bits(torch.cat(pieces) if len(pieces) > 1 else pieces[0]), total
-
-
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    pad = (-bits.numel()) % 8
-    if pad:
-        bits = torch.cat([bits, bits.new_zeros(pad)])
-    w = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
-    return (bits.view(-1, 8) * w).sum(dim=1, dtype=torch.int32).to(torch.uint8)
-
-
-def _unpack_bits(data: torch.Tensor, nbits: int) -> torch.Tensor:
-    sh = torch.arange(7, -1, -1, device=data.device, dtype=torch.uint8)
-    return ((data[:, None] >> sh) & 1).reshape(-1)[:nbits]
+    return pack_bits(torch.cat(pieces) if len(pieces) > 1 else pieces[0]), total
 
 
 def _windows(data: torch.Tensor) -> torch.Tensor:
@@ -209,8 +195,9 @@ class QSGD(LinearCodec):
     Options: ``bits`` in (2, 4, 8); ``bucket_size`` a multiple of 8 in [8, 2**20]; ``norm``
     "max" or "l2"; ``coding`` "dense" or "elias"; ``min_numel`` (tensors smaller than this are
     sent uncompressed, default 1024); ``wire_int16`` (allreduce mode: allow int16 sums; off by
-    default because gloo cannot all-reduce int16, so sums beyond int8 travel as int32); ``backend`` "auto", "compiled" or "eager" (see
-    :mod:`.kernels`); ``seed``, ``rank``, ``stream`` for the random draws.
+    default because gloo cannot all-reduce int16, so sums beyond int8 travel as int32); ``backend``
+    "auto", "compiled" or "eager" (see :mod:`.kernels`); ``seed``, ``rank``, ``stream`` for the
+    random draws.
     """
 
     name = "qsgd"
@@ -232,16 +219,12 @@ class QSGD(LinearCodec):
         super().__init__(seed=seed, rank=rank, stream=stream)
         if bits not in (2, 4, 8):
             raise ValueError(f"qsgd bits must be 2, 4 or 8, got {bits!r}")
-        if not isinstance(bucket_size, int) or bucket_size % 8 or not 8 <= bucket_size <= 1 << 20:
-            raise ValueError(f"qsgd bucket_size must be a multiple of 8 in [8, 2**20], got {bucket_size!r}")
-        if norm not in NORMS:
-            raise ValueError(f"qsgd norm must be one of {sorted(NORMS)}, got {norm!r}")
-        if coding not in CODINGS:
-            raise ValueError(f"qsgd coding must be one of {CODINGS}, got {coding!r}")
-        if not isinstance(min_numel, int) or min_numel < 0:
-            raise ValueError(f"qsgd min_numel must be an int >= 0, got {min_numel!r}")
-        if backend not in kernels.BACKENDS:
-            raise ValueError(f"qsgd backend must be one of {kernels.BACKENDS}, got {backend!r}")
+        if check_int("qsgd bucket_size", bucket_size, 8, 1 << 20) % 8:
+            raise ValueError(f"qsgd bucket_size must be a multiple of 8, got {bucket_size!r}")
+        check_choice("qsgd norm", norm, NORMS)
+        check_choice("qsgd coding", coding, CODINGS)
+        check_int("qsgd min_numel", min_numel, 0)
+        check_choice("qsgd backend", backend, kernels.BACKENDS)
         self.bits = bits
         self.s = (1 << (bits - 1)) - 1
         self.bucket_size = bucket_size
@@ -259,18 +242,11 @@ class QSGD(LinearCodec):
         )
 
     # --- helpers --------------------------------------------------------------------------
-    def _check(self, g: torch.Tensor) -> torch.Tensor:
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"qsgd compresses a torch.Tensor, got {type(g).__name__}")
-        if g.dtype not in _FLOATS:
-            raise ValueError(f"qsgd compresses floating tensors {_FLOATS}, got {g.dtype}")
-        return g.detach().reshape(-1)
-
     def _raw(self, g: torch.Tensor) -> bool:
         return g.numel() < max(self.min_numel, 1)
 
-    def _meta(self, mode: str, nnz: int = 0, nbits: int = 0) -> tuple[int, ...]:
-        return (MODES[mode], self.bits, self.bucket_size, NORMS[self.norm], nnz, nbits)
+    def _meta(self, fmt: str, nnz: int = 0, nbits: int = 0) -> tuple[int, ...]:
+        return (WIRE_FORMATS[fmt], self.bits, self.bucket_size, NORMS[self.norm], nnz, nbits)
 
     def _split(self, flat: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
         """(whole buckets as an (nb, d) view, zero-padded last partial bucket (1, d), its offset)."""
@@ -286,10 +262,11 @@ class QSGD(LinearCodec):
 
     def _encode(self, flat: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         main, tail, nf = self._split(flat)
-        static = dict(bits=self.bits, d=self.bucket_size, norm=self.norm)
+        static: dict[str, Any] = dict(bits=self.bits, d=self.bucket_size, norm=self.norm)
         out = []
         if main is not None:
-            out.append(kernels.run(kernels.qsgd_encode, (main, kernels.split_key(key, 0, flat.device)), static, self.backend, nf))
+            args = (main, kernels.split_key(key, 0, flat.device))
+            out.append(kernels.run(kernels.qsgd_encode, args, static, self.backend, nf))
         if tail is not None:  # one bucket: eager, same arithmetic
             out.append(kernels.qsgd_encode(tail, kernels.split_key(key, nf, flat.device), **static))
         if len(out) == 1:
@@ -309,10 +286,10 @@ class QSGD(LinearCodec):
 
     # --- Compressor ---------------------------------------------------------------------
     def compress(self, g: torch.Tensor) -> Payload:
-        flat = self._check(g)
+        flat = flat_input(self.name, g)
         shape, cid = tuple(g.shape), CODEC_IDS[self.name]
         if self._raw(flat):
-            self.step += 1  # every call advances the step, whatever the mode
+            self.step += 1  # every call advances the step, whatever the format
             return Payload(cid, shape, g.dtype, self._meta("raw"), [flat.clone()])
         n, d = flat.numel(), self.bucket_size
         scale, packed = self._encode(flat, self.next_key())
@@ -333,15 +310,16 @@ class QSGD(LinearCodec):
 
     def decompress(self, payload: Payload) -> torch.Tensor:
         validate(payload)
-        mode = payload.meta[0]
+        fmt = payload.meta[0]
         n = payload.numel
-        if mode == MODES["raw"]:
+        if fmt == WIRE_FORMATS["raw"]:
             return payload.parts[0].to(payload.dtype).reshape(payload.shape).clone()
         bits, d = payload.meta[1], payload.meta[2]
         scale, data = payload.parts
         s = (1 << (bits - 1)) - 1
-        if mode == MODES["dense"]:
-            out = kernels.run(kernels.qsgd_decode, (scale, data), dict(bits=bits, d=d, dtype=payload.dtype), self.backend, n)
+        if fmt == WIRE_FORMATS["dense"]:
+            static = dict(bits=bits, d=d, dtype=payload.dtype)
+            out = kernels.run(kernels.qsgd_decode, (scale, data), static, self.backend, n)
             return out[:n].view(payload.shape)
         nnz, nbits = payload.meta[4], payload.meta[5]
         vals, used = omega_decode(data, nbits, 2 * nnz)
@@ -353,7 +331,7 @@ class QSGD(LinearCodec):
             raise ValueError(f"qsgd elias stream: position {int(idx[-1])} outside a tensor of {n} values")
         if nnz and int(lv.max()) > s:
             raise ValueError(f"qsgd elias stream: level {int(lv.max())} above s = {s}")
-        sign = _unpack_bits(data, nbits)[used:].to(torch.int64)
+        sign = unpack_bits(data, nbits)[used:].to(torch.int64)
         q = torch.zeros(scale.numel() * d, dtype=torch.float32, device=data.device)
         q[idx] = (lv * (1 - 2 * sign)).to(torch.float32)
         out = (q.view(-1, d) * (scale / s)[:, None]).view(-1)[:n]
@@ -361,7 +339,7 @@ class QSGD(LinearCodec):
 
     # --- LinearCodec (shared scale) --------------------------------------------------------
     def agreement(self, g: torch.Tensor, rank: int, world_size: int):
-        flat = self._check(g)
+        flat = flat_input(self.name, g)
         if self._raw(flat):
             return None
         scale = self._scales(flat)
@@ -369,7 +347,7 @@ class QSGD(LinearCodec):
         return scale, "max"
 
     def encode_sum(self, g: torch.Tensor, agreed: torch.Tensor | None, world_size: int) -> torch.Tensor:
-        flat = self._check(g)
+        flat = flat_input(self.name, g)
         if self._raw(flat):
             self.step += 1
             return flat.to(torch.float32, copy=True)
@@ -377,16 +355,18 @@ class QSGD(LinearCodec):
             raise ValueError("qsgd encode_sum needs the agreed (all-reduced max) bucket scales")
         nb = -(-flat.numel() // self.bucket_size)
         if agreed.shape != (nb,) or agreed.dtype != torch.float32:
-            raise ValueError(f"qsgd agreed scales must be float32 of shape ({nb},), got {tuple(agreed.shape)} {agreed.dtype}")
-        static = dict(s=self.s, d=self.bucket_size, out=sum_dtype(world_size, self.s, self.wire_int16))
+            raise ValueError(f"qsgd agreed scales must be float32 of shape ({nb},), "
+                             f"got {tuple(agreed.shape)} {agreed.dtype}")
+        static: dict[str, Any] = dict(s=self.s, d=self.bucket_size, out=sum_dtype(world_size, self.s, self.wire_int16))
         key = self.next_key()
         main, tail, nf = self._split(flat)
         out = []
         if main is not None:
-            nbf = main.shape[0]
-            out.append(kernels.run(kernels.qsgd_levels, (main, agreed[:nbf], kernels.split_key(key, 0, flat.device)), static, self.backend, nf))
+            args = (main, agreed[: main.shape[0]], kernels.split_key(key, 0, flat.device))
+            out.append(kernels.run(kernels.qsgd_levels, args, static, self.backend, nf))
         if tail is not None:
-            out.append(kernels.qsgd_levels(tail, agreed[-1:], kernels.split_key(key, nf, flat.device), **static)[: flat.numel() - nf])
+            tail_key = kernels.split_key(key, nf, flat.device)
+            out.append(kernels.qsgd_levels(tail, agreed[-1:], tail_key, **static)[: flat.numel() - nf])
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def _unlevel(self, total: torch.Tensor, agreed: torch.Tensor | None, divide: int) -> torch.Tensor:
@@ -416,24 +396,24 @@ class QSGD(LinearCodec):
 
 
 def validate(p: Payload) -> None:
-    """Structural check of a QSGD payload (``from_bytes`` runs it; so does ``decompress``)."""
+    """The fields of a QSGD payload (``decompress`` runs this before decoding)."""
     if len(p.meta) != 6:
         raise ValueError(f"qsgd payload needs 6 meta values, has {len(p.meta)}")
-    mode, bits, d, norm, nnz, nbits = p.meta
+    fmt, bits, d, norm, nnz, nbits = p.meta
     n = p.numel
-    if mode == MODES["raw"]:
-        if p.dtype not in _FLOATS:
+    if fmt == WIRE_FORMATS["raw"]:
+        if p.dtype not in FLOATS:
             raise ValueError(f"qsgd raw payload dtype must be floating, is {p.dtype}")
         p.expect("qsgd", 6, [(p.dtype, n)])
         return
-    if mode not in MODES.values():
-        raise ValueError(f"qsgd payload mode {mode} unknown; known: {MODES}")
+    if fmt not in WIRE_FORMATS.values():
+        raise ValueError(f"qsgd payload wire format {fmt} unknown; known: {WIRE_FORMATS}")
     if bits not in (2, 4, 8) or d % 8 or not 8 <= d <= 1 << 20 or norm not in NORMS.values():
         raise ValueError(f"qsgd payload parameters out of range: bits={bits}, bucket_size={d}, norm={norm}")
-    if p.dtype not in _FLOATS:
+    if p.dtype not in FLOATS:
         raise ValueError(f"qsgd payload dtype must be floating, is {p.dtype}")
     nb = -(-n // d)
-    if mode == MODES["dense"]:
+    if fmt == WIRE_FORMATS["dense"]:
         if nnz or nbits:
             raise ValueError("qsgd dense payload must have zero elias fields")
         p.expect("qsgd", 6, [(torch.float32, nb), (torch.uint8, nb * d * bits // 8)])
@@ -445,5 +425,3 @@ def validate(p: Payload) -> None:
     if nb and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
         raise ValueError("qsgd payload scales must be finite and >= 0")
 
-
-register(QSGD, validate)

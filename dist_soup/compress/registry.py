@@ -1,37 +1,23 @@
-"""Codec names, their wire ids and their payload validators, and ``build``."""
+"""The codecs by name, and ``build``."""
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
+from .adacomp import AdaComp
 from .base import Compressor
-from .payload import Payload, Validator
+from .cast import BF16, FP16, Identity
+from .feedback import ErrorFeedback
+from .qsgd import QSGD
+from .sparse import CLTK, RandomK, TopK
 
-# Wire ids are part of the payload format: never renumber, only append.
-CODEC_IDS: dict[str, int] = {
-    "identity": 0,
-    "fp16": 1,
-    "bf16": 2,
-    "qsgd": 3,
-    "adacomp": 4,
-    "topk": 5,
-    "randomk": 6,
-    "cltk": 7,
+# A codec's name is also its key in ``payload.CODEC_IDS`` (its wire id).
+_CLASSES: dict[str, type[Compressor]] = {
+    cls.name: cls for cls in (Identity, FP16, BF16, QSGD, AdaComp, TopK, RandomK, CLTK)
 }
 #: Keyword arguments every stream takes from whoever owns the streams (an exchange gives each
 #: rank and stream its own), not from the user: ``Compressor.__init__``'s parameters.
 STREAM_ARGS: tuple[str, ...] = tuple(p for p in inspect.signature(Compressor.__init__).parameters if p != "self")
-_CLASSES: dict[str, type[Compressor]] = {}
-_VALIDATORS: dict[int, Validator] = {}
-
-
-def register(cls: type[Compressor], validator: Validator) -> type[Compressor]:
-    """Make ``cls`` buildable by its ``name``; ``validator`` checks a payload's fields."""
-    if cls.name not in CODEC_IDS:
-        raise ValueError(f"codec {cls.name!r} has no wire id; add it to CODEC_IDS")
-    _CLASSES[cls.name] = cls
-    _VALIDATORS[CODEC_IDS[cls.name]] = validator
-    return cls
 
 
 def names() -> list[str]:
@@ -54,18 +40,6 @@ def option_names(name: str) -> list[str]:
     return own + ["error_feedback"]
 
 
-def codec_name_of(codec_id: int) -> str:
-    for name, cid in CODEC_IDS.items():
-        if cid == codec_id and name in _CLASSES:
-            return name
-    raise ValueError(f"payload codec id {codec_id} is unknown; known: {sorted(_VALIDATORS)}")
-
-
-def validator_of(codec_id: int) -> Validator:
-    codec_name_of(codec_id)
-    return _VALIDATORS[codec_id]
-
-
 def build(name: str, **options: Any) -> Compressor:
     """One compressor stream: ``build("qsgd", bits=4)``.
 
@@ -81,7 +55,5 @@ def build(name: str, **options: Any) -> Compressor:
         raise ValueError(f"bad options {unknown or sorted(options)} for compressor {name!r}: {exc}; "
                          f"allowed: {option_names(name)}") from None
     if error_feedback:
-        from .feedback import ErrorFeedback
-
         stream = ErrorFeedback(stream)
     return stream

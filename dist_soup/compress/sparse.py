@@ -27,12 +27,9 @@ from typing import Any
 
 import torch
 
-from .base import Compressor, LinearCodec, mix_key
-from .feedback import check_finite
-from .payload import Payload
-from .registry import CODEC_IDS, register
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .base import FLOATS, Compressor, LinearCodec, check_fraction, check_int, flat_input, mix_key
+from .feedback import Residue
+from .payload import CODEC_IDS, Payload
 
 
 def index_dtype(n: int) -> torch.dtype:
@@ -42,23 +39,8 @@ def index_dtype(n: int) -> torch.dtype:
 def _resolve_k(n: int, ratio: float | None, k: int | None) -> int:
     if k is not None:
         return max(0, min(int(k), n))
+    assert ratio is not None  # the constructor checked one of them
     return min(n, max(1, round(ratio * n))) if n else 0
-
-
-def _check_options(name: str, ratio: float | None, k: int | None) -> None:
-    if k is not None:
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"{name} k must be a positive int, got {k!r}")
-    elif not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-        raise ValueError(f"{name} ratio must be in (0, 1], got {ratio!r}")
-
-
-def _check_input(name: str, g: torch.Tensor) -> torch.Tensor:
-    if not isinstance(g, torch.Tensor):
-        raise TypeError(f"{name} compresses a torch.Tensor, got {type(g).__name__}")
-    if g.dtype not in _FLOATS:
-        raise ValueError(f"{name} compresses floating tensors {_FLOATS}, got {g.dtype}")
-    return g.detach().reshape(-1)
 
 
 def _scatter(n: int, idx: torch.Tensor, vals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -67,33 +49,33 @@ def _scatter(n: int, idx: torch.Tensor, vals: torch.Tensor, dtype: torch.dtype) 
     return out
 
 
-def _validate_pairs(name: str):
+def _check_pairs(name: str, p: Payload) -> None:
     """Payload with (indices, values): indices unique, in range, as many as values."""
-
-    def check(p: Payload) -> None:
-        if len(p.parts) != 2:
-            raise ValueError(f"{name} payload needs 2 parts, has {len(p.parts)}")
-        n = p.numel
-        p.expect(name, 0, [(index_dtype(n), None), (p.dtype, p.parts[0].numel())])
-        if p.dtype not in _FLOATS:
-            raise ValueError(f"{name} payload dtype must be floating, is {p.dtype}")
-        idx = p.parts[0]
-        if idx.numel() > n:
-            raise ValueError(f"{name} payload holds {idx.numel()} indices for {n} values")
-        if idx.numel():
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= n:
-                raise ValueError(f"{name} payload index out of range [0, {n}): {lo if lo < 0 else hi}")
-            if torch.unique(idx).numel() != idx.numel():
-                raise ValueError(f"{name} payload repeats an index")
-
-    return check
+    if len(p.parts) != 2:
+        raise ValueError(f"{name} payload needs 2 parts, has {len(p.parts)}")
+    n = p.numel
+    p.expect(name, 0, [(index_dtype(n), None), (p.dtype, p.parts[0].numel())])
+    if p.dtype not in FLOATS:
+        raise ValueError(f"{name} payload dtype must be floating, is {p.dtype}")
+    idx = p.parts[0]
+    if idx.numel() > n:
+        raise ValueError(f"{name} payload holds {idx.numel()} indices for {n} values")
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{name} payload index out of range [0, {n}): {lo if lo < 0 else hi}")
+        if torch.unique(idx).numel() != idx.numel():
+            raise ValueError(f"{name} payload repeats an index")
 
 
 class _Sparse(Compressor):
-    def __init__(self, ratio: float | None = 0.01, k: int | None = None, *, seed: int = 0, rank: int = 0, stream: int = 0):
+    def __init__(self, ratio: float | None = 0.01, k: int | None = None,
+                 *, seed: int = 0, rank: int = 0, stream: int = 0):
         super().__init__(seed=seed, rank=rank, stream=stream)
-        _check_options(self.name, ratio, k)
+        if k is not None:
+            check_int(f"{self.name} k", k, 1)
+        else:
+            check_fraction(f"{self.name} ratio", ratio)
         self.ratio = ratio
         self.k = k
 
@@ -107,8 +89,7 @@ class _Sparse(Compressor):
         return Payload(CODEC_IDS[self.name], tuple(shape), dtype, (), [idx.to(index_dtype(n)), vals.to(dtype)])
 
     def decompress(self, payload: Payload) -> torch.Tensor:
-        validate = _VALIDATORS[self.name]
-        validate(payload)
+        _check_pairs(self.name, payload)
         idx, vals = payload.parts
         return _scatter(payload.numel, idx, vals, payload.dtype).reshape(payload.shape)
 
@@ -119,37 +100,35 @@ class TopK(_Sparse):
     name = "topk"
     fixed_size = True  # k values and k positions of a width set by the tensor's size
 
-    def __init__(self, ratio: float | None = 0.01, k: int | None = None, feedback: bool = True, *, seed: int = 0, rank: int = 0, stream: int = 0):
+    def __init__(self, ratio: float | None = 0.01, k: int | None = None, feedback: bool = True,
+                 *, seed: int = 0, rank: int = 0, stream: int = 0):
         super().__init__(ratio, k, seed=seed, rank=rank, stream=stream)
         self.builtin_feedback = bool(feedback)
-        self.residue: torch.Tensor | None = None
+        self.memory = Residue(self.name) if feedback else None
+
+    @property
+    def residue(self) -> torch.Tensor | None:
+        """The flat residue (None before the first call, or with ``feedback=False``)."""
+        return None if self.memory is None else self.memory.tensor
 
     def compress(self, g: torch.Tensor) -> Payload:
-        flat = _check_input(self.name, g)
-        if self.builtin_feedback:
-            check_finite(flat, self.name)
-            if self.residue is not None and self.residue.numel() != flat.numel():
-                raise ValueError(f"topk stream saw {self.residue.numel()} values before and now {flat.numel()}")
-            x = flat.to(torch.float32) if self.residue is None else self.residue + flat
-        else:
-            x = flat
-        k = self._k(x.numel())
-        idx = torch.topk(x.abs(), k, sorted=False).indices
+        x = flat_input(self.name, g)
+        if self.memory is not None:
+            x = self.memory.compensate(x)
+        idx = torch.topk(x.abs(), self._k(x.numel()), sorted=False).indices
         vals = x[idx].to(g.dtype)
         self.step += 1
-        if self.builtin_feedback:
-            r = x.to(torch.float32, copy=True)
-            r[idx] -= vals.to(torch.float32)  # what was sent leaves the residue, its cast error stays
-            self.residue = r
+        if self.memory is not None:  # what was sent leaves the residue, its cast error stays
+            self.memory.update(x, _scatter(x.numel(), idx, vals, x.dtype))
         return self._pairs(g.shape, g.dtype, idx, vals)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "residue": None if self.residue is None else self.residue.clone()}
+        return {"step": self.step, "residue": None if self.memory is None else self.memory.state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        r = state.get("residue")
-        self.residue = None if r is None else r.clone()
+        if self.memory is not None:
+            self.memory.load(state.get("residue"))
 
 
 class RandomK(_Sparse, LinearCodec):
@@ -158,7 +137,8 @@ class RandomK(_Sparse, LinearCodec):
     name = "randomk"
     fixed_size = True
 
-    def __init__(self, ratio: float | None = 0.01, k: int | None = None, rescale: bool = False, *, seed: int = 0, rank: int = 0, stream: int = 0):
+    def __init__(self, ratio: float | None = 0.01, k: int | None = None, rescale: bool = False,
+                 *, seed: int = 0, rank: int = 0, stream: int = 0):
         super().__init__(ratio, k, seed=seed, rank=rank, stream=stream)
         self.rescale = bool(rescale)
         self._last: tuple[int, torch.Tensor, float] | None = None
@@ -196,7 +176,7 @@ class RandomK(_Sparse, LinearCodec):
         return n / k if self.rescale and k else 1.0
 
     def compress(self, g: torch.Tensor) -> Payload:
-        flat = _check_input(self.name, g)
+        flat = flat_input(self.name, g)
         n = flat.numel()
         k = self._k(n)
         key = self.shared_key()
@@ -204,7 +184,7 @@ class RandomK(_Sparse, LinearCodec):
         return Payload(CODEC_IDS[self.name], tuple(g.shape), g.dtype, (key, k, int(self.rescale)), [vals])
 
     def decompress(self, payload: Payload) -> torch.Tensor:
-        validate_randomk(payload)
+        _check_randomk(payload)
         key, k, rescale = payload.meta
         n = payload.numel
         vals = payload.parts[0]
@@ -217,7 +197,7 @@ class RandomK(_Sparse, LinearCodec):
 
     # LinearCodec: positions agreed through the shared key, no agreement round needed
     def encode_sum(self, g, agreed, world_size):
-        flat = _check_input(self.name, g)
+        flat = flat_input(self.name, g)
         n = flat.numel()
         k = self._k(n)
         idx = self.positions(self.shared_key(), n, k, flat.device)
@@ -239,10 +219,10 @@ class RandomK(_Sparse, LinearCodec):
         return self._decode(wire, 1)
 
 
-def validate_randomk(p: Payload) -> None:
+def _check_randomk(p: Payload) -> None:
     p.expect("randomk", 3, [(p.dtype, None)])
     key, k, rescale = p.meta
-    if p.dtype not in _FLOATS:
+    if p.dtype not in FLOATS:
         raise ValueError(f"randomk payload dtype must be floating, is {p.dtype}")
     if not 0 <= key < 2**63 or rescale not in (0, 1) or not 0 <= k <= p.numel or p.parts[0].numel() != k:
         raise ValueError(f"randomk payload fields inconsistent: key={key}, k={k}, rescale={rescale}, n={p.numel}")
@@ -254,34 +234,28 @@ class CLTK(_Sparse, LinearCodec):
     name = "cltk"
     builtin_feedback = True
 
-    def __init__(self, ratio: float | None = 0.01, k: int | None = None, beta: float = 0.1, *, seed: int = 0, rank: int = 0, stream: int = 0):
+    def __init__(self, ratio: float | None = 0.01, k: int | None = None, beta: float = 0.1,
+                 *, seed: int = 0, rank: int = 0, stream: int = 0):
         super().__init__(ratio, k, seed=seed, rank=rank, stream=stream)
-        if not (isinstance(beta, (int, float)) and 0 < beta <= 1):
-            raise ValueError(f"cltk beta must be in (0, 1], got {beta!r}")
-        self.beta = float(beta)
-        self.memory: torch.Tensor | None = None
+        self.beta = check_fraction("cltk beta", beta)
+        self._memory = Residue(self.name)
         self._n: int | None = None
+
+    @property
+    def memory(self) -> torch.Tensor | None:
+        """The flat low-pass memory m (None before the first call)."""
+        return self._memory.tensor
 
     def leader(self, world_size: int) -> int:
         """The rank whose top-k indices everyone uses at this step: ``step mod P``."""
         return self.step % world_size
 
     def _p(self, g: torch.Tensor) -> torch.Tensor:
-        flat = _check_input(self.name, g)
-        check_finite(flat, self.name)
-        if self.memory is None:
-            return flat.to(torch.float32, copy=True)
-        if self.memory.numel() != flat.numel():
-            raise ValueError(f"cltk stream saw {self.memory.numel()} values before and now {flat.numel()}")
-        return self.memory + flat
+        return self._memory.compensate(flat_input(self.name, g))
 
     def _remember(self, p: torch.Tensor, idx: torch.Tensor) -> None:
-        err = p.clone()
-        err[idx.to(torch.int64)] = 0  # p - CLT_k(p)
-        if self.memory is None:
-            self.memory = self.beta * err
-        else:
-            self.memory.mul_(1 - self.beta).add_(err, alpha=self.beta)
+        idx = idx.to(torch.int64)
+        self._memory.update(p, _scatter(p.numel(), idx, p[idx], p.dtype), self.beta)  # p - CLT_k(p)
         self.step += 1
 
     def _topk(self, p: torch.Tensor) -> torch.Tensor:
@@ -330,15 +304,8 @@ class CLTK(_Sparse, LinearCodec):
         return self._decode(wire, agreed, 1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "memory": None if self.memory is None else self.memory.clone()}
+        return {"step": self.step, "memory": self._memory.state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        m = state.get("memory")
-        self.memory = None if m is None else m.clone()
-
-
-_VALIDATORS = {"topk": _validate_pairs("topk"), "cltk": _validate_pairs("cltk")}
-register(TopK, _VALIDATORS["topk"])
-register(RandomK, validate_randomk)
-register(CLTK, _VALIDATORS["cltk"])
+        self._memory.load(state.get("memory"))
