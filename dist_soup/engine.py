@@ -181,6 +181,8 @@ class SoupEngine:
                 eta=eta,
             )
         recipe.check_names(self.objectives)
+        # the epoch this engine's callers pass is step / steps_per_epoch: schedules in steps read it back
+        recipe.set_run_length(steps_per_epoch=steps_per_epoch)
         self.recipe = recipe
         self.selection = dict(selection or {"rule": "all"})
         self.selection.setdefault("rule", "threshold")
