@@ -11,14 +11,16 @@ Each file is written to a temporary name and renamed; the directory is built as
 ``step-...tmp`` and renamed once every rank has written (a barrier between), and ``latest`` is
 replaced last. A crash at any point leaves the previous checkpoint intact and ``latest``
 pointing at it; a write that fails (a full disk) fails on every rank together
-(:class:`CheckpointError`), with the unfinished directory removed. Loading uses ``torch.load(..., weights_only=True)``: tensors and plain data only.
+(:class:`CheckpointError`), with the unfinished directory removed. Loading uses
+``torch.load(..., weights_only=True)``: tensors and plain data only.
 """
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -145,7 +147,8 @@ def save(
         fail(err)
     err = _attempt(f"writing rank-{rank}.pt", lambda: atomic_save(rank_state, tmp / f"rank-{rank}.pt"), tmp)
     if rank == 0 and err is None:
-        err = _attempt("writing shared.pt", lambda: atomic_save(shared_state(), tmp / "shared.pt"), tmp)
+        err = _attempt("writing shared.pt",
+                       lambda: atomic_save(shared_state(), tmp / "shared.pt"), tmp)  # type: ignore[misc]
     if not agree(err is None):
         fail(err)
 
@@ -177,5 +180,6 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict]:
     rank_file = path / f"rank-{rank}.pt"
     if not rank_file.is_file():
         have = sorted(p.name for p in path.glob("rank-*.pt"))
-        raise ValueError(f"checkpoint {str(path)!r} has no state for rank {rank} (it has {have}); resume with the world size it was saved with")
+        raise ValueError(f"checkpoint {str(path)!r} has no state for rank {rank} (it has {have}); "
+                         "resume with the world size it was saved with")
     return load(path / "shared.pt"), load(rank_file)

@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -189,22 +190,21 @@ class Preemption:
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = None
+        self._old: Any = None
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         try:
             self._old = signal.signal(signal.SIGTERM, self._handler)
         except ValueError:  # not the main thread: leave signals alone
             self._old = None
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
-        return False
 
 
 class Preempted(Exception):
@@ -234,7 +234,7 @@ class StepControl:
         self.transport, self.world, self.rank = transport, world, rank
         self._bufs = [torch.zeros(2 * world + 1, dtype=torch.float64) for _ in range(2)]
         self._turn = 0
-        self._pending = None  # (step, buffer, work)
+        self._pending: tuple[int, torch.Tensor, Any] | None = None  # (step, buffer, work)
 
     def push(self, step: int, step_s: float, compute_s: float, stop: bool):
         """Launch step ``step``'s reduction; the previous step's result or None (see ``flush``)."""

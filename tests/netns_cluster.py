@@ -95,8 +95,9 @@ class Cluster:
         self.logs: dict[int, Path] = {}
 
     # --- namespaces -------------------------------------------------------------------------
-    def up(self) -> "Cluster":
-        cmd = ["bash", str(HOSTS_SH), "up", "--prefix", self.prefix, "--hosts", str(self.hosts), "--subnet", self.subnet]
+    def up(self) -> Cluster:
+        cmd = ["bash", str(HOSTS_SH), "up", "--prefix", self.prefix, "--hosts", str(self.hosts),
+               "--subnet", self.subnet]
         if self.rate:
             cmd += ["--rate", self.rate]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
@@ -107,7 +108,7 @@ class Cluster:
             self.kill_host(i)
         subprocess.run(["bash", str(HOSTS_SH), "down", "--prefix", self.prefix], capture_output=True, timeout=30)
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self.up()
 
     def __exit__(self, *exc) -> None:
@@ -157,7 +158,8 @@ class Cluster:
         while todo:
             pid = todo.pop()
             for c in children(pid):
-                if "dist_soup train" in cmdline(c) and "torchrun" not in cmdline(c) and "torch.distributed.run" not in cmdline(c):
+                line = cmdline(c)
+                if "dist_soup train" in line and "torchrun" not in line and "torch.distributed.run" not in line:
                     found.append(c)
                 else:
                     todo.append(c)

@@ -144,7 +144,7 @@ def test_fold_refuses_world_size_dependent_streams(tmp_path):
     states = [dict(_exchange_state(r, 2, {"x#0": {"step": 1}}), server={"x#0": {"step": 1}}) for r in range(2)]
     with pytest.raises(resize.ResizeError, match="two_phase"):
         resize.fold_exchange(states, 0, 3)
-    bad = [_exchange_state(0, 2, {"x": {"residue": torch.zeros(3)}}), _exchange_state(1, 2, {"x": {"residue": torch.zeros(4)}})]
+    bad = [_exchange_state(r, 2, {"x": {"residue": torch.zeros(3 + r)}}) for r in range(2)]
     with pytest.raises(resize.ResizeError, match="shape"):
         resize.fold_exchange(bad, 0, 1)
     ck = tmp_path / "step-00000010"
@@ -159,8 +159,9 @@ def test_fold_refuses_world_size_dependent_streams(tmp_path):
 # --- the generation store: a restarted attempt never reads a dead attempt's keys -------------
 @pytest.mark.timeout(60)
 def test_generation_store_ignores_a_dead_attempts_keys():
-    import torch.distributed as dist
     from datetime import timedelta
+
+    import torch.distributed as dist
 
     master = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=20))
     port = master.port
@@ -235,7 +236,8 @@ def test_full_disk_fails_every_rank_and_keeps_the_last_checkpoint(tmp_path, refe
         filler.write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - 40 * 1024))
         out = cli("train", "--config", cfg, "--nproc", 2, "--run-dir", run, "--resume", "--steps", 50)
         assert out.returncode != 0
-        assert "could not be written" in out.stderr and "latest still names step-00000040" in out.stderr, out.stderr[-3000:]
+        assert "could not be written" in out.stderr, out.stderr[-3000:]
+        assert "latest still names step-00000040" in out.stderr, out.stderr[-3000:]
         names = sorted(p.name for p in (run / "checkpoints").iterdir())
         assert names == ["latest", "step-00000030", "step-00000040"], names
         assert checkpoint.latest(run).name == "step-00000040"
@@ -262,7 +264,8 @@ def test_resume_on_fewer_and_more_ranks(tmp_path, reference_run):
             for ex in ("j_exchange", "u_exchange"):
                 for key, st in mine["engine"][ex]["streams"].items():
                     if isinstance(st.get("residue"), torch.Tensor):
-                        want = (olds[0]["engine"][ex]["streams"][key]["residue"] + olds[1]["engine"][ex]["streams"][key]["residue"]) / 2
+                        old = [o["engine"][ex]["streams"][key]["residue"] for o in olds]
+                        want = (old[0] + old[1]) / 2
                         assert torch.allclose(st["residue"], want, atol=1e-7)
             if rank < 2:
                 assert torch.equal(mine["rng"], olds[rank]["rng"])

@@ -1,4 +1,5 @@
 """Sequence metrics of dist_soup.tasks.metrics checked on hand-worked examples."""
+import functools
 import math
 
 import pytest
@@ -24,15 +25,14 @@ def test_edit_distance_hand_cases(ref, hyp, d):
 
 def test_edit_distance_matches_bruteforce_on_small_random_pairs():
     # Reference: plain recursion with memo over all alignments.
-    from functools import lru_cache
 
     gen = torch.Generator().manual_seed(0)
     for _ in range(40):
         a = torch.randint(0, 3, (int(torch.randint(0, 6, (1,), generator=gen)),), generator=gen).tolist()
         b = torch.randint(0, 3, (int(torch.randint(0, 6, (1,), generator=gen)),), generator=gen).tolist()
 
-        @lru_cache(maxsize=None)
-        def d(i, j):
+        @functools.cache
+        def d(i, j, a=a, b=b):
             if i == 0 or j == 0:
                 return i + j
             return min(d(i - 1, j) + 1, d(i, j - 1) + 1, d(i - 1, j - 1) + (a[i - 1] != b[j - 1]))

@@ -391,9 +391,6 @@ class QSGD(LinearCodec):
     def decode_local(self, wire: torch.Tensor, agreed: torch.Tensor | None, world_size: int) -> torch.Tensor:
         return self._unlevel(wire, agreed, 1)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
-
 
 def validate(p: Payload) -> None:
     """The fields of a QSGD payload (``decompress`` runs this before decoding)."""

@@ -71,8 +71,9 @@ import hashlib
 import inspect
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,8 +83,7 @@ from .. import config as config_mod
 from ..config import ConfigError, DeepSpeedSection
 from ..engine import SoupEngine, StepResult
 
-__all__ = ["SECTION", "SUPPORTED_STAGES", "initialize", "stats", "load_config", "check_deepspeed_config",
-           "benchmark"]
+__all__ = ["SECTION", "SUPPORTED_STAGES", "initialize", "stats", "load_config", "check_deepspeed_config"]
 
 SECTION = "dist_soup"
 SUPPORTED_STAGES = (0,)
@@ -330,7 +330,7 @@ class _SoupEngineMixin:
                 return super().step(lr_kwargs)
         return super().step(lr_kwargs)
 
-    def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, **kwargs):
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
         """DeepSpeed's checkpoint plus every rank's soup state, written before DeepSpeed's
         ``latest`` so that a checkpoint ``latest`` names always holds it."""
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
@@ -340,7 +340,8 @@ class _SoupEngineMixin:
                           "objectives": list(self.soup.objectives), "soup": self.soup.state_dict(),
                           "skip": bool(self._soup_skip), "rng": _rng_state()}, path)
         dist.barrier()
-        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs)
+        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest,
+                                       **kwargs)
 
     def load_checkpoint(self, load_dir, tag=None, *args, **kwargs):
         """DeepSpeed's load, then this rank's soup state from the same checkpoint."""
@@ -521,7 +522,8 @@ def initialize(*args, **kwargs):
         raise ConfigError("dist_soup's plugin runs pure data parallelism: the data-parallel group must be the world")
     steps_per_epoch = section.steps_per_epoch
     if steps_per_epoch is None:
-        steps_per_epoch = max(1, len(dataloader) // engine.gradient_accumulation_steps()) if dataloader is not None else 1
+        gas = engine.gradient_accumulation_steps()
+        steps_per_epoch = max(1, len(dataloader) // gas) if dataloader is not None else 1
     recipe.set_run_length(steps_per_epoch=steps_per_epoch)  # for eta schedules in steps
     soup = SoupEngine(engine.module, None, objectives, section.shared, recipe, steps_per_epoch=steps_per_epoch,
                       transport="torch", **config_mod.engine_options(section.as_config()))

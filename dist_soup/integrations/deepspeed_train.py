@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, config as config_mod, tasks
+from .. import checkpoint, tasks
+from .. import config as config_mod
 from .. import train as train_mod
 from ..config import Config, ConfigError
 from . import deepspeed as ds_soup
@@ -105,8 +106,8 @@ def _prepare(cfg: Config, ds: dict, run_dir: Path, resume: bool) -> bool:
         try:
             old = config_mod.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
             old_ds = json.loads((run_dir / "deepspeed.json").read_text())
-            same = (config_mod.fingerprint(train_mod._without_steps(old)) == config_mod.fingerprint(train_mod._without_steps(cfg))
-                    and old_ds == ds)
+            same = (config_mod.fingerprint(train_mod._without_steps(old))
+                    == config_mod.fingerprint(train_mod._without_steps(cfg)) and old_ds == ds)
         except Exception:
             pass
         if not same:
@@ -219,7 +220,8 @@ def _run(cfg: Config, run_dir: Path, deepspeed_config, resume: bool, rank: int, 
                                            counts, start, elapsed)
         summary["deepspeed"] = {
             "zero_stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(),
-            "gradient_accumulation_steps": gas, "train_micro_batch_size_per_gpu": engine.train_micro_batch_size_per_gpu(),
+            "gradient_accumulation_steps": gas,
+            "train_micro_batch_size_per_gpu": engine.train_micro_batch_size_per_gpu(),
             "optimizer": type(engine.basic_optimizer).__name__, "global_steps": engine.global_steps,
             "skipped_steps": engine.skipped_steps,
         }

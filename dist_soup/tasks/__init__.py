@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ def task_class(name: str) -> type[Task]:
 
 def _options(cls: type) -> dict[str, Any]:
     """Keyword options of ``cls.__init__`` with their defaults."""
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
     return {p.name: p.default for p in params.values()
             if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
@@ -139,7 +140,10 @@ def _lookup_baselines(task: Task, table: dict[tuple, dict[str, float]],
     return {k: found[k] for k in task.objectives if k in found}
 
 
-def _seeded_init(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def _seeded_init(seed: int, make: Callable[[], M]) -> M:
     """``make()`` under ``torch.manual_seed(seed)`` without disturbing the caller's RNG."""
     _check_int("seed", seed, 0)
     with torch.random.fork_rng(devices=[]):

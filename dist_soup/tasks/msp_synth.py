@@ -101,7 +101,7 @@ class SpeechBatch:
     tgt: torch.Tensor
     tgt_lengths: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "SpeechBatch":
+    def to(self, device: torch.device | str) -> SpeechBatch:
         return SpeechBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def __len__(self) -> int:

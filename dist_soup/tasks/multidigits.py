@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Metric, Task
 from . import _check_indices, _check_int, _check_real, _lookup_baselines, _seeded_init
+from .base import Metric, Task
 
 _CLASSES = {"left": 10, "right": 10, "sum": 19, "parity": 2}
 
@@ -53,7 +53,7 @@ class DigitsBatch:
     x: torch.Tensor
     targets: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "DigitsBatch":
+    def to(self, device: torch.device | str) -> DigitsBatch:
         return DigitsBatch(self.x.to(device), self.targets.to(device))
 
     def __len__(self) -> int:

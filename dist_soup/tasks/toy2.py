@@ -100,7 +100,7 @@ class Toy2Task(Task):
             point = START_POINTS[start]
         else:
             try:
-                point = tuple(float(v) for v in start)
+                point = tuple(float(v) for v in start)  # type: ignore[assignment]  # length checked below
             except (TypeError, ValueError):
                 raise ValueError(f"start must be an index or a pair of numbers, got {start!r}") from None
             if len(point) != 2 or not all(torch.isfinite(torch.tensor(point))):
