@@ -81,6 +81,17 @@ def _shared_parameters(model: nn.Module, shared) -> list[tuple[str, nn.Parameter
     return out
 
 
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Adds the block's wall time to ``timings[key]`` (the step's breakdown in StepResult)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
 class SoupEngine:
     """Distributed multi-objective training step with compressed communication.
 
@@ -233,9 +244,8 @@ class SoupEngine:
         timings: dict[str, float] = {}
         loss_list = self._check_losses(losses)
         if self._local_only:
-            tb = time.perf_counter()
-            sum(w * l for w, l in zip(self.w.tolist(), loss_list)).backward()
-            timings["backward_s"] = time.perf_counter() - tb
+            with _timed(timings, "backward_s"):
+                sum(w * l for w, l in zip(self.w.tolist(), loss_list)).backward()
             local = torch.stack([l.detach().double() for l in loss_list])
             return self._result(local, False, False, False, timings, step=self.step_count)
         if epoch is None:
@@ -263,24 +273,22 @@ class SoupEngine:
         if solved:
             # Loss-based (or fixed) weights: every rank computes the same w from the same agreed
             # losses and the same solver state, so nothing is exchanged or broadcast.
-            ts = time.perf_counter()
-            w, self.last_info = self.recipe.weights(None, mean_losses, self.objectives, epoch)
-            self.w = w.float()
-            timings["solve_s"] = time.perf_counter() - ts
+            with _timed(timings, "solve_s"):
+                w, self.last_info = self.recipe.weights(None, mean_losses, self.objectives, epoch)
+                self.w = w.float()
 
         weighted = sum(w * l for w, l in zip(self.w.tolist(), loss_list))
-        tb = time.perf_counter()
         self.reducer.arm()
-        try:
-            weighted.backward()  # buckets leave as their gradients become ready
-        except BaseException:
-            self.reducer.abandon()
-            raise
-        tu = time.perf_counter()
-        timings["backward_s"] = tu - tb
-        if not self.reducer.finish():  # False on every rank alike, residues already restored
+        with _timed(timings, "backward_s"):
+            try:
+                weighted.backward()  # buckets leave as their gradients become ready
+            except BaseException:
+                self.reducer.abandon()
+                raise
+        with _timed(timings, "update_exchange_s"):  # what the backward did not hide
+            done = self.reducer.finish()  # False on every rank alike, residues already restored
+        if not done:
             return self._skip("gradient", mean_losses, probed, solved, t0, timings)
-        timings["update_exchange_s"] = time.perf_counter() - tu  # what the backward did not hide
         self.step_count += 1
         timings["step_s"] = time.perf_counter() - t0
         return self._result(mean_losses, solved, probed, False, timings)
@@ -295,22 +303,21 @@ class SoupEngine:
         if solved is None:
             return self._skip("Jacobian", mean_losses, probed, True, t0, timings)
         rows, reused = solved
-        tb = time.perf_counter()
         w = self.w.to(self.device)
-        for name, p in self.params:
-            if name in reused:
-                continue
-            g = torch.tensordot(w.to(rows[name].dtype), rows[name], dims=1).to(p.dtype)
-            p.grad = g if p.grad is None else p.grad.add_(g)
-        timings["backward_s"] = time.perf_counter() - tb
-        tu = time.perf_counter()
-        self.reducer.arm(exclude=reused)
-        if not self.reducer.finish():
+        with _timed(timings, "backward_s"):
+            for name, p in self.params:
+                if name in reused:
+                    continue
+                g = torch.tensordot(w.to(rows[name].dtype), rows[name], dims=1).to(p.dtype)
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        with _timed(timings, "update_exchange_s"):
+            self.reducer.arm(exclude=reused)
+            done = self.reducer.finish()
+            for name, jbar in reused.items():
+                p = self._param[name]
+                p.grad = torch.tensordot(w.to(jbar.dtype), jbar, dims=1).to(p.dtype)
+        if not done:
             return self._skip("gradient", mean_losses, probed, True, t0, timings)
-        for name, jbar in reused.items():
-            p = self._param[name]
-            p.grad = torch.tensordot(w.to(jbar.dtype), jbar, dims=1).to(p.dtype)
-        timings["update_exchange_s"] = time.perf_counter() - tu
         self.step_count += 1
         timings["step_s"] = time.perf_counter() - t0
         return self._result(mean_losses, True, probed, False, timings)
@@ -327,9 +334,8 @@ class SoupEngine:
         self.optimizer.zero_grad(set_to_none=True)
         res = self.backward(losses, epoch=epoch)
         if not res.skipped:
-            to = time.perf_counter()
-            self.optimizer.step()
-            res.timings["optimizer_s"] = time.perf_counter() - to
+            with _timed(res.timings, "optimizer_s"):
+                self.optimizer.step()
         res.timings["step_s"] = time.perf_counter() - t0
         return res
 
@@ -349,65 +355,61 @@ class SoupEngine:
         """Steps 2-5. Returns (this rank's rows ``dL_k/dtheta`` of every parameter, the mean
         rows Jbar of the tensors of S when they may serve as their update, else {}), or None
         when some rank's rows were not finite (nothing was exchanged)."""
-        tj = time.perf_counter()
         S = self.candidates if probed else [c for c, keep in zip(self.candidates, self.mask.tolist()) if keep]
-        # K backward passes through the whole model: the loop beat the vmap'd batched backward
-        # on CPU (README, "Engine overhead"); the graph is not needed afterwards.
-        all_rows = jacobian(loss_list, [p for _, p in self.params], retain_graph=False,
-                            batched=self.batched_jacobian)
-        rows = dict(zip((n for n, _ in self.params), all_rows))
-        timings["jacobian_s"] = time.perf_counter() - tj
+        with _timed(timings, "jacobian_s"):
+            # K backward passes through the whole model: the loop beat the vmap'd batched backward
+            # on CPU (README, "Engine overhead"); the graph is not needed afterwards.
+            all_rows = jacobian(loss_list, [p for _, p in self.params], retain_graph=False,
+                                batched=self.batched_jacobian)
+            rows = dict(zip((n for n, _ in self.params), all_rows))
         K = len(self.objectives)
         # The means of S's rows are their update unless gradients are being accumulated (.grad
         # holds earlier micro-batches) or there is one rank (the local rows are then exact).
         reuse = self.reuse_jacobian and self.world_size > 1 and all(p.grad is None for _, p in S)
 
-        tx = time.perf_counter()
-        named = {f"J/{self.objectives[k]}/{name}": rows[name][k] for name, _ in S for k in range(K)}
-        try:
-            cross = self.gram == "cross"  # only the cross estimate needs each rank's own decode
-            # out=named when reusing: each row's mean overwrites the row in place
-            result = self.j_exchange.all_reduce_many(named, return_local=cross, out=named if reuse else None)
-        except NonFiniteError:  # raised on every rank alike, before any residue changed
-            return None
-        means = result[0] if cross else result
-        jbar = {name: rows[name] if reuse else torch.stack([means[f"J/{o}/{name}"] for o in self.objectives])
-                for name, _ in S}
-        timings["jacobian_exchange_s"] = time.perf_counter() - tx
+        with _timed(timings, "jacobian_exchange_s"):
+            named = {f"J/{self.objectives[k]}/{name}": rows[name][k] for name, _ in S for k in range(K)}
+            try:
+                cross = self.gram == "cross"  # only the cross estimate needs each rank's own decode
+                # out=named when reusing: each row's mean overwrites the row in place
+                result = self.j_exchange.all_reduce_many(named, return_local=cross, out=named if reuse else None)
+            except NonFiniteError:  # raised on every rank alike, before any residue changed
+                return None
+            means = result[0] if cross else result
+            jbar = {name: rows[name] if reuse else torch.stack([means[f"J/{o}/{name}"] for o in self.objectives])
+                    for name, _ in S}
 
-        tg = time.perf_counter()
-        mean_g = grams.local_grams([jbar[n] for n, _ in S]).double()
-        if cross:
-            locals_ = result[1]
-            local_rows = [torch.stack([locals_[f"J/{o}/{name}"] for o in self.objectives]) for name, _ in S]
-            sum_local = grams.local_grams(local_rows).double().contiguous()
-            self._all_reduce(sum_local)
-            per_tensor = grams.cross_gram(mean_g, sum_local, self.world_size)
-        else:
-            per_tensor = mean_g
-        timings["gram_s"] = time.perf_counter() - tg
-
-        ts = time.perf_counter()
-        # The coordinator decides; everyone receives [w (K), mask (|candidates|)].
-        decision = torch.zeros(K + len(self.candidates), dtype=torch.float64)
-        if self.rank == COORDINATOR:
-            if probed:
-                scores = selection.conflict_scores(grams.psd_clip(per_tensor))
-                sizes = torch.tensor([p.numel() for _, p in S])
-                mask = selection.select(scores, sizes, **self.selection)
+        with _timed(timings, "gram_s"):
+            mean_g = grams.local_grams([jbar[n] for n, _ in S]).double()
+            if cross:
+                locals_ = result[1]
+                local_rows = [torch.stack([locals_[f"J/{o}/{name}"] for o in self.objectives]) for name, _ in S]
+                sum_local = grams.local_grams(local_rows).double().contiguous()
+                self._all_reduce(sum_local)
+                per_tensor = grams.cross_gram(mean_g, sum_local, self.world_size)
             else:
-                mask = torch.ones(len(S), dtype=torch.bool)
-            G = per_tensor[mask].sum(0)
-            grams.check_finite(G, "Gram estimate")
-            w, info = self.recipe.weights(G, mean_losses, self.objectives, epoch)
-            self.last_info = info
-            decision[:K] = w.double()
-            decision[K:] = (mask if probed else self.mask).double()
-        self.transport.broadcast_(decision, COORDINATOR)
-        self.w = decision[:K].float()
-        if probed:
-            self.mask = decision[K:] > 0.5
-        timings["solve_s"] = time.perf_counter() - ts
+                per_tensor = mean_g
+
+        with _timed(timings, "solve_s"):
+            # The coordinator decides; everyone receives [w (K), mask (|candidates|)].
+            decision = torch.zeros(K + len(self.candidates), dtype=torch.float64)
+            if self.rank == COORDINATOR:
+                if probed:
+                    scores = selection.conflict_scores(grams.psd_clip(per_tensor))
+                    sizes = torch.tensor([p.numel() for _, p in S])
+                    mask = selection.select(scores, sizes, **self.selection)
+                else:
+                    mask = torch.ones(len(S), dtype=torch.bool)
+                G = per_tensor[mask].sum(0)
+                grams.check_finite(G, "Gram estimate")
+                w, info = self.recipe.weights(G, mean_losses, self.objectives, epoch)
+                self.last_info = info
+                decision[:K] = w.double()
+                decision[K:] = (mask if probed else self.mask).double()
+            self.transport.broadcast_(decision, COORDINATOR)
+            self.w = decision[:K].float()
+            if probed:
+                self.mask = decision[K:] > 0.5
         return rows, (jbar if reuse else {})
 
     # --- helpers ---------------------------------------------------------------------------

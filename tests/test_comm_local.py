@@ -10,7 +10,7 @@ import torch
 from dist_soup.comm import Exchange, LocalTransport, make_transport
 from dist_soup.comm.agreement import exchange_settings, stream_id, word
 from dist_soup.comm.buckets import plan
-from dist_soup.comm.modes import chunk_bounds
+from dist_soup.comm.buckets import chunk_bounds
 
 MODES = ("allgather", "allreduce", "two_phase")
 

@@ -5,10 +5,10 @@ three collective modes, bucketing, configuration agreement and byte accounting.
 codecs (``dist_soup.compress``) but nothing of objectives.
 """
 from .agreement import NonFiniteError
-from .exchange import Exchange, ExchangeHandle, make_transport
+from .exchange import Exchange, ExchangeHandle
 from .modes import DecodeError
 from .stats import ExchangeStats
-from .transport import LocalTransport, TorchTransport, Transport, Work
+from .transport import LocalTransport, TorchTransport, Transport, Work, make_transport
 
 
 def __getattr__(name: str):

@@ -200,3 +200,14 @@ def _name_tensor(transport: Transport, specs: Sequence[TensorSpec]) -> None:
                 "rank raises this error; pass the same tensors, in the same order, on all ranks"
             )
     raise ValueError("exchange configuration differs across ranks: the tensor lists differ")
+
+
+def agree_locally(error: Exception | None, nonfinite: int | None, specs: list[TensorSpec]) -> None:
+    """The control step of a group of one: only local checks."""
+    if error is not None:
+        raise error
+    if nonfinite is not None:
+        raise NonFiniteError(
+            f"tensor {specs[nonfinite][0]!r} holds non-finite values (inf or NaN) on rank 0; "
+            "nothing was encoded and no residue changed"
+        )

@@ -26,11 +26,8 @@ and decoding overlap instead of running one after the other; ``wait()`` puts the
 together, forming each piece's mean directly in its slice of the result where the mode can.
 ``out=`` lets the caller supply that result's memory (the DDP hook passes the bucket itself):
 a fresh result of tens of megabytes costs, on every call, the page faults of memory the
-allocator maps anew (on this project's VM, about as much as decoding it; glibc's
-``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` keep freed memory instead).
-Measured between two hosts at 1 Gbit/s (10M floats, QSGD 4-bit, allgather, 2-core VM under
-load; ``benchmarks/collectives.py``): about 135-190 ms as one piece, 120-150 ms in 4 MB pieces,
-63 ms in 4 MB pieces when freed memory is kept (fp32 all_reduce: 336 ms).
+allocator maps anew (glibc's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` keep freed
+memory instead; ``benchmarks/collectives.py`` measures both).
 
 A single process (no initialised torch.distributed, or ``transport="local"``) is a group of one:
 every collective is the identity, but tensors are still encoded and decoded, so the compression
@@ -47,43 +44,16 @@ import torch
 
 from ..compress.base import Compressor, LinearCodec
 from ..compress.registry import build
-from .agreement import NonFiniteError, Setting, TensorSpec, agree_async, exchange_settings, stream_id, tensor_settings
+from .agreement import (NonFiniteError, Setting, TensorSpec, agree_async, agree_locally, exchange_settings,
+                        stream_id, tensor_settings)
 from .buckets import Bucket, pieces, plan
 from .modes import MODES, REJECTED, BucketWork, Prepared, RemoteNonFinite
 from .stats import ExchangeStats
-from .transport import LocalTransport, Transport, TorchTransport
+from .transport import Transport, make_transport
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STATE_FORMAT = 1
 _RESERVED = ("rank", "stream")
-
-
-def make_transport(transport: Transport | str | None, group: Any = None) -> Transport:
-    """``None``: torch.distributed if initialised, else a group of one; or "torch", "mpi",
-    "local", or a :class:`Transport` instance."""
-    if isinstance(transport, Transport):
-        if group is not None:
-            raise ValueError("pass either group= or a Transport instance (which has its group), not both")
-        return transport
-    if transport is None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return TorchTransport(group)
-        if group is not None:
-            raise ValueError("group= was given but torch.distributed is not initialised")
-        return LocalTransport()
-    if transport == "torch":
-        return TorchTransport(group)
-    if transport == "mpi":
-        from .mpi import MPITransport
-
-        return MPITransport(group)
-    if transport == "local":
-        return LocalTransport()
-    raise ValueError(
-        f"transport must be None, 'torch', 'mpi', 'local' or a Transport instance, got {transport!r}"
-    )
 
 
 class Exchange:
@@ -462,17 +432,6 @@ def _check_out(out: Mapping[str, torch.Tensor] | None, tensors: Mapping[str, tor
         if not o.is_contiguous():
             raise ValueError(f"out[{name!r}] must be contiguous")
     return dict(out)
-
-
-def agree_locally(error: Exception | None, nonfinite: int | None, specs: list[TensorSpec]) -> None:
-    """The control step of a group of one: only local checks."""
-    if error is not None:
-        raise error
-    if nonfinite is not None:
-        raise NonFiniteError(
-            f"tensor {specs[nonfinite][0]!r} holds non-finite values (inf or NaN) on rank 0; "
-            "nothing was encoded and no residue changed"
-        )
 
 
 def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:

@@ -283,3 +283,31 @@ class TorchTransport(Transport):
 
     def __repr__(self) -> str:
         return f"TorchTransport(backend={self.backend!r}, rank={self.rank}, world_size={self.world_size})"
+
+
+def make_transport(transport: Transport | str | None, group: Any = None) -> Transport:
+    """``None``: torch.distributed if initialised, else a group of one; or "torch", "mpi",
+    "local", or a :class:`Transport` instance."""
+    if isinstance(transport, Transport):
+        if group is not None:
+            raise ValueError("pass either group= or a Transport instance (which has its group), not both")
+        return transport
+    if transport is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return TorchTransport(group)
+        if group is not None:
+            raise ValueError("group= was given but torch.distributed is not initialised")
+        return LocalTransport()
+    if transport == "torch":
+        return TorchTransport(group)
+    if transport == "mpi":
+        from .mpi import MPITransport
+
+        return MPITransport(group)
+    if transport == "local":
+        return LocalTransport()
+    raise ValueError(
+        f"transport must be None, 'torch', 'mpi', 'local' or a Transport instance, got {transport!r}"
+    )

@@ -23,9 +23,8 @@ can also be registered by hand: ``model.register_comm_hook(state, compressed_mea
 Chunks: the exchange cuts a DDP bucket (25 MB by default) of more than ``chunk_mb`` into pieces
 ``f"{name}#{j}"`` that travel as separate streams, each its own collective (``Exchange``'s
 ``chunk_mb``); it encodes piece j+1 while piece j is on the wire and decodes piece j while j+1
-is, and it forms the mean in the bucket's own memory (``out=``). On this project's 2-core VM
-a 10M-float bucket between two hosts at 1 Gbit/s took 155 ms as one stream and 80-90 ms in
-4 MB pieces (QSGD 4-bit, allgather; fp32 all_reduce 336 ms; ``benchmarks/collectives.py``).
+is, and it forms the mean in the bucket's own memory (``out=``) (``benchmarks/collectives.py``
+measures the pieces against one stream).
 
 Overlap: with ``async_op=True`` the hook hands the bucket to one communication thread and returns
 at once, so backward keeps computing while earlier buckets are encoded, exchanged and decoded.

@@ -1,0 +1,104 @@
+"""``allgather``: every rank's payloads to every rank, decoded and averaged in rank order."""
+from __future__ import annotations
+
+import torch
+
+from ..buckets import Bucket
+from ..transport import Work
+from .base import (STATUS_BYTES, BucketWork, Mode, Prepared, RemoteNonFinite, Result, acc_dtype, cut,
+                   decode_payload, owned, pack, shares_memory)
+
+
+class AllGather(Mode):
+    name = "allgather"
+    encodes_locally = True
+    carries_status = True
+
+    def start(self, bucket, tensors, want_local):
+        return self.prepare(bucket, tensors, want_local).launch()
+
+    def prepare(self, bucket, tensors, want_local, status=None):
+        # Encoding needs no collective: it happens here, before the exchange's control check.
+        with self.timed("encode_s"):
+            streams = [self.stream(e.name) for e in bucket.entries]
+            payloads = [s.compress(t) for s, t in zip(streams, tensors)]
+            buf, sizes = pack(payloads, trailer=status)
+        fixed = all(s.fixed_size for s in streams)
+        return Prepared(lambda: self._launch(bucket, buf, sizes, fixed, want_local, status is not None))
+
+    def _launch(self, bucket, buf, sizes, fixed, want_local, trailed):
+        extra = STATUS_BYTES if trailed else 0
+        with self.timed("comm_s"):
+            # Fixed-size payloads: every rank's sizes are this rank's (same codec, options and
+            # tensors on every rank, which the exchange's control step checks), so no size exchange.
+            rows = [list(sizes)] * self.transport.world_size if fixed else self.gather_sizes(sizes)
+            counts = [sum(r) + extra for r in rows]
+            work = self.transport.all_gather_v_async(self.to_wire(buf), counts)
+        rank, P = self.transport.rank, self.transport.world_size
+        self.count(sent=counts[rank] - extra, received=sum(counts) - counts[rank] - (P - 1) * extra,
+                   overhead=self.gather_padding(counts) + P * extra, collectives=1)
+        return _AllGatherWork(self, bucket, rows, buf, work, want_local, trailed)
+
+
+class _AllGatherWork(BucketWork):
+    def __init__(self, mode: AllGather, bucket: Bucket, rows: list[list[int]], buf: torch.Tensor, work: Work,
+                 want_local: bool, trailed: bool = False):
+        self.mode, self.bucket, self.rows, self.work, self.want_local = mode, bucket, rows, work, want_local
+        self.trailed = trailed
+        self.buf = buf  # this rank's own packed payloads, the bytes it sent
+
+    def _launched(self) -> list[Work]:
+        return [self.work]
+
+    def _decode_row(self, sender: int, buf: torch.Tensor) -> list[torch.Tensor]:
+        m, b = self.mode, self.bucket
+        return [decode_payload(m.stream(e.name), part, sender=sender, name=e.name, shape=e.shape, dtype=b.dtype)
+                for e, part in zip(b.entries, cut(buf, self.rows[sender]))]
+
+    def finish(self, out=None) -> Result:
+        m, b = self.mode, self.bucket
+        P, rank = m.transport.world_size, m.transport.rank
+        # This rank's own payloads decode from the local bytes while the gather is in flight.
+        with m.timed("decode_s"):
+            own = self._decode_row(rank, self.buf)
+        with m.timed("comm_s"):
+            pieces = [p.cpu() for p in self.work.wait()]
+        if self.trailed:  # every rank reads the same words and takes the same decision
+            statuses = [int(p[p.numel() - STATUS_BYTES :].clone().view(torch.int64)[0]) for p in pieces]
+            if any(statuses):
+                raise RemoteNonFinite(statuses)
+        with m.timed("decode_s"):
+            if P > 1 and not torch.equal(pieces[rank], self.buf):
+                # What the others received differs from what was sent: decode the received
+                # bytes like every other rank does, so all ranks raise (or agree) alike.
+                own = self._decode_row(rank, pieces[rank])
+            buffers = [*pieces, self.buf]
+            acc_type = acc_dtype(b.dtype)
+            acc: list[torch.Tensor] = []
+            first: list[torch.Tensor] = []
+            for r in range(P):  # rank order on every rank: the same float sums everywhere
+                row = own if r == rank else self._decode_row(r, pieces[r])
+                if r == 0 and P > 1:
+                    first = row
+                    continue
+                for i, d in enumerate(row):
+                    if r > 1:
+                        acc[i].add_(d)
+                        continue
+                    o = out[i] if out is not None else None
+                    if o is not None and not (o.dtype == acc_type and o.device == d.device):
+                        o = None
+                    if r == 1:
+                        # d0 + d1 formed straight in the caller's memory (or a new tensor).
+                        d0 = first[i].to(acc_type)
+                        acc.append(torch.add(d0, d, out=o.view(d.shape)) if o is not None else torch.add(d0, d))
+                    elif o is not None:  # a group of one
+                        acc.append(o.view(d.shape).copy_(d))
+                    else:
+                        # The only term is the mean: no copy unless it is a view of a receive
+                        # buffer, this rank's returned local, or of another dtype.
+                        reuse = d.dtype == acc_type and not self.want_local and not shares_memory(d, buffers)
+                        acc.append(d if reuse else d.to(acc_type, copy=True))
+            means = [(a.div_(P) if P > 1 else a).to(b.dtype).to(b.device) for a in acc]
+            mine = [owned(d, buffers).to(b.device) for d in own] if self.want_local else None
+        return means, mine
