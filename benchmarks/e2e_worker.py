@@ -92,7 +92,7 @@ class DDPTrainer(Trainer):
         self.optimizer = train.build_optimizer(cfg, net)
         self.objectives = train.objectives_of(cfg, task)
         self.engine = DDPBaseline(net, self.optimizer, self.objectives, cfg.ddp, nonfinite=cfg.train.nonfinite,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, find_unused_parameters=len(self.objectives) < len(task.objectives))
         self.model = self.engine.model
 
     def step(self, losses, step: int):
@@ -123,7 +123,8 @@ class SoupTrainer(Trainer):
         self.steps_per_epoch = train.ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world,
                                                     cfg.seed).steps_per_epoch
         self.engine = SoupEngine(self.model, self.optimizer, objectives, task.shared,
-                                 train.build_recipe(cfg, objectives, groups), steps_per_epoch=self.steps_per_epoch,
+                                 train.build_recipe(cfg, objectives, groups, self.steps_per_epoch),
+                                 steps_per_epoch=self.steps_per_epoch,
                                  transport="torch", **config.engine_options(cfg))
         train.agree_on_config(self.engine.transport, cfg)
         self.timings: dict[str, list[float]] = {}

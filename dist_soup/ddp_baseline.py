@@ -56,11 +56,13 @@ class DDPBaseline:
     """``DistributedDataParallel(model)`` with ``cfg.hook`` and ``optimizer``, as an engine.
 
     ``model`` is the DDP wrapper: the forward must run through it for the reducer to work.
+    ``find_unused_parameters``: some parameters get no gradient (e.g. the heads of the task's
+    objectives left out by ``task.objectives``), which DDP must then look for every step.
     Needs an initialised torch.distributed process group.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, objectives, cfg: DDPConfig, *,
-                 nonfinite: str = "skip", seed: int = 0) -> None:
+                 nonfinite: str = "skip", seed: int = 0, find_unused_parameters: bool = False) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         from .comm.transport import TorchTransport
@@ -74,7 +76,7 @@ class DDPBaseline:
         self.module = model
         device = next(model.parameters()).device
         self.model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                             bucket_cap_mb=cfg.bucket_mb)
+                                             bucket_cap_mb=cfg.bucket_mb, find_unused_parameters=find_unused_parameters)
         self.optimizer = optimizer
         self.hook, self.nonfinite = cfg.hook, nonfinite
         self.transport = TorchTransport()
