@@ -7,7 +7,7 @@ One table per world size: every row is one way of averaging the same ``--numel``
 * ``torch fp16 hook`` and ``torch PowerSGD r=R``: torch's DDP comm hooks, called the way DDP calls
   them (``hook(state, bucket)`` on a bucket holding one (rows x cols) gradient, then ``wait()``).
 * ``dist_soup <mode> <codec> (N MB pieces)``: ``dist_soup.comm.Exchange(codec, mode,
-  chunk_mb=N).all_reduce``, one row per ``--chunk-mb`` value (0: one piece); encoding and
+  chunk_mb=N).mean``, one row per ``--chunk-mb`` value (0: one piece); encoding and
   decoding are inside the timed call.
 * ``dist_soup ddp hook``: this project's DDP hook on the same bucket path as torch's hooks,
   with the bucket cut into ``--hook-chunk-mb`` chunks (pipelined streams; see the hook's docs).
@@ -284,7 +284,7 @@ def _bench_dist_soup(rank, args, torch, exact, work, shape, timed) -> list[Row]:
                 ex = Exchange(codec, mode, bucket_mb=args.bucket_mb, chunk_mb=chunk_mb or None, **options)
                 name = f"bench.{short}"
                 label = f"dist_soup {mode} {short}" + (f" ({chunk_mb:g} MB pieces)" if chunk_mb else " (one piece)")
-                rows.append(measure(label, ex, lambda: ex.all_reduce(name, work)))
+                rows.append(measure(label, ex, lambda: ex.mean(name, work)))
                 if chunk_mb:
                     # The same exchange writing the mean into the caller's buffer (out=, as the
                     # engine and the DDP hook do); refilling the buffer each call is timed too.
@@ -293,7 +293,7 @@ def _bench_dist_soup(rank, args, torch, exact, work, shape, timed) -> list[Row]:
 
                     def in_place(ex=ex, buf=buf, name=name):
                         buf.copy_(work)
-                        return ex.all_reduce_many({name: buf}, out={name: buf})[name]
+                        return ex.mean_many({name: buf}, out={name: buf})[name]
 
                     rows.append(measure(label + " in place", ex, in_place))
     if args.hook is not None:

@@ -372,7 +372,7 @@ class SoupEngine:
             try:
                 cross = self.gram == "cross"  # only the cross estimate needs each rank's own decode
                 # out=named when reusing: each row's mean overwrites the row in place
-                result = self.j_exchange.all_reduce_many(named, return_local=cross, out=named if reuse else None)
+                result = self.j_exchange.mean_many(named, return_local=cross, out=named if reuse else None)
             except NonFiniteError:  # raised on every rank alike, before any residue changed
                 return None
             means = result[0] if cross else result

@@ -62,17 +62,17 @@ def main() -> None:
 
     for mode in ("allgather", "allreduce", "two_phase"):
         ex = Exchange("identity", mode, transport="mpi", bucket_mb=0.001)
-        means, locals_ = ex.all_reduce_many(mine, return_local=True)
+        means, locals_ = ex.mean_many(mine, return_local=True)
         assert all(torch.equal(means[n], exact[n]) for n in SHAPES), mode
         assert all(torch.equal(locals_[n], mine[n]) for n in SHAPES), mode
         assert same_everywhere(tr, means), mode
         if mode == "allgather":  # MPI's Allgatherv does not pad: only the sizes are overhead
             own = sum(build("identity").compress(x).nbytes for x in mine.values())
             assert (ex.stats.bytes_sent, ex.stats.bytes_received) == (own, (P - 1) * own), ex.stats
-        handle = ex.all_reduce_many_async(mine)
+        handle = ex.mean_many_async(mine)
         assert all(torch.equal(v, exact[n]) for n, v in handle.wait().items()), mode
         for codec, tol in (("fp16", 1e-3), ("bf16", 8e-3)):
-            means = Exchange(codec, mode, transport="mpi").all_reduce_many(mine)
+            means = Exchange(codec, mode, transport="mpi").mean_many(mine)
             for n in SHAPES:
                 assert (means[n] - exact[n]).abs().max() <= tol * (exact[n].abs().max() + 1), (mode, codec, n)
             assert same_everywhere(tr, means), (mode, codec)
@@ -81,7 +81,7 @@ def main() -> None:
         avg = {n: torch.zeros(s) for n, s in SHAPES.items()}
         rounds = 30
         for i in range(rounds):
-            means = ex.all_reduce_many(mine)
+            means = ex.mean_many(mine)
             if i == 0:
                 first = sum((means[n] - exact[n]).norm() ** 2 for n in SHAPES).sqrt().item()
                 assert same_everywhere(tr, means), mode
@@ -92,8 +92,8 @@ def main() -> None:
 
     # a configuration mismatch raises on every rank, and the job goes on
     ex = Exchange("identity", "allgather" if rank == 0 else "two_phase", transport="mpi")
-    expect_error(lambda: ex.all_reduce_many(mine), "differs across ranks", "mode")
-    assert torch.equal(Exchange("identity", transport="mpi").all_reduce("v", mine["v"]), exact["v"])
+    expect_error(lambda: ex.mean_many(mine), "differs across ranks", "mode")
+    assert torch.equal(Exchange("identity", transport="mpi").mean("v", mine["v"]), exact["v"])
     print(f"MPI-OK {rank}/{P}", flush=True)
 
 

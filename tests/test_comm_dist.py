@@ -58,7 +58,7 @@ def _worker_modes(rank: int, P: int) -> None:
     for mode in MODES:
         # identity: the exact mean, bit-identical everywhere, locals are this rank's inputs
         ex = Exchange("identity", mode)
-        means, locals_ = ex.all_reduce_many(mine, return_local=True)
+        means, locals_ = ex.mean_many(mine, return_local=True)
         for n in SHAPES:
             assert means[n].shape == mine[n].shape and means[n].dtype == torch.float32
             assert torch.equal(means[n], exact[n]), (mode, n)
@@ -81,7 +81,7 @@ def _worker_modes(rank: int, P: int) -> None:
             assert (st.bytes_sent, st.bytes_received) == (sent, received), st
             assert st.collectives == 5  # control, sizes, a2a, sizes, gather
         # single tensor, stats accumulate, reset works
-        one = ex.all_reduce("w2", mine["w2"])
+        one = ex.mean("w2", mine["w2"])
         assert torch.equal(one, exact["w2"]) and ex.stats.calls == 2
         ex.stats.reset()
         assert ex.stats.as_dict()["bytes_sent"] == 0 and ex.stats.calls == 0
@@ -89,7 +89,7 @@ def _worker_modes(rank: int, P: int) -> None:
         # fp16 / bf16: within the cast's rounding, identical on all ranks, fp16 halves the bytes
         for codec, tol in (("fp16", 1e-3), ("bf16", 8e-3)):
             ex = Exchange(codec, mode)
-            means = ex.all_reduce_many(mine)
+            means = ex.mean_many(mine)
             for n in SHAPES:
                 scale = exact[n].abs().max().item() + 1
                 assert (means[n] - exact[n]).abs().max().item() <= tol * scale, (mode, codec, n)
@@ -98,7 +98,7 @@ def _worker_modes(rank: int, P: int) -> None:
 
         # half-precision inputs keep their dtype
         half = {n: t.to(torch.bfloat16) for n, t in mine.items()}
-        means = Exchange("identity", mode).all_reduce_many(half)
+        means = Exchange("identity", mode).mean_many(half)
         for n in SHAPES:
             want = sum(rank_tensors(r, SHAPES)[n].to(torch.bfloat16).float() for r in range(P)) / P
             assert means[n].dtype == torch.bfloat16
@@ -106,15 +106,15 @@ def _worker_modes(rank: int, P: int) -> None:
 
         # async: launch, compute meanwhile, then wait; a stream in flight refuses a second call
         ex = Exchange("identity", mode, bucket_mb=0.004)
-        handle = ex.all_reduce_many_async(mine, return_local=True)
+        handle = ex.mean_many_async(mine, return_local=True)
         busy = torch.randn(200, 200) @ torch.randn(200, 200)
         with pytest.raises(ValueError, match="in flight"):
-            ex.all_reduce("w1", mine["w1"])
+            ex.mean("w1", mine["w1"])
         means, locals_ = handle.wait()
         assert busy.shape == (200, 200)
         assert all(torch.equal(means[n], exact[n]) for n in SHAPES)
         assert handle.wait()[0] is means  # the result is kept
-        assert torch.equal(ex.all_reduce("w1", mine["w1"]), exact["w1"])
+        assert torch.equal(ex.mean("w1", mine["w1"]), exact["w1"])
 
     # the transport's plain primitives (the engine's Gram sums and lambda broadcast use them)
     tr = Exchange("identity").transport
@@ -136,7 +136,7 @@ def _worker_modes(rank: int, P: int) -> None:
             for mode in MODES:
                 ex = Exchange("identity", mode, group=sub)
                 assert (ex.transport.rank, ex.transport.world_size) == (rank - 1, P - 1)
-                means = ex.all_reduce_many(mine)
+                means = ex.mean_many(mine)
                 assert all(torch.equal(means[n], sub_exact[n]) for n in SHAPES), mode
             got = ex.transport.broadcast_(torch.full((2,), float(rank)), 0)  # group rank 0 = rank 1
             assert got.tolist() == [1.0, 1.0]
@@ -165,13 +165,13 @@ def _worker_bucketing_state(rank: int, P: int) -> None:
     assert len(grads) == 10
     for mode in MODES:
         ex = Exchange("identity", mode)  # default 25 MB: the whole model is one bucket
-        means = ex.all_reduce_many(grads)
+        means = ex.mean_many(grads)
         assert all(torch.equal(means[n], exact[n]) for n in grads), mode
         per_bucket = {"allgather": 1, "allreduce": 1, "two_phase": 4}[mode]  # identity: fixed size
         assert ex.stats.collectives == 1 + per_bucket, (mode, ex.stats)
         # small buckets: more collectives, same result
         ex = Exchange("identity", mode, bucket_mb=0.01)
-        means = ex.all_reduce_many(grads)
+        means = ex.mean_many(grads)
         assert all(torch.equal(means[n], exact[n]) for n in grads), mode
         from dist_soup.comm.buckets import plan
 
@@ -188,7 +188,7 @@ def _worker_bucketing_state(rank: int, P: int) -> None:
     for mode, codec, opts in cases:
         a = Exchange(codec, mode, seed=3, **opts)
         for step in range(2):
-            a.all_reduce_many({n: t * (step + 1) for n, t in grads.items()})
+            a.mean_many({n: t * (step + 1) for n, t in grads.items()})
         buf = io.BytesIO()
         torch.save(a.state_dict(), buf)
         sd = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
@@ -196,10 +196,10 @@ def _worker_bucketing_state(rank: int, P: int) -> None:
             assert sd["server"], "two_phase keeps server residues"
         b = Exchange(codec, mode, seed=3, **opts)
         b.load_state_dict(sd)
-        ra = a.all_reduce_many(grads)
-        rb = b.all_reduce_many(grads)
+        ra = a.mean_many(grads)
+        rb = b.mean_many(grads)
         assert all(torch.equal(ra[n], rb[n]) for n in grads), (mode, codec)
-        fresh = Exchange(codec, mode, seed=3, **opts).all_reduce_many(grads)
+        fresh = Exchange(codec, mode, seed=3, **opts).mean_many(grads)
         assert any(not torch.equal(ra[n], fresh[n]) for n in grads), (mode, codec, "state had no effect")
 
 
@@ -223,7 +223,7 @@ def _worker_qsgd(rank: int, P: int) -> None:
         avg = {n: torch.zeros(s) for n, s in shapes.items()}
         first_err = None
         for t in range(rounds):
-            means = ex.all_reduce_many(mine)
+            means = ex.mean_many(mine)
             if t == 0:
                 assert same_on_all_ranks(means), mode
                 first_err = sum((means[n] - exact[n]).norm() ** 2 for n in shapes).sqrt().item()
@@ -241,8 +241,8 @@ def _worker_qsgd(rank: int, P: int) -> None:
     # random-k (shared positions) sums on the wire to exactly what all-gathering it gives
     grid = rank_tensors(rank, shapes, seed=4)
     grid_exact = exact_mean(P, shapes, seed=4)
-    ra = Exchange("randomk", "allreduce", ratio=0.1, seed=9).all_reduce_many(grid)
-    rg = Exchange("randomk", "allgather", ratio=0.1, seed=9).all_reduce_many(grid)
+    ra = Exchange("randomk", "allreduce", ratio=0.1, seed=9).mean_many(grid)
+    rg = Exchange("randomk", "allgather", ratio=0.1, seed=9).mean_many(grid)
     for n in shapes:
         assert torch.equal(ra[n], rg[n]), n
         nz = ra[n] != 0
@@ -251,7 +251,7 @@ def _worker_qsgd(rank: int, P: int) -> None:
     # CLT-k: at step 0 the leader is rank 0; everyone sends its values at rank 0's top-k of |g|
     leader = rank_tensors(0, shapes, seed=4)
     ex = Exchange("cltk", "allreduce", ratio=0.05)
-    out = ex.all_reduce_many(grid)
+    out = ex.mean_many(grid)
     for n in shapes:
         k = round(0.05 * grid[n].numel())
         top = leader[n].reshape(-1).abs().topk(k).indices
@@ -265,7 +265,7 @@ def _worker_qsgd(rank: int, P: int) -> None:
         ex = Exchange("adacomp", mode, bin_size=50)
         avg = {n: torch.zeros(s) for n, s in shapes.items()}
         for t in range(rounds):
-            means = ex.all_reduce_many(mine)
+            means = ex.mean_many(mine)
             if t == 0:
                 assert same_on_all_ranks(means), mode
                 first_err = sum((means[n] - exact[n]).norm() ** 2 for n in shapes).sqrt().item()
@@ -291,9 +291,9 @@ def _worker_pieces(rank: int, P: int) -> None:
     total = sum(torch.Size(s).numel() for s in SHAPES.values())
     for mode in MODES:
         ex = Exchange("identity", mode, chunk_mb=0.001)  # 262 values a piece: big in 9, w2 in 2
-        handle = ex.all_reduce_many_async(mine, return_local=True)
+        handle = ex.mean_many_async(mine, return_local=True)
         means, locals_ = handle.wait()
-        whole = Exchange("identity", mode, chunk_mb=None).all_reduce_many(mine)
+        whole = Exchange("identity", mode, chunk_mb=None).mean_many(mine)
         for n in SHAPES:
             assert means[n].shape == mine[n].shape and means[n].dtype == torch.float32
             assert torch.equal(means[n], exact[n]) and torch.equal(means[n], whole[n]), (mode, n)
@@ -323,31 +323,31 @@ def _worker_pieces(rank: int, P: int) -> None:
         for fresh in (False, True):
             buf = {n: t.clone() for n, t in mine.items()}
             dst = {n: torch.full_like(t, 7.0) for n, t in mine.items()} if fresh else buf
-            res, loc = ex.all_reduce_many(buf, out=dst, return_local=True)
+            res, loc = ex.mean_many(buf, out=dst, return_local=True)
             for n in SHAPES:
                 assert res[n] is dst[n] and torch.equal(dst[n], exact[n]), (mode, fresh, n)
                 assert torch.equal(loc[n], mine[n]), (mode, fresh, n)  # not the mean written over it
         # pieces are in flight until wait(): the whole name and its pieces' names are busy
-        h = ex.all_reduce_many_async({"big": mine["big"]})
+        h = ex.mean_many_async({"big": mine["big"]})
         with pytest.raises(ValueError, match="in flight"):
-            ex.all_reduce("big", mine["big"])
+            ex.mean("big", mine["big"])
         assert torch.equal(h.wait()["big"], exact["big"])
 
     # QSGD in pieces: every rank holds the same result, and it is close to the mean
     g = torch.Generator().manual_seed(rank)
     x = {"v": torch.randn(6000, generator=g)}
     ex = Exchange("qsgd", "allgather", chunk_mb=0.005, bits=8)
-    out = ex.all_reduce_many(x)
+    out = ex.mean_many(x)
     assert len(ex._streams) == 5 and same_on_all_ranks(out)
 
     # 8-bit QSGD levels summed on gloo travel as int32: one warning per exchange, naming the fixes
     ex = Exchange("qsgd", "allreduce", bits=8)
     with pytest.warns(RuntimeWarning, match="allgather.*bits=4.*wire_int16"):
-        ex.all_reduce("v", x["v"])
+        ex.mean("v", x["v"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ex.all_reduce("v", x["v"])  # once
-        Exchange("qsgd", "allreduce", bits=4).all_reduce("v", x["v"])  # int8 sums: compressed
+        ex.mean("v", x["v"])  # once
+        Exchange("qsgd", "allreduce", bits=4).mean("v", x["v"])  # int8 sums: compressed
 
 
 def test_pieces_in_every_mode():
@@ -386,20 +386,20 @@ def _worker_mismatch(rank: int, P: int) -> None:
     ]
     for make, tensors, label in cases:
         ex = make()
-        _expect_everywhere(lambda: ex.all_reduce_many(tensors), "differs across ranks", label)
+        _expect_everywhere(lambda: ex.mean_many(tensors), "differs across ranks", label)
     # an input error on one rank stops every rank before anything is encoded
     ex = Exchange("fp16", error_feedback=True)
-    ex.all_reduce("a", x["a"])
+    ex.mean("a", x["a"])
     before = ex.state_dict()["streams"]["a"]["residue"].clone()
     bad = x["a"].clone()
     if rank == 1:
         bad[3] = float("nan")
-    msg = _expect_everywhere(lambda: ex.all_reduce("a", bad), "'a'", "non-finite", "rank 1")
+    msg = _expect_everywhere(lambda: ex.mean("a", bad), "'a'", "non-finite", "rank 1")
     assert torch.equal(ex.state_dict()["streams"]["a"]["residue"], before), msg
     wrong = x["a"].long() if rank == 0 else x["a"]
-    _expect_everywhere(lambda: ex.all_reduce("a", wrong), "dtype" if rank == 0 else "rank 0 rejected")
+    _expect_everywhere(lambda: ex.mean("a", wrong), "dtype" if rank == 0 else "rank 0 rejected")
     # the group is still healthy: a correct call goes through on every rank
-    assert torch.equal(Exchange("identity").all_reduce("a", x["a"] * (rank + 1)), x["a"] * (P + 1) / 2)
+    assert torch.equal(Exchange("identity").mean("a", x["a"] * (rank + 1)), x["a"] * (P + 1) / 2)
 
 
 def test_mismatched_configurations_fail_on_every_rank():
@@ -432,24 +432,24 @@ def _worker_corrupt(rank: int, P: int) -> None:
     # allgather: everyone decodes rank 1's damaged payload and names rank 1
     for offset, what in ((0, "magic"), (16, "")):  # the magic, then the first shape word
         ex = Exchange("identity", "allgather", transport=CorruptingTransport(1, offset))
-        msg = _expect_everywhere(lambda: ex.all_reduce_many(x), "from rank 1", "'a'", what)
+        msg = _expect_everywhere(lambda: ex.mean_many(x), "from rank 1", "'a'", what)
         assert "failed to decode" in msg
     with pytest.raises(DecodeError) as info:
-        Exchange("fp16", "allgather", transport=CorruptingTransport(0, 0)).all_reduce_many(x)
+        Exchange("fp16", "allgather", transport=CorruptingTransport(0, 0)).mean_many(x)
     assert info.value.sender == 0
     # two_phase: rank 1 damages only the chunk it sends to rank 0; rank 0 names rank 1, and
     # rank 1 learns of it in the next size exchange instead of waiting forever
     ex = Exchange("identity", "two_phase", transport=CorruptingTransport(1, 0))
     if rank == 0:
-        _expect_everywhere(lambda: ex.all_reduce_many(x), "from rank 1", "failed to decode")
+        _expect_everywhere(lambda: ex.mean_many(x), "from rank 1", "failed to decode")
     else:
-        _expect_everywhere(lambda: ex.all_reduce_many(x), "rank 0 could not decode", "rank 1")
+        _expect_everywhere(lambda: ex.mean_many(x), "rank 0 could not decode", "rank 1")
     # the group still works afterwards, also with fewer values than ranks (an empty chunk) and
     # with buckets of several dtypes
     mixed = {"one": torch.tensor([rank + 1.0]), "d": torch.full((3,), rank + 1.0, dtype=torch.float64),
              "h": torch.full((5,), rank + 1.0, dtype=torch.float16), "a": x["a"]}
     for mode in ("two_phase", "allreduce", "allgather"):
-        means = Exchange("identity", mode).all_reduce_many(mixed)
+        means = Exchange("identity", mode).mean_many(mixed)
         for n, t in mixed.items():
             assert means[n].dtype == t.dtype and torch.equal(means[n], torch.full_like(t, 1.5)), (mode, n)
 
@@ -463,31 +463,31 @@ def _worker_agreed_layout(rank: int, P: int) -> None:
     mine = rank_tensors(rank, SHAPES)
     for codec, opts, per_bucket in (("qsgd", {"bits": 4}, 1), ("adacomp", {}, 2)):
         ex = Exchange(codec, "allgather", **opts)
-        first = ex.all_reduce_many(mine)
+        first = ex.mean_many(mine)
         n1 = ex.stats.collectives
-        second = ex.all_reduce_many(mine)
+        second = ex.mean_many(mine)
         n2 = ex.stats.collectives - n1
         # the control collective runs once per layout; fixed-size payloads skip the size exchange
         assert n1 == 1 + per_bucket and n2 == per_bucket, (codec, n1, n2)
         assert same_on_all_ranks(second) and all(s.shape == first[k].shape for k, s in second.items())
     # on the agreed layout a rank's bad input still stops every rank, with nothing changed
     ex = Exchange("fp16", error_feedback=True)
-    ex.all_reduce_many(mine)
+    ex.mean_many(mine)
     before = {k: v["residue"].clone() for k, v in ex.state_dict()["streams"].items()}
     bad = dict(mine)
     if rank == 1:
         bad["w1"] = bad["w1"].clone()
         bad["w1"][0, 0] = float("inf")
     with pytest.raises(ValueError, match="'w1'.*non-finite.*rank 1"):
-        ex.all_reduce_many(bad)
+        ex.mean_many(bad)
     wrong = dict(mine)
     if rank == 0:
         wrong["b1"] = wrong["b1"].long()
     with pytest.raises(ValueError, match="dtype" if rank == 0 else "rank 0 rejected"):
-        ex.all_reduce_many(wrong)
+        ex.mean_many(wrong)
     after = ex.state_dict()["streams"]
     assert all(torch.equal(after[k]["residue"], v) for k, v in before.items())
-    assert same_on_all_ranks(ex.all_reduce_many(mine))
+    assert same_on_all_ranks(ex.mean_many(mine))
 
 
 def test_agreed_layout_needs_no_control_collective_and_still_stops_together():

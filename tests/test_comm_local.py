@@ -26,7 +26,7 @@ def test_group_of_one_encodes_and_counts_no_bytes(mode):
     ex = Exchange("fp16", mode)
     assert isinstance(ex.transport, LocalTransport)
     x = _tensors()
-    means, locals_ = ex.all_reduce_many(x, return_local=True)
+    means, locals_ = ex.mean_many(x, return_local=True)
     assert list(means) == list(x)
     for n, t in x.items():
         assert means[n].shape == t.shape and means[n].dtype == t.dtype
@@ -42,7 +42,7 @@ def test_group_of_one_encodes_and_counts_no_bytes(mode):
 def test_identity_is_exact_and_single_tensor_call():
     x = torch.randn(3, 4)
     for mode in MODES:
-        out = Exchange("identity", mode).all_reduce("x", x)
+        out = Exchange("identity", mode).mean("x", x)
         assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
 
 
@@ -74,50 +74,50 @@ def test_constructor_validation():
 def test_input_validation():
     ex = Exchange("identity")
     with pytest.raises(TypeError, match="mapping"):
-        ex.all_reduce_many([torch.ones(2)])
+        ex.mean_many([torch.ones(2)])
     with pytest.raises(ValueError, match="names must be non-empty strings"):
-        ex.all_reduce_many({"": torch.ones(2)})
+        ex.mean_many({"": torch.ones(2)})
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
-        ex.all_reduce("a", [1.0, 2.0])
+        ex.mean("a", [1.0, 2.0])
     with pytest.raises(ValueError, match="dtype torch.int64; allowed"):
-        ex.all_reduce("a", torch.ones(2, dtype=torch.int64))
-    ex.all_reduce("a", torch.ones(2))
+        ex.mean("a", torch.ones(2, dtype=torch.int64))
+    ex.mean("a", torch.ones(2))
     with pytest.raises(ValueError, match=r"'a' has shape \(3,\).*built for shape \(2,\)"):
-        ex.all_reduce("a", torch.ones(3))
+        ex.mean("a", torch.ones(3))
     with pytest.raises(ValueError, match="'a'.*dtype"):
-        ex.all_reduce("a", torch.ones(2, dtype=torch.float64))
+        ex.mean("a", torch.ones(2, dtype=torch.float64))
 
 
 def test_non_finite_input_raises_before_any_residue_changes():
     for mode in ("allgather", "two_phase"):
         ex = Exchange("topk", mode, ratio=0.25)
         x = {"a": torch.randn(16), "b": torch.randn(8)}
-        ex.all_reduce_many(x)
+        ex.mean_many(x)
         before = ex.state_dict()
         bad = dict(x, b=x["b"].clone())
         bad["b"][2] = float("inf")
         with pytest.raises(ValueError, match="'b' holds non-finite"):
-            ex.all_reduce_many(bad)
+            ex.mean_many(bad)
         after = ex.state_dict()
         for k, s in before["streams"].items():
             for f, v in s.items():
                 w = after["streams"][k][f]
                 assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (mode, k, f)
     # a huge but finite tensor (its sum overflows fp32) is accepted
-    out = Exchange("identity").all_reduce("big", torch.full((4,), 3e38))
+    out = Exchange("identity").mean("big", torch.full((4,), 3e38))
     assert torch.isfinite(out).all()
 
 
 def test_async_handle_and_in_flight_guard():
     ex = Exchange("identity", "two_phase", bucket_mb=1e-4)
     x = _tensors()
-    h = ex.all_reduce_many_async(x, return_local=True)
+    h = ex.mean_many_async(x, return_local=True)
     with pytest.raises(ValueError, match="in flight"):
-        ex.all_reduce("w", x["w"])
+        ex.mean("w", x["w"])
     means, locals_ = h.wait()
     assert all(torch.equal(means[n], x[n].float().to(x[n].dtype)) for n in ("w", "b"))
     assert h.wait()[0] is means
-    ex.all_reduce("w", x["w"])  # free again
+    ex.mean("w", x["w"])  # free again
 
 
 def test_buckets_group_by_dtype_keep_order_and_cap_size():
@@ -161,7 +161,7 @@ def test_settings_words_tell_settings_apart():
 
 def test_streams_are_built_with_seed_rank_and_stable_stream_id():
     ex = Exchange("randomk", seed=7, ratio=0.5)
-    ex.all_reduce("layer", torch.randn(10))
+    ex.mean("layer", torch.randn(10))
     s = ex._streams["layer"]
     assert (s.seed, s.rank, s.stream) == (7, 0, stream_id("layer"))
 
@@ -175,14 +175,14 @@ def test_state_dict_round_trip(mode, codec, opts):
     g = torch.Generator().manual_seed(1)
     xs = [{"a": torch.randn(50, generator=g), "b": torch.randn(5, 5, generator=g)} for _ in range(3)]
     a = Exchange(codec, mode, seed=2, **opts)
-    a.all_reduce_many(xs[0])
-    a.all_reduce_many(xs[1])
+    a.mean_many(xs[0])
+    a.mean_many(xs[1])
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     sd = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     b = Exchange(codec, mode, seed=2, **opts)
     b.load_state_dict(sd)
-    ra, rb = a.all_reduce_many(xs[2]), b.all_reduce_many(xs[2])
+    ra, rb = a.mean_many(xs[2]), b.mean_many(xs[2])
     assert all(torch.equal(ra[n], rb[n]) for n in ra)
     if mode == "two_phase":
         assert sd["server"]
@@ -216,8 +216,8 @@ def test_pieces_equal_whole_tensors_and_keep_their_residues(mode):
     whole = Exchange("fp16", mode, chunk_mb=None, error_feedback=True)
     assert whole.chunk_mb is None and Exchange("fp16", chunk_mb=0).chunk_mb is None
     for x in xs[:2]:
-        mc, lc = cut.all_reduce_many(x, return_local=True)
-        mw, lw = whole.all_reduce_many(x, return_local=True)
+        mc, lc = cut.mean_many(x, return_local=True)
+        mw, lw = whole.mean_many(x, return_local=True)
         for n in x:
             assert mc[n].shape == x[n].shape and mc[n].dtype == x[n].dtype
             assert torch.equal(mc[n], mw[n]) and torch.equal(lc[n], lw[n]), (mode, n)
@@ -231,8 +231,8 @@ def test_pieces_equal_whole_tensors_and_keep_their_residues(mode):
     torch.save(sd, buf)
     again = Exchange("fp16", mode, chunk_mb=0.001, error_feedback=True)
     again.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
-    ra, rb = cut.all_reduce_many(xs[2]), again.all_reduce_many(xs[2])
-    fresh = Exchange("fp16", mode, chunk_mb=0.001, error_feedback=True).all_reduce_many(xs[2])
+    ra, rb = cut.mean_many(xs[2]), again.mean_many(xs[2])
+    fresh = Exchange("fp16", mode, chunk_mb=0.001, error_feedback=True).mean_many(xs[2])
     assert all(torch.equal(ra[n], rb[n]) for n in ra)
     assert any(not torch.equal(ra[n], fresh[n]) for n in ra)  # the residues mattered
 
@@ -246,10 +246,10 @@ def test_piece_names_and_chunk_mb_validation():
         Exchange("identity", chunk_mb=True)
     ex = Exchange("fp16", chunk_mb=0.001)
     with pytest.raises(ValueError, match="piece"):
-        ex.all_reduce_many({"x": torch.randn(1000), "x#0": torch.randn(3)})
-    ex.all_reduce("y", torch.randn(1000))  # streams y#0..y#3 of 250 values
+        ex.mean_many({"x": torch.randn(1000), "x#0": torch.randn(3)})
+    ex.mean("y", torch.randn(1000))  # streams y#0..y#3 of 250 values
     with pytest.raises(ValueError, match="y#1"):
-        ex.all_reduce("y#1", torch.randn(4))
+        ex.mean("y#1", torch.randn(4))
     a = exchange_settings("qsgd", {}, 0, "allgather", 2, 25.0, 4.0)
     b = exchange_settings("qsgd", {}, 0, "allgather", 2, 25.0, None)
     assert [x.label for x, y in zip(a, b) if x.word != y.word] == ["chunk_mb"]
@@ -259,16 +259,16 @@ def test_piece_names_and_chunk_mb_validation():
 def test_out_receives_the_means(mode):
     g = torch.Generator().manual_seed(4)
     x = {"w": torch.randn(30, 20, generator=g), "b": torch.randn(7, generator=g), "e": torch.empty(0)}
-    want = Exchange("fp16", mode, chunk_mb=0.001).all_reduce_many(x)
+    want = Exchange("fp16", mode, chunk_mb=0.001).mean_many(x)
     dst = {n: torch.zeros_like(t) for n, t in x.items()}
-    got = Exchange("fp16", mode, chunk_mb=0.001).all_reduce_many(x, out=dst)
+    got = Exchange("fp16", mode, chunk_mb=0.001).mean_many(x, out=dst)
     assert all(got[n] is dst[n] and torch.equal(dst[n], want[n]) for n in x)
     ex = Exchange("identity", mode, chunk_mb=0.001)
     same = {"w": x["w"].clone()}
-    assert torch.equal(ex.all_reduce_many(same, out=same)["w"], x["w"])  # in place on the input
+    assert torch.equal(ex.mean_many(same, out=same)["w"], x["w"])  # in place on the input
     with pytest.raises(ValueError, match="shape"):
-        ex.all_reduce_many(x, out={"w": torch.zeros(3)})
+        ex.mean_many(x, out={"w": torch.zeros(3)})
     with pytest.raises(ValueError, match="not one of the tensors"):
-        ex.all_reduce_many(x, out={"zz": torch.zeros(3)})
+        ex.mean_many(x, out={"zz": torch.zeros(3)})
     with pytest.raises(TypeError, match="mapping"):
-        ex.all_reduce_many(x, out=[torch.zeros(3)])
+        ex.mean_many(x, out=[torch.zeros(3)])

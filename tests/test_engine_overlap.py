@@ -76,7 +76,7 @@ def _worker_overlap_equals_exchange(rank, P, codec, mode):
         twin.zero_grad(set_to_none=True)
         sum(losses(twin, rank, step).values()).backward()
         local = {f"U/{n}": (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in twin.named_parameters()}
-        means = reference.all_reduce_many(local)
+        means = reference.mean_many(local)
         for n, p in model.named_parameters():
             assert torch.equal(p.grad, means[f"U/{n}"]), (codec, mode, step, n)
         with torch.no_grad():

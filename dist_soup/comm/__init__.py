@@ -1,7 +1,7 @@
 """Compressed collectives: transports (torch.distributed, mpi4py, a local group of one), the
 three collective modes, bucketing, configuration agreement and byte accounting.
 
-``Exchange(compressor, mode, **options).all_reduce(name, tensor)`` is the entry point; comm knows
+``Exchange(compressor, mode, **options).mean(name, tensor)`` is the entry point; comm knows
 codecs (``dist_soup.compress``) but nothing of objectives.
 """
 from .agreement import NonFiniteError

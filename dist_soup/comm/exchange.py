@@ -150,18 +150,18 @@ class Exchange:
             self._journal = outer
 
     def restore(self, journal: Mapping) -> None:
-        """Put every stream that ``journal`` (see :meth:`all_reduce_many_async`) recorded back to
+        """Put every stream that ``journal`` (see :meth:`mean_many_async`) recorded back to
         the state it had before the calls that recorded it. Call it once those calls are waited for."""
         for (kind, key), state in journal.items():
             (self._streams if kind == "stream" else self._servers)[key].load_state_dict(state)
 
     # --- the calls ------------------------------------------------------------------------------
-    def all_reduce(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def mean(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Mean over the ranks of ``tensor`` (compressed by the stream ``name``), identical on
         every rank, with ``tensor``'s shape and dtype."""
-        return self.all_reduce_many({name: tensor})[name]
+        return self.mean_many({name: tensor})[name]
 
-    def all_reduce_many(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False,
+    def mean_many(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False,
                         out: Mapping[str, torch.Tensor] | None = None) -> Any:
         """Means of many named tensors, fused into buckets of about ``bucket_mb``.
 
@@ -171,12 +171,12 @@ class Exchange:
         in place and is what is returned for that name: a tensor cut into pieces is then
         assembled in memory the caller already holds.
         """
-        return self.all_reduce_many_async(tensors, return_local=return_local, out=out).wait()
+        return self.mean_many_async(tensors, return_local=return_local, out=out).wait()
 
-    def all_reduce_many_async(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False,
+    def mean_many_async(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False,
                               out: Mapping[str, torch.Tensor] | None = None,
                               journal: dict | None = None) -> "ExchangeHandle":
-        """Like :meth:`all_reduce_many`, returning once the collectives are launched;
+        """Like :meth:`mean_many`, returning once the collectives are launched;
         ``handle.wait()`` returns the same result (``out`` is written during ``wait()``).
 
         ``journal`` (a dict the caller keeps over several calls) records the state every stream
@@ -361,7 +361,7 @@ class Exchange:
                 )
             if name in self._inflight:
                 raise ValueError(
-                    f"tensor {name!r} is still in flight in an earlier all_reduce_many_async call; "
+                    f"tensor {name!r} is still in flight in an earlier mean_many_async call; "
                     "wait() for that handle before using the stream again"
                 )
             known = self._known.get(name)
@@ -459,7 +459,7 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
 
 
 class ExchangeHandle:
-    """An exchange in flight; ``wait()`` returns what :meth:`Exchange.all_reduce_many` returns."""
+    """An exchange in flight; ``wait()`` returns what :meth:`Exchange.mean_many` returns."""
 
     def __init__(self, exchange: Exchange, tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec],
                  buckets: list[Bucket], works: list[BucketWork], return_local: bool,

@@ -4,7 +4,7 @@ A :class:`GradientReducer` cuts a model's parameters into buckets of about ``buc
 reverse order of registration (about the order in which the backward produces their
 gradients), and puts a post-accumulate-grad hook on every parameter. During an *armed*
 backward, once every parameter of bucket j holds its gradient and buckets ``0..j-1`` have been
-launched, bucket j's compressed mean is launched (``Exchange.all_reduce_many_async``) and
+launched, bucket j's compressed mean is launched (``Exchange.mean_many_async``) and
 travels while the backward computes the earlier layers. :meth:`GradientReducer.finish` then
 launches the buckets the backward did not reach (a parameter without a gradient contributes
 zeros), waits for all of them and leaves every mean in its ``.grad``, identical on every rank.
@@ -168,6 +168,6 @@ class GradientReducer:
             grads[self.prefix + name] = p.grad
         try:
             # the means land in the gradients themselves (out=)
-            self._handles.append(self.exchange.all_reduce_many_async(grads, out=grads, journal=self._journal))
+            self._handles.append(self.exchange.mean_many_async(grads, out=grads, journal=self._journal))
         except NonFiniteError as exc:  # raised on every rank at this same bucket
             self._nonfinite = exc

@@ -12,7 +12,7 @@ a future whose value replaces it. The hook returns the compressed mean::
 
     mean = (1 / P) * sum_p decode(encode(g^p))         (identical on every rank)
 
-computed by ``state.exchange.all_reduce(name, g^p)``. The stream ``name`` is keyed by the bucket's
+computed by ``state.exchange.mean(name, g^p)``. The stream ``name`` is keyed by the bucket's
 index and size, so each bucket keeps its own error-feedback residue across steps (DDP rebuilds
 its buckets once after the first step; the new buckets start new streams). With ``identity`` the
 result equals plain DDP's ``allreduce`` average up to float rounding of the summation order.
@@ -30,7 +30,7 @@ Overlap: with ``async_op=True`` the hook hands the bucket to one communication t
 at once, so backward keeps computing while earlier buckets are encoded, exchanged and decoded.
 One thread, first-in first-out, keeps the order of the collectives the same on every rank
 (DDP launches buckets in the same order everywhere). The thread runs the whole synchronous
-call: ``Exchange.all_reduce_many_async`` has no completion callback to chain a future on, and
+call: ``Exchange.mean_many_async`` has no completion callback to chain a future on, and
 its ``wait()`` may itself issue collectives (``two_phase``), which must keep that order too.
 DDP itself issues collectives during
 backward when ``find_unused_parameters`` or ``static_graph`` is on; those could interleave with
@@ -99,7 +99,7 @@ def _average_into(state: DDPCommState, name: str, buffer: torch.Tensor) -> torch
     # In place, like torch's fp16 hook: DDP copies the value into the gradients, and reusing
     # the bucket's memory keeps the peak memory of a step unchanged; the exchange assembles
     # the bucket's pieces straight into it (every piece was encoded before any is written).
-    state.exchange.all_reduce_many({name: buffer}, out={name: buffer})
+    state.exchange.mean_many({name: buffer}, out={name: buffer})
     state.calls += 1
     return buffer
 
