@@ -22,9 +22,9 @@ same agreed inputs).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -169,7 +169,8 @@ class SoupEngine:
             raise ValueError(f"gram={gram!r}: use 'auto', 'cross' or 'plain'")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite={nonfinite!r}: use 'skip' or 'raise'")
-        for key, value in (("solve_every", solve_every), ("probe_every", probe_every), ("steps_per_epoch", steps_per_epoch)):
+        counts = (("solve_every", solve_every), ("probe_every", probe_every), ("steps_per_epoch", steps_per_epoch))
+        for key, value in counts:
             if int(value) < 1:
                 raise ValueError(f"{key}={value!r}: must be a positive integer")
         if shared is None and len(self.objectives) > 1:

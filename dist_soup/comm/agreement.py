@@ -18,8 +18,9 @@ instead of waiting in the next collective. Codec options are hashed into a fixed
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

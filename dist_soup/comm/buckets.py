@@ -16,8 +16,8 @@ The cut depends only on the size, so it is the same on every rank and in every c
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Collection, Sequence
 
 import torch
 

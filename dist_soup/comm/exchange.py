@@ -37,15 +37,24 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
 from ..compress.base import Compressor, LinearCodec
 from ..compress.registry import build
-from .agreement import (NonFiniteError, Setting, TensorSpec, agree_async, agree_locally, exchange_settings,
-                        stream_id, tensor_settings)
+from .agreement import (
+    NonFiniteError,
+    Setting,
+    TensorSpec,
+    agree_async,
+    agree_locally,
+    exchange_settings,
+    stream_id,
+    tensor_settings,
+)
 from .buckets import Bucket, pieces, plan
 from .modes import MODES, REJECTED, BucketWork, Prepared, RemoteNonFinite
 from .stats import ExchangeStats
@@ -108,7 +117,7 @@ class Exchange:
         self._streams: dict[str, Compressor] = {}
         self._servers: dict[str, Compressor] = {}
         self._known: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._plans: dict[tuple, list[Bucket]] = {}
+        self._plans: dict[tuple, tuple[list[Bucket], dict[str, list[tuple[str, int, int]]]]] = {}
         # Names of an asynchronous call not yet waited for: a stream runs one call at a time
         # (linear codecs keep what decode_sum needs between encode_sum and decode_sum).
         self._inflight: set[str] = set()
@@ -175,7 +184,7 @@ class Exchange:
 
     def mean_many_async(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False,
                               out: Mapping[str, torch.Tensor] | None = None,
-                              journal: dict | None = None) -> "ExchangeHandle":
+                              journal: dict | None = None) -> ExchangeHandle:
         """Like :meth:`mean_many`, returning once the collectives are launched;
         ``handle.wait()`` returns the same result (``out`` is written during ``wait()``).
 

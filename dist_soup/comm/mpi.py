@@ -11,7 +11,8 @@ Run under ``mpirun -n P python script.py``; ``pip install mpi4py mpich`` gives a
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

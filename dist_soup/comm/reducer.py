@@ -23,7 +23,7 @@ rank: no residue absorbs a NaN, and no rank steps while another skips.
 from __future__ import annotations
 
 import math
-from typing import Collection, Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 

@@ -28,7 +28,8 @@ callers that count bytes convert first so that what they count is what travels.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -130,7 +131,8 @@ class Transport(ABC):
     def all_gather_v(self, t: torch.Tensor, counts: Sequence[int]) -> list[torch.Tensor]:
         return self.all_gather_v_async(t, counts).wait()
 
-    def all_to_all_v(self, t: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]) -> list[torch.Tensor]:
+    def all_to_all_v(self, t: torch.Tensor, send_counts: Sequence[int],
+                     recv_counts: Sequence[int]) -> list[torch.Tensor]:
         return self.all_to_all_v_async(t, send_counts, recv_counts).wait()
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:

@@ -41,8 +41,7 @@ from __future__ import annotations
 
 from .allgather import AllGather
 from .allreduce import AllReduce
-from .base import (REJECTED, STATUS_BYTES, BucketWork, DecodeError, Mode, Prepared, RemoteNonFinite,
-                   decode_payload)
+from .base import REJECTED, STATUS_BYTES, BucketWork, DecodeError, Mode, Prepared, RemoteNonFinite, decode_payload
 from .two_phase import TwoPhase
 
 MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (AllGather, AllReduce, TwoPhase)}

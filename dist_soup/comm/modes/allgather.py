@@ -5,8 +5,20 @@ import torch
 
 from ..buckets import Bucket
 from ..transport import Work
-from .base import (STATUS_BYTES, BucketWork, Mode, Prepared, RemoteNonFinite, Result, acc_dtype, cut,
-                   decode_payload, owned, pack, shares_memory)
+from .base import (
+    STATUS_BYTES,
+    BucketWork,
+    Mode,
+    Prepared,
+    RemoteNonFinite,
+    Result,
+    acc_dtype,
+    cut,
+    decode_payload,
+    owned,
+    pack,
+    shares_memory,
+)
 
 
 class AllGather(Mode):

@@ -6,8 +6,10 @@ import os
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, ClassVar, Iterator, Sequence
+from types import FrameType
+from typing import ClassVar
 
 import torch
 
@@ -29,7 +31,8 @@ def outside_level() -> int:
     """The ``stacklevel`` that points a warning issued by the caller of this function at the
     first frame outside ``dist_soup.comm`` (the user's call), whatever the path through it."""
     comm = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(comm):
         frame, level = frame.f_back, level + 1
     return level
@@ -103,6 +106,7 @@ class BucketWork(ABC):
         """Launch the bucket's next round of collectives, if it has one (``two_phase``: phase 2),
         without waiting for it; :meth:`finish` does it otherwise. The exchange advances bucket
         j+1 before finishing bucket j, so j's decoding overlaps j+1's transfer."""
+        return None  # one round (allgather, allreduce): nothing to launch early
 
     def abandon(self) -> None:
         """Let the launched collectives complete (their buffers must outlive them: MPI reads
@@ -156,7 +160,7 @@ class Mode(ABC):
     def start(self, bucket: Bucket, tensors: Sequence[torch.Tensor], want_local: bool) -> BucketWork:
         """Encode ``tensors`` (one per bucket entry) and launch the bucket's collectives."""
 
-    def prepare(self, bucket: Bucket, tensors: Sequence[torch.Tensor], want_local: bool) -> "Prepared":
+    def prepare(self, bucket: Bucket, tensors: Sequence[torch.Tensor], want_local: bool) -> Prepared:
         """The part of :meth:`start` that needs only the inputs, launched now; ``launch()`` of
         the result does the rest. The exchange prepares bucket j+1 before launching bucket j, so
         small control collectives (e.g. QSGD's shared scales) do not queue behind bucket j's
