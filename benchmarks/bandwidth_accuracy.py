@@ -5,6 +5,7 @@
     python benchmarks/bandwidth_accuracy.py SPEC.yaml --quick        # the spec's small subset (CI)
     python benchmarks/bandwidth_accuracy.py SPEC.yaml --list         # the cells and their overrides
     python benchmarks/bandwidth_accuracy.py SPEC.yaml --report-only  # table and plots from what is there
+    python benchmarks/bandwidth_accuracy.py SPEC.yaml --cells 'ddp_*'  # run only these cells (globs)
 
 **Design.** The link rate does not change the arithmetic: a run is deterministic from its config
 and seed whatever the wire's speed. So the *quality* of a (cell, seed) (the final held-out metric
@@ -67,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -363,10 +365,11 @@ def write_timing_config(spec: Spec, out: Path, cell: Cell) -> Path:
     return path
 
 
-def timing_runs(spec: Spec, out: Path, rate: str, loopback: bool, args: argparse.Namespace, log=print) -> int:
-    """Time every cell not yet timed at ``rate``; the number of failures."""
+def timing_runs(spec: Spec, out: Path, rate: str, cells: list[Cell], loopback: bool, args: argparse.Namespace,
+                log=print) -> int:
+    """Time every one of ``cells`` not yet timed at ``rate``; the number of failures."""
     todo = []
-    for cell in spec.cells:
+    for cell in cells:
         key = _timing_key(spec, cell, rate, loopback, args.eager)
         try:
             done = json.loads(timing_file(out, rate, cell).read_text())
@@ -425,6 +428,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the spec's quick: subset (a few minutes)")
     p.add_argument("--out", default=None, help="output directory (default runs/sweeps/NAME[-quick])")
     p.add_argument("--list", action="store_true", help="print the cells, their overrides and config fingerprints")
+    p.add_argument("--cells", default=None,
+                   help="comma-separated cell ids or shell globs: run only these (e.g. 'ddp_*,ew_qsgd4'); "
+                        "the report still shows every cell")
     p.add_argument("--report-only", action="store_true", help="run nothing: results, table and plots from what is there")
     p.add_argument("--no-timing", action="store_true", help="quality runs only (no timing runs)")
     p.add_argument("--loopback", action="store_true",
@@ -446,12 +452,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bandwidth_accuracy: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else ROOT / "runs" / "sweeps" / (spec.name + ("-quick" if args.quick else ""))
+    if args.cells:
+        patterns = [x for x in args.cells.split(",") if x]
+        bad = [x for x in patterns if not any(fnmatch.fnmatch(c.id, x) for c in spec.cells)]
+        if bad:
+            print(f"bandwidth_accuracy: error: --cells: no cell matches {bad}; cells: "
+                  f"{', '.join(c.id for c in spec.cells)}", file=sys.stderr)
+            return 2
+        cells = [c for c in spec.cells if any(fnmatch.fnmatch(c.id, x) for x in patterns)]
+    else:
+        cells = list(spec.cells)
     if args.list:
-        for cell in spec.cells:
+        for cell in cells:
             cfg = spec.config(cell, spec.seeds[0])
             print(f"{cell.id}: {' '.join(cell.overrides) or '(base config)'}  "
                   f"[engine {cfg.train.engine}, config {config_mod.fingerprint(cfg)[:12]} at seed {spec.seeds[0]}]")
-        print(f"{len(spec.cells)} cells x {len(spec.seeds)} seeds, rates {', '.join(spec.rates) or 'none'}; out {out}")
+        print(f"{len(cells)} cells x {len(spec.seeds)} seeds, rates {', '.join(spec.rates) or 'none'}; out {out}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec.path, out / "spec.yaml")
@@ -466,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = e2e_hosts.machine_info()
     try:
         if not args.report_only:
-            runs = [(c, s) for c in spec.cells for s in spec.seeds]
+            runs = [(c, s) for c in cells for s in spec.seeds]
             for i, (cell, seed) in enumerate(runs, 1):
                 if finished(spec, out, cell, seed):
                     print(f"[sweep] {i}/{len(runs)} {cell.id} seed {seed}: done before, kept", flush=True)
@@ -485,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"[sweep] timing {rate}: needs network namespaces (root, iproute2) and not "
                               f"--loopback; not measured", flush=True)
                         continue
-                    n = timing_runs(spec, out, rate, loopback=not netns, args=args,
+                    n = timing_runs(spec, out, rate, cells, loopback=not netns, args=args,
                                     log=lambda m: print(m, flush=True))
                     failures += [f"timing {rate}: {n} cell(s) failed"] if n else []
     except (KeyboardInterrupt, _Stopped) as exc:

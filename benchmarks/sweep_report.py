@@ -232,10 +232,10 @@ def markdown(spec, cells: list[dict], setup: dict, machine: dict) -> str:
         f"load average {' '.join(f'{x:.2f}' for x in machine['loadavg_start'])} at start, "
         f"{' '.join(f'{x:.2f}' for x in machine['loadavg_end'])} at end.",
         f"Runs: {spec.steps} steps on {spec.nproc} processes (gloo, 127.0.0.1), seeds {spec.seeds}, evaluation every "
-        f"{spec.eval_every or spec.steps} steps; quality from one run per (cell, seed) (the link rate does not change "
-        f"the arithmetic), step time per rate from one {spec.timing_steps}-step timing run per cell "
-        f"(steps {spec.timing_warmup}-{spec.timing_steps}, seed {spec.seeds[0]}) across {spec.nproc} namespace hosts "
-        "capped by tc.",
+        f"{spec.eval_every or spec.steps} steps; quality from one run per (cell, seed)"
+        + (f" (the link rate does not change the arithmetic), step time per rate from one {spec.timing_steps}-step "
+           f"timing run per cell (steps {spec.timing_warmup}-{spec.timing_steps}, seed {spec.seeds[0]}) across "
+           f"{spec.nproc} namespace hosts capped by tc." if spec.rates else "; no timing runs (rates: [])."),
     ]
     if loop_rates:
         lines.append(f"Timed over 127.0.0.1 (no namespaces here): {', '.join(sorted(loop_rates))}.")
@@ -259,7 +259,7 @@ def markdown(spec, cells: list[dict], setup: dict, machine: dict) -> str:
             continue
         vals += [_pm(c["bytes_per_step"], ".1f", 1e-3)]
         vals += [_pm(c["final"].get(k), ".4g", std_fmt=".2g") for k in objectives]
-        vals += [_pm(c["delta_m_single"], "+.1f"), _pm(c.get("delta_m_versus"), "+.1f")]
+        vals += [_pm(c["delta_m_single"], "+.1f", std_fmt=".1f"), _pm(c.get("delta_m_versus"), "+.1f", std_fmt=".1f")]
         lines.append("| " + " | ".join(vals) + " |")
     sources = [LOOPBACK, *rates]
     target = any(c.get("target") or c.get("target_undefined") for c in cells)
