@@ -88,11 +88,11 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-import yaml  # noqa: E402
-
 import e2e_hosts  # noqa: E402
 import sweep_report  # noqa: E402
+import yaml  # noqa: E402
 from sweep_report import finished, run_dir, timing_file  # noqa: E402
+
 from dist_soup import config as config_mod  # noqa: E402
 
 SPEC_KEYS = ("name", "base", "steps", "eval_every", "nproc", "seeds", "grid", "rates", "timing", "target",
@@ -277,8 +277,10 @@ def load_spec(path: str | Path, quick: bool = False) -> Spec:
             _fail(path, "quick.cells", f"{missing} are not cells of the grid; cells: {', '.join(ids)}")
         cells = [c for c in cells if c.id in keep]
         ids = [c.id for c in cells]
-    spec = Spec(path=path, name=name, base_config=base_config, base_set=_overrides(path, "base.set", base.get("set")) + extra_set,
-                steps=_int(path, "steps", data["steps"], 1), eval_every=_int(path, "eval_every", data.get("eval_every", 0), 0),
+    spec = Spec(path=path, name=name, base_config=base_config,
+                base_set=_overrides(path, "base.set", base.get("set")) + extra_set,
+                steps=_int(path, "steps", data["steps"], 1),
+                eval_every=_int(path, "eval_every", data.get("eval_every", 0), 0),
                 nproc=_int(path, "nproc", data.get("nproc", 2), 2), seeds=list(seeds), cells=cells, rates=rates,
                 timing_steps=t_steps, timing_warmup=t_warmup, target_tolerance=float(tol),
                 run_timeout_s=float(timeout), versus_label=label, quick=quick)
@@ -396,7 +398,8 @@ def timing_runs(spec: Spec, out: Path, rate: str, cells: list[Cell], loopback: b
             log(f"[sweep] timing {rate}: {hosts.link}")
         for idx, (cell, key) in enumerate(todo):
             kind = "ddp" if spec.config(cell, spec.seeds[0]).train.engine == "ddp" else "soup"
-            row = e2e_hosts.RowSpec(cell.id, cell.id, kind, config=str(write_timing_config(spec, out, cell)), common=False)
+            row = e2e_hosts.RowSpec(cell.id, cell.id, kind, config=str(write_timing_config(spec, out, cell)),
+                                    common=False)
             t0 = time.perf_counter()
             res = e2e_hosts.run_row(row, idx, hosts, h_args, workdir)
             fig = e2e_hosts.summarize(row, res, spec.timing_warmup, spec.timing_steps)
@@ -405,7 +408,8 @@ def timing_runs(spec: Spec, out: Path, rate: str, cells: list[Cell], loopback: b
                 failures += 1
                 log(f"[sweep] timing {rate} {cell.id}: FAILED ({fig['error']})\n{fig.get('log_tail', '')[-1500:]}")
             else:
-                log(f"[sweep] timing {rate} {cell.id}: {fig['ms_median']:.1f} ms/step ({time.perf_counter() - t0:.0f} s)")
+                log(f"[sweep] timing {rate} {cell.id}: {fig['ms_median']:.1f} ms/step "
+                    f"({time.perf_counter() - t0:.0f} s)")
             f = timing_file(out, rate, cell)
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps(fig, indent=1) + "\n")
@@ -431,11 +435,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cells", default=None,
                    help="comma-separated cell ids or shell globs: run only these (e.g. 'ddp_*,ew_qsgd4'); "
                         "the report still shows every cell")
-    p.add_argument("--report-only", action="store_true", help="run nothing: results, table and plots from what is there")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: results, table and plots from what is there")
     p.add_argument("--no-timing", action="store_true", help="quality runs only (no timing runs)")
     p.add_argument("--loopback", action="store_true",
                    help="timing runs over 127.0.0.1 even where namespaces can be made (capped rates then skipped)")
-    p.add_argument("--eager", action="store_true", help="timing runs with the codecs' eager kernels (implied by --quick)")
+    p.add_argument("--eager", action="store_true",
+                   help="timing runs with the codecs' eager kernels (implied by --quick)")
     p.add_argument("--prefix", default="dsw", help="namespace prefix of the timing hosts (default dsw)")
     p.add_argument("--subnet", default="10.204.0", help="their subnet, three octets (default 10.204.0)")
     p.add_argument("--port", type=int, default=29710, help="rendezvous port on host 0; cell i uses PORT+i")

@@ -554,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             elif spec.kind == "ddp":
                 d = cfg.ddp
                 rank = f", rank {d.powersgd_rank}, from step {d.powersgd_start}" if d.hook == "powersgd" else ""
-                print(f"    hook {d.hook}{rank}, buckets of {d.bucket_mb:g} MB  (config {config_mod.fingerprint(cfg)[:12]})")
+                print(f"    hook {d.hook}{rank}, buckets of {d.bucket_mb:g} MB  "
+                      f"(config {config_mod.fingerprint(cfg)[:12]})")
         return 0
     if not args.loopback:
         if os.geteuid() != 0:

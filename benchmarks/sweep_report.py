@@ -168,8 +168,8 @@ def aggregate(spec, records: list[dict]) -> list[dict]:
         if ref:
             means = final_means(ref)
             row["versus"] = ref
-            row["delta_m_versus"] = _ms([delta_m({k: r["objectives"][k]["value"] for k in objectives}, means, objectives)
-                                         for r in rs])
+            finals = [{k: r["objectives"][k]["value"] for k in objectives} for r in rs]
+            row["delta_m_versus"] = _ms([delta_m(f, means, objectives) for f in finals])
         speed = {LOOPBACK: _ms([r["ms_per_step_loopback"] for r in rs])}
         for rate in spec.rates:
             t = timing.get((cell.id, rate))

@@ -16,7 +16,7 @@ gradients and mean losses are identical on every rank, so every rank decides the
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist

@@ -153,7 +153,8 @@ def test_half_finished_sweep_reruns_only_what_is_missing(done, tmp_path):
 
 
 @pytest.mark.parametrize("change, names", [
-    ({"grid": {"method": {"ddp_fp32": ["train.stpes=3"]}}}, "the overrides of cell ddp_fp32: config refused: unknown key train.stpes"),
+    ({"grid": {"method": {"ddp_fp32": ["train.stpes=3"]}}},
+     "the overrides of cell ddp_fp32: config refused: unknown key train.stpes"),
     ({"grid": {"method": {"ddp_fp32": ["train.engine=ddp", "ddp.hook=fp17"]}}}, "ddp.hook: 'fp17' is not allowed"),
     ({"grid": {"method": {"a b": []}}}, "grid.method: value name 'a b'"),
     ({"grid": {"method": {"a": "train.steps=3"}}}, "grid.method.a:"),
