@@ -8,9 +8,9 @@ offers what ``dist_soup.train`` uses of ``SoupEngine`` (``step`` returning a ``S
 same metrics.jsonl, checkpoints and summary.json as a dist_soup run, and
 ``benchmarks/e2e_worker.py`` times this same step.
 
-Only the mean losses (for the log, one tiny all-reduce launched before the backward and waited
-after it) are added to what a DDP user's loop does. A non-finite loss or gradient on any rank
-skips the step on every rank (``train.nonfinite: skip``) or raises (``raise``): the all-reduced
+Only the mean losses (for the log, one tiny all-reduce after the backward) are added to what a
+DDP user's loop does. A non-finite loss or gradient on any rank skips the step on every rank
+(``train.nonfinite: skip``) or raises (``raise``): the all-reduced
 gradients and mean losses are identical on every rank, so every rank decides the same.
 """
 from __future__ import annotations
@@ -110,7 +110,6 @@ class DDPBaseline:
             raise ValueError(f"losses: expected exactly {list(self.objectives)}, got {list(losses)}")
         t0 = time.perf_counter()
         mean = torch.stack([losses[k].detach().float() for k in self.objectives])
-        work = dist.all_reduce(mean, async_op=True)
         self.optimizer.zero_grad(set_to_none=True)
         before = self._counter.bytes if self._counter else 0
         if self._counter:
@@ -121,7 +120,10 @@ class DDPBaseline:
             if self._counter:
                 self._counter.active = False
         tb = time.perf_counter()
-        work.wait()
+        # After the backward, not launched before it: PowerSGD's hook issues its all-reduces from
+        # future callbacks, and a collective of ours in flight beside them can leave the ranks'
+        # gloo queues in different orders (a size mismatch that aborts the run).
+        dist.all_reduce(mean)
         mean /= self.world_size
         grads = [p.grad for p in self.params if p.grad is not None]
         finite = bool(torch.isfinite(mean).all()) and bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
