@@ -150,7 +150,9 @@ class DDPConfig:
     #: powersgd only: ``start_powerSGD_iter``, the plain all-reduce steps before compression
     #: (torch needs >= 2 with its error feedback and warm start, which are on).
     powersgd_start: int = 2
-    #: DDP's ``bucket_cap_mb``.
+    #: DDP's ``bucket_cap_mb``. With powersgd on gloo use one bucket (a size above the model's):
+    #: torch's hook issues all-reduces from future callbacks that can race the next bucket's
+    #: (pytorch/pytorch#58467: a size-mismatch abort or a hang).
     bucket_mb: float = 25.0
 
 
