@@ -32,7 +32,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import e2e_hosts as bench  # noqa: E402
-from dist_soup import config, tasks, train  # noqa: E402
+from dist_soup import builders, config, tasks  # noqa: E402
+from dist_soup.sampler import ShardedSampler  # noqa: E402
 
 
 def _param_bytes(model: torch.nn.Module) -> int:
@@ -68,8 +69,8 @@ class ComputeTrainer(Trainer):
 
     def __init__(self, cfg, task, spec, rank: int, world: int) -> None:
         self.model = task.build_model(cfg.seed)
-        self.optimizer = train.build_optimizer(cfg, self.model)
-        self.objectives = train.objectives_of(cfg, task)
+        self.optimizer = builders.build_optimizer(cfg, self.model)
+        self.objectives = builders.objectives_of(cfg, task)
 
     def step(self, losses, step: int):
         self.optimizer.zero_grad(set_to_none=True)
@@ -89,8 +90,8 @@ class DDPTrainer(Trainer):
         if cfg.train.engine != "ddp":
             raise ValueError(f"row {spec['name']}: kind 'ddp' needs train.engine=ddp in the row's config")
         net = task.build_model(cfg.seed)
-        self.optimizer = train.build_optimizer(cfg, net)
-        self.objectives = train.objectives_of(cfg, task)
+        self.optimizer = builders.build_optimizer(cfg, net)
+        self.objectives = builders.objectives_of(cfg, task)
         self.engine = DDPBaseline(net, self.optimizer, self.objectives, cfg.ddp, nonfinite=cfg.train.nonfinite,
                                   seed=cfg.seed, find_unused_parameters=len(self.objectives) < len(task.objectives))
         self.model = self.engine.model
@@ -114,19 +115,19 @@ class SoupTrainer(Trainer):
         from dist_soup.engine import SoupEngine
 
         self.cfg = cfg
-        objectives = train.objectives_of(cfg, task)
+        objectives = builders.objectives_of(cfg, task)
         groups = {g: tuple(k for k in ks if k in objectives) for g, ks in task.groups.items()}
         groups = {g: ks for g, ks in groups.items() if ks}
         self.model = task.build_model(cfg.seed)
-        self.optimizer = train.build_optimizer(cfg, self.model)
+        self.optimizer = builders.build_optimizer(cfg, self.model)
         self.objectives = objectives
-        self.steps_per_epoch = train.ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world,
+        self.steps_per_epoch = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world,
                                                     cfg.seed).steps_per_epoch
         self.engine = SoupEngine(self.model, self.optimizer, objectives, task.shared,
-                                 train.build_recipe(cfg, objectives, groups, self.steps_per_epoch),
+                                 builders.recipe_from_config(cfg, objectives, groups, self.steps_per_epoch),
                                  steps_per_epoch=self.steps_per_epoch,
                                  transport="torch", **config.engine_options(cfg))
-        train.agree_on_config(self.engine.transport, cfg)
+        builders.agree_on_config(self.engine.transport, cfg)
         self.timings: dict[str, list[float]] = {}
         self.solved = 0
         self.skipped = 0
@@ -169,8 +170,8 @@ class DeepSpeedTrainer(Trainer):
 
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
         net = task.build_model(cfg.seed)
-        self.optimizer = train.build_optimizer(cfg, net)
-        self.objectives = train.objectives_of(cfg, task)
+        self.optimizer = builders.build_optimizer(cfg, net)
+        self.objectives = builders.objectives_of(cfg, task)
         self.dense = _param_bytes(net)
         ds = {"train_micro_batch_size_per_gpu": cfg.train.batch_size, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.seed)
     task = tasks.build(cfg.task.name, **cfg.task.options)
     # The sampler of train.py: every row draws the same batches on the same rank.
-    sampler = train.ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
+    sampler = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
     if spec.kind not in BUILDERS:
         raise SystemExit(f"row {spec.name}: unknown kind {spec.kind!r}; builders: {sorted(BUILDERS)}")
     trainer = BUILDERS[spec.kind](cfg, task, {**spec_d, "warmup": warmup}, rank, world)
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         losses = task.losses(trainer.model, batch)
         losses = {k: losses[k] for k in objectives}
         for group in trainer.optimizer.param_groups:
-            group["lr"] = cfg.optimizer.lr * train.lr_factor(cfg, step)
+            group["lr"] = cfg.optimizer.lr * builders.lr_factor(cfg, step)
         t2 = time.perf_counter()
         sent, received, dense = trainer.step(losses, step)
         t3 = time.perf_counter()

@@ -98,14 +98,14 @@ def _train(cfg, run_dir: str, resume: bool, deepspeed: str | None) -> dict | Non
 
 def train_command(args) -> int:
     from . import config as config_mod
-    from . import train
+    from . import process_group
 
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     cfg = config_mod.load(args.config, overrides, on_note=_note)
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-    launched = train.launcher_env() != "local"
+    launched = process_group.launcher_env() != "local"
     if args.nproc is not None:
         if args.nproc < 1:
             raise ConfigError(f"--nproc {args.nproc}: need at least 1 process")

@@ -71,7 +71,7 @@ def test_fingerprint_changes_with_any_value():
 
 
 def test_learning_rate_schedules():
-    from dist_soup.train import lr_factor
+    from dist_soup.builders import lr_factor
 
     cfg = C.from_dict({"train": {"steps": 100}, "optimizer": {"schedule": "cosine", "warmup_steps": 10}})
     f = [lr_factor(cfg, s) for s in range(100)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_soup import config as C
-from dist_soup import train
+from dist_soup import builders
 from dist_soup.moo.recipe import Recipe, Schedule, build_recipe
 from dist_soup.moo.solvers import build
 
@@ -111,17 +111,17 @@ def test_config_schedule_reaches_the_recipe_through_train():
                                                         "unit": "steps", "every": 10}},
                        "solver": {"name": "ew"}, "train": {"steps": 300}})
     assert (cfg.recipe.eta.unit, cfg.recipe.eta.every) == ("steps", 10)
-    r = train.build_recipe(cfg, NAMES, GROUPS, steps_per_epoch=13)
+    r = builders.recipe_from_config(cfg, NAMES, GROUPS, steps_per_epoch=13)
     assert (r.steps_per_epoch, r.total_steps) == (13, 300)
     assert r.etas(25 / 13) == [1.0, pytest.approx(0.2), pytest.approx(0.2)]  # two stairs at step 25
     assert r.etas(299 / 13)[1] == 1.0
     frac = C.from_dict({"recipe": {"kind": "vc", "eta": {"start": 0.0, "step": 1.0, "cap": None, "unit": "fraction"}},
                         "solver": {"name": "ew"}, "train": {"steps": 80}})
-    assert train.build_recipe(frac, NAMES, GROUPS, steps_per_epoch=8).etas(20 / 8) == [1.0, pytest.approx(0.25)]
+    assert builders.recipe_from_config(frac, NAMES, GROUPS, steps_per_epoch=8).etas(20 / 8) == [1.0, pytest.approx(0.25)]
     # An epoch schedule (the default) needs no run length and keeps its meaning.
     old = C.from_dict({"recipe": {"kind": "vm", "eta": {"start": 0.1, "step": 0.02, "cap": 1.5}}})
     assert (old.recipe.eta.unit, old.recipe.eta.every) == ("epochs", None)
-    assert train.build_recipe(old, NAMES, GROUPS).etas(2.5) == [1.0, pytest.approx(0.15), pytest.approx(0.15)]
+    assert builders.recipe_from_config(old, NAMES, GROUPS).etas(2.5) == [1.0, pytest.approx(0.15), pytest.approx(0.15)]
 
 
 def test_config_schedule_from_set_overrides():

@@ -27,6 +27,8 @@ import torch
 
 from .. import checkpoint, tasks
 from .. import config as config_mod
+from .. import builders, process_group, report
+from ..sampler import ShardedSampler
 from .. import train as train_mod
 from ..config import Config, ConfigError
 from . import deepspeed as ds_soup
@@ -73,7 +75,7 @@ def run(cfg: Config, run_dir: Path, deepspeed_config, *, resume: bool = False, l
     """Train one rank through the plugin. Returns the summary on rank 0, None elsewhere."""
     torch.set_num_threads(int(os.environ.get("DIST_SOUP_THREADS", "1")))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
-    kind = train_mod.launcher_env()
+    kind = process_group.launcher_env()
     if kind == "mpi":
         raise ConfigError("--deepspeed runs under torchrun, DeepSpeed's launcher or --nproc, not mpirun")
     if kind == "local":  # one process: DeepSpeed still wants a process group
@@ -82,7 +84,7 @@ def run(cfg: Config, run_dir: Path, deepspeed_config, *, resume: bool = False, l
     os.environ.setdefault("LOCAL_RANK", "0")
     if not torch.cuda.is_available():
         os.environ.setdefault("DIST_SOUP_BACKEND", "gloo")
-    _, rank, world = train_mod.init_distributed()
+    _, rank, world = process_group.init_distributed()
     engine = None
     try:
         engine, summary = _run(cfg, Path(run_dir), deepspeed_config, resume, rank, world, log)
@@ -92,7 +94,7 @@ def run(cfg: Config, run_dir: Path, deepspeed_config, *, resume: bool = False, l
             engine.destroy()
         del engine
         gc.collect()
-        train_mod.shutdown_distributed("torch")
+        process_group.shutdown_distributed("torch")
 
 
 def _prepare(cfg: Config, ds: dict, run_dir: Path, resume: bool) -> bool:
@@ -106,8 +108,8 @@ def _prepare(cfg: Config, ds: dict, run_dir: Path, resume: bool) -> bool:
         try:
             old = config_mod.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
             old_ds = json.loads((run_dir / "deepspeed.json").read_text())
-            same = (config_mod.fingerprint(train_mod._without_steps(old))
-                    == config_mod.fingerprint(train_mod._without_steps(cfg)) and old_ds == ds)
+            same = (config_mod.fingerprint(train_mod.without_steps(old))
+                    == config_mod.fingerprint(train_mod.without_steps(cfg)) and old_ds == ds)
         except Exception:
             pass
         if not same:
@@ -122,7 +124,7 @@ def _prepare(cfg: Config, ds: dict, run_dir: Path, resume: bool) -> bool:
 def _run(cfg: Config, run_dir: Path, deepspeed_config, resume: bool, rank: int, world: int, log):
     torch.manual_seed(cfg.seed)
     task = tasks.build(cfg.task.name, **cfg.task.options)
-    objectives = train_mod.objectives_of(cfg, task)
+    objectives = builders.objectives_of(cfg, task)
     groups = {g: tuple(k for k in ks if k in objectives) for g, ks in task.groups.items()}
     groups = {g: ks for g, ks in groups.items() if ks}
     ds = _deepspeed_config(cfg, deepspeed_config)
@@ -131,17 +133,17 @@ def _run(cfg: Config, run_dir: Path, deepspeed_config, resume: bool, rank: int, 
     model = task.build_model(cfg.seed)
     if torch.cuda.is_available() and os.environ.get("DIST_SOUP_BACKEND") != "gloo":
         model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
-    sampler = train_mod.ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
+    sampler = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
     ds[ds_soup.SECTION] = _section(cfg, task, objectives, groups, max(1, sampler.steps_per_epoch // gas))
     restore = _prepare(cfg, ds_as_run, run_dir, resume)  # before any process joins DeepSpeed: fail fast
     own_optimizer = "optimizer" not in ds
     own_schedule = own_optimizer and "scheduler" not in ds
-    client = train_mod.build_optimizer(cfg, model) if own_optimizer else None
+    client = builders.build_optimizer(cfg, model) if own_optimizer else None
     engine, optimizer, _, _ = ds_soup.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=client, config=ds)
     soup = engine.soup
     transport = soup.transport
-    train_mod.agree_on_config(transport, cfg)
+    builders.agree_on_config(transport, cfg)
     if rank == 0 and not own_optimizer:
         log("[dist_soup] the DeepSpeed config's optimizer is used; the config's optimizer section is not")
 
@@ -165,7 +167,7 @@ def _run(cfg: Config, run_dir: Path, deepspeed_config, resume: bool, rank: int, 
     if rank == 0 and not restore and metrics_path.exists():
         metrics_path.unlink()
     elif rank == 0 and restore and metrics_path.exists():
-        train_mod._truncate_metrics(metrics_path, start)
+        report.truncate_metrics(metrics_path, start)
 
     def save(step: int) -> None:
         engine.save_checkpoint(str(ckdir), tag=f"step{step:08d}",
@@ -175,16 +177,16 @@ def _run(cfg: Config, run_dir: Path, deepspeed_config, resume: bool, rank: int, 
         transport.barrier()
 
     device = next(model.parameters()).device
-    progress = train_mod._Progress(cfg, start, rank)
+    progress = report.Progress(cfg, start, rank)
     totals = {"bytes_sent": 0, "bytes_received": 0, "dense_bytes": 0}
     last_res = None
     t_start = time.perf_counter()
-    with open(metrics_path, "a", encoding="utf-8") if rank == 0 else train_mod._Null() as mfile:
+    with open(metrics_path if rank == 0 else os.devnull, "a", encoding="utf-8") as mfile:
         for step in range(start, cfg.train.steps):
             engine.train()
             if own_schedule:
                 for group in optimizer.param_groups:
-                    group["lr"] = cfg.optimizer.lr * train_mod.lr_factor(cfg, step)
+                    group["lr"] = cfg.optimizer.lr * builders.lr_factor(cfg, step)
             for micro in range(step * gas, (step + 1) * gas):
                 batch = task.batch(sampler.indices(micro))
                 if device.type != "cpu" and hasattr(batch, "to"):
@@ -198,7 +200,7 @@ def _run(cfg: Config, run_dir: Path, deepspeed_config, resume: bool, rank: int, 
             for k in totals:
                 totals[k] += getattr(res, k)
             if rank == 0 and (step % cfg.logging.every == 0 or step == cfg.train.steps - 1 or res.probed):
-                mfile.write(json.dumps(train_mod._metrics_line(res, step)) + "\n")
+                mfile.write(json.dumps(report.metrics_line(res, step)) + "\n")
                 mfile.flush()
             if cfg.logging.eval_every and (step + 1) % cfg.logging.eval_every == 0 and rank == 0:
                 with torch.no_grad():
@@ -216,7 +218,7 @@ def _run(cfg: Config, run_dir: Path, deepspeed_config, resume: bool, rank: int, 
         transport.all_reduce_(counts, "sum")
     summary = None
     if rank == 0:
-        summary = train_mod._write_summary(run_dir, cfg, task, engine.module, soup, objectives, first_losses, last_res,
+        summary = report.write_summary(run_dir, cfg, task, engine.module, soup, objectives, first_losses, last_res,
                                            counts, start, elapsed)
         summary["deepspeed"] = {
             "zero_stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(),
