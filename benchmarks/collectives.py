@@ -171,8 +171,10 @@ def bench_rank(rank: int, world: int, init_method: str, args: argparse.Namespace
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
+    from dist_soup.process_group import init_process_group
+
     torch.set_num_threads(args.threads)
-    dist.init_process_group(
+    init_process_group(
         "gloo", init_method=init_method, rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=args.timeout),
     )

@@ -33,6 +33,7 @@ import torch.distributed as dist  # noqa: E402
 
 import e2e_hosts as bench  # noqa: E402
 from dist_soup import builders, config, tasks  # noqa: E402
+from dist_soup.process_group import init_process_group  # noqa: E402
 from dist_soup.sampler import ShardedSampler  # noqa: E402
 
 
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # env:// from torchrun (its agent's store); a peer that dies fails the collectives in time
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(job.get("timeout_s", 300))))
+    init_process_group("gloo", timeout=datetime.timedelta(seconds=float(job.get("timeout_s", 300))))
 
     cfg = bench.row_config(spec, steps, job["task_options"], tuple(job.get("extra_set", ())))
     torch.manual_seed(cfg.seed)

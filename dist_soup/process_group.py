@@ -20,6 +20,23 @@ def launcher_env() -> str:
     return "local"
 
 
+def init_process_group(*args, **kwargs) -> None:
+    """``torch.distributed.init_process_group(*args, **kwargs)``, such that
+    ``destroy_process_group`` really ends the group.
+
+    ``torch.distributed.nn.functional`` binds ``group.WORLD`` as a default argument when first
+    imported, and torch._dynamo imports it (torch.optim imports torch._dynamo on first use).
+    Imported after the group exists, it holds the default group for good: gloo's worker threads
+    then outlive ``destroy_process_group`` into interpreter shutdown, and one of them releasing a
+    finished work's tensors there aborts a run that succeeded ("terminate called without an
+    active exception"). Imported first, it binds None.
+    """
+    import torch.distributed as dist
+    import torch.distributed.nn  # noqa: F401  (see above)
+
+    dist.init_process_group(*args, **kwargs)
+
+
 def init_distributed(timeout_s: float | None = None) -> tuple[str | None, int, int]:
     """(transport name, rank, world size) after joining the launcher's process group.
 
@@ -33,8 +50,8 @@ def init_distributed(timeout_s: float | None = None) -> tuple[str | None, int, i
         if not dist.is_initialized():
             timeout_s = float(timeout_s or config_mod.TrainConfig.timeout_s)
             backend = "nccl" if torch.cuda.is_available() and os.environ.get("DIST_SOUP_BACKEND", "") != "gloo" else "gloo"
-            dist.init_process_group(backend=backend, store=_attempt_store(timeout_s), rank=int(os.environ["RANK"]),
-                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
+            init_process_group(backend=backend, store=_attempt_store(timeout_s), rank=int(os.environ["RANK"]),
+                               world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
         return "torch", dist.get_rank(), dist.get_world_size()
     if kind == "mpi":
         try:

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dist_soup.process_group import init_process_group
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -19,7 +21,7 @@ def free_port() -> int:
 def _entry(rank: int, world: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         fn(rank, world, *args)
     finally:

@@ -40,10 +40,11 @@ def _worker(rank: int, world: int, addr: str, port: int) -> None:
     import torch.distributed as dist
 
     from dist_soup.comm import Exchange
+    from dist_soup.process_group import init_process_group
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
+    init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+                       timeout=datetime.timedelta(seconds=30))
     try:
         x = _inputs(rank)
         exact = sum(_inputs(r) for r in range(world)) / world
