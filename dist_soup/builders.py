@@ -38,17 +38,22 @@ def lr_factor(cfg: Config, step: int) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def recipe_from_config(cfg: Config, objectives: tuple[str, ...], groups: dict, steps_per_epoch: int | None = None) -> Recipe:
+def recipe_from_config(cfg: Config, objectives: tuple[str, ...], groups: dict,
+                       steps_per_epoch: int | None = None) -> Recipe:
     """The config's recipe, told the run length (``steps_per_epoch``: the engine's) that penalty
     schedules in steps or fractions of the run need."""
-    r = cfg.recipe
-    if r.kind == "custom":
-        recipe = Recipe.from_levels(r.levels)
-    else:
-        recipe = build_recipe(r.kind, objectives, groups, solver=cfg.solver.name, solver_options=cfg.solver.options,
-                       order=r.order, eta=Schedule.from_spec(vars(r.eta)))
+    recipe = recipe_from_sections(cfg.recipe, cfg.solver, objectives, groups)
     recipe.set_run_length(steps_per_epoch=steps_per_epoch, total_steps=cfg.train.steps)
     return recipe
+
+
+def recipe_from_sections(r, solver, objectives: tuple[str, ...], groups: dict) -> Recipe:
+    """The recipe of a ``recipe:`` and a ``solver:`` section (a run config's or the DeepSpeed
+    plugin's)."""
+    if r.kind == "custom":
+        return Recipe.from_levels(r.levels)
+    return build_recipe(r.kind, objectives, groups, solver=solver.name, solver_options=solver.options,
+                        order=r.order, eta=Schedule.from_spec(vars(r.eta)))
 
 
 def objectives_of(cfg: Config, task) -> tuple[str, ...]:
@@ -56,7 +61,8 @@ def objectives_of(cfg: Config, task) -> tuple[str, ...]:
         return tuple(task.objectives)
     unknown = [k for k in cfg.task.objectives if k not in task.objectives]
     if unknown or not cfg.task.objectives:
-        raise ConfigError(f"task.objectives: {unknown or '[]'} not allowed; the task {task.name!r} has {list(task.objectives)}")
+        raise ConfigError(f"task.objectives: {unknown or '[]'} not allowed; "
+                          f"the task {task.name!r} has {list(task.objectives)}")
     return tuple(cfg.task.objectives)
 
 

@@ -8,7 +8,6 @@ Run as a script (``python tests/test_netns.py RANK WORLD ADDR PORT``) it is one 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -67,23 +66,10 @@ def _worker(rank: int, world: int, addr: str, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _netns_unavailable() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "iproute2 'ip' not found (apt-get install -y iproute2)"
-    probe = f"dsp{uuid.uuid4().hex[:8]}"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"'ip netns add' failed: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
 def test_exchange_between_two_namespace_hosts():
-    why = _netns_unavailable()
+    from .netns_cluster import netns_unavailable
+
+    why = netns_unavailable()
     if why is not None:
         print(f"skipping: {why}")
         pytest.skip(why)

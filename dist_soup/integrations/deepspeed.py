@@ -460,16 +460,11 @@ def _check_model(model, section: DeepSpeedSection, client_optimizer, bound) -> N
 
 
 def _recipe(section: DeepSpeedSection, objectives: tuple[str, ...]):
-    from ..moo.recipe import Recipe, Schedule, build_recipe
+    from ..builders import recipe_from_sections
 
-    r = section.recipe
-    if r.kind == "custom":
-        return Recipe.from_levels(r.levels)
     groups = {g: tuple(m) for g, m in (section.groups or {}).items()}
-    eta = Schedule.from_spec(vars(r.eta))
     try:
-        return build_recipe(r.kind, objectives, groups, solver=section.solver.name,
-                            solver_options=section.solver.options, order=r.order, eta=eta)
+        return recipe_from_sections(section.recipe, section.solver, objectives, groups)
     except ValueError as exc:
         raise ConfigError(f"{SECTION}.recipe: {exc}") from None
 
