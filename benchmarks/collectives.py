@@ -40,9 +40,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 NETNS_SCRIPT = ROOT / "launch" / "netns_hosts.sh"
@@ -286,7 +287,7 @@ def _bench_dist_soup(rank, args, torch, exact, work, shape, timed) -> list[Row]:
                 ex = Exchange(codec, mode, bucket_mb=args.bucket_mb, chunk_mb=chunk_mb or None, **options)
                 name = f"bench.{short}"
                 label = f"dist_soup {mode} {short}" + (f" ({chunk_mb:g} MB pieces)" if chunk_mb else " (one piece)")
-                rows.append(measure(label, ex, lambda: ex.mean(name, work)))
+                rows.append(measure(label, ex, lambda ex=ex, name=name: ex.mean(name, work)))
                 if chunk_mb:
                     # The same exchange writing the mean into the caller's buffer (out=, as the
                     # engine and the DDP hook do); refilling the buffer each call is timed too.

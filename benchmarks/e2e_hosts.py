@@ -243,7 +243,8 @@ class Hosts:
         if r.returncode != 0:
             raise SystemExit(f"netns_hosts.sh up failed (rc={r.returncode}):\n{r.stdout}{r.stderr}")
         if self.args.check_mb > 0:
-            r = subprocess.run(["bash", str(NETNS_SCRIPT), "check", "--prefix", self.prefix, "--mb", str(self.args.check_mb)],
+            r = subprocess.run(["bash", str(NETNS_SCRIPT), "check", "--prefix", self.prefix,
+                                "--mb", str(self.args.check_mb)],
                                capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
             self.link = (r.stdout.strip() or r.stderr.strip()).splitlines()[-1] if (r.stdout or r.stderr) else None
 
@@ -299,8 +300,8 @@ def run_row(spec: RowSpec, idx: int, hosts: Hosts, args: argparse.Namespace, wor
             ]
             log = rowdir / f"host{i}.log"
             with open(log, "w") as fh:
-                procs.append((subprocess.Popen(hosts.wrap(i, cmd), env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                               start_new_session=True), log))
+                procs.append((subprocess.Popen(hosts.wrap(i, cmd), env=env, cwd=ROOT, stdout=fh,
+                                               stderr=subprocess.STDOUT, start_new_session=True), log))
         # Watch every host at once: the first one to fail (or the deadline) ends the row, since
         # the others would wait in a collective for a peer that is gone.
         deadline = time.monotonic() + args.row_timeout
@@ -431,7 +432,8 @@ def format_report(rows: list[dict], setup: dict, machine: dict) -> str:
         lines.append(f"Interrupted ({setup['interrupted']}): only the rows done before it are shown.")
     lines += [
         "",
-        "| run | ms/step (median) | mean | vs DDP fp32 | vs compute | sent MB/step/rank | fewer bytes | eth0 MB/step (host 0) | n | load |",
+        "| run | ms/step (median) | mean | vs DDP fp32 | vs compute | sent MB/step/rank | fewer bytes "
+        "| eth0 MB/step (host 0) | n | load |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -475,7 +477,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="print the rows with their resolved configs and exit")
     p.add_argument("--steps", type=int, default=None, help="training steps per row (default 80; --quick 12)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="first measured step: rank 0's steps [warmup, steps) are the steady state (default 20; --quick 4)")
+                   help="first measured step: rank 0's steps [warmup, steps) are the steady state "
+                        "(default 20; --quick 4)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch/OpenMP threads per rank (default: cores // (hosts * nproc-per-node), at least 1)")
     p.add_argument("--option", type=_task_option, action="append", default=[],
@@ -483,7 +486,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[],
                    help="a config override KEY=VALUE applied to every row's config after the row's own")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny model (hidden 64, layers 2), 12 steps (4 warm-up), eager codecs, no link check")
+                   help="smoke run: tiny model (hidden 64, layers 2), 12 steps (4 warm-up), eager codecs, "
+                        "no link check")
     p.add_argument("--eager", action="store_true", help="DIST_SOUP_COMPILE=0: eager codec kernels (no torch.compile)")
     p.add_argument("--out", default=None,
                    help="results path without extension: writes OUT.json and OUT.md "
@@ -569,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     _validate_configs(args)
     machine = machine_info()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else ROOT / "runs" / "e2e_hosts" / f"{args.rate}-{args.hosts}x{args.nproc_per_node}-{stamp}"
+    out = (Path(args.out) if args.out
+           else ROOT / "runs" / "e2e_hosts" / f"{args.rate}-{args.hosts}x{args.nproc_per_node}-{stamp}")
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="e2e_hosts-"))
     hosts = Hosts(args)

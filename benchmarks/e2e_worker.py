@@ -28,10 +28,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import e2e_hosts as bench  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import e2e_hosts as bench  # noqa: E402
 from dist_soup import builders, config, tasks  # noqa: E402
 from dist_soup.process_group import init_process_group  # noqa: E402
 from dist_soup.sampler import ShardedSampler  # noqa: E402

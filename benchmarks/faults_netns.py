@@ -131,7 +131,8 @@ def worker_loss(base: Path, i: int, port: int) -> dict:
         logs = c.log(0) + c.log(1)
         s = summary(run)
         return {"fault": "worker", "run": i, "host": host, "codes": codes,
-                "cold_start_s": round(t_first - t_start, 2) if t_first else None, "ok": all(v == 0 for v in codes.values()) and s is not None,
+                "cold_start_s": round(t_first - t_start, 2) if t_first else None,
+                "ok": all(v == 0 for v in codes.values()) and s is not None,
                 "killed_step": killed_step, "steps_lost": killed_step + 1 - ckpt,
                 "resume_s": round(t_res - t_kill, 2) if t_res else None,
                 "back_to_killed_step_s": round(t_back - t_kill, 2) if t_back else None,
@@ -161,7 +162,8 @@ def host_loss(base: Path, elastic: bool, port: int) -> dict:
         return {"fault": "host-elastic" if elastic else "host-fixed", "codes": codes, "killed_step": killed_step,
                 "survivor_exit_s": round(t_end - t_kill, 2), "resume_s": round(t_res - t_kill, 2) if t_res else None,
                 "finished_world_size": s["world_size"] if s else None, "steps": s["steps"] if s else None,
-                "message": [l for l in log0.splitlines() if "communication failed" in l or "torchrun_multinode.sh:" in l][:2]}
+                "message": [l for l in log0.splitlines()
+                            if "communication failed" in l or "torchrun_multinode.sh:" in l][:2]}
 
 
 def link_failure(base: Path, port: int, timeout_s: float = 20.0) -> dict:
@@ -197,7 +199,8 @@ def link_failure(base: Path, port: int, timeout_s: float = 20.0) -> dict:
         s = summary(run)
         return {"fault": "link", "timeout_s": timeout_s, "env": link_env, "killed_step": killed_step,
                 "worker_message_s": reported, "agent_exit_s": exits,
-                "kept": kept.name if kept else None, "steps_lost": killed_step + 1 - int(kept.name.split("-")[1]) if kept else None,
+                "kept": kept.name if kept else None,
+                "steps_lost": killed_step + 1 - int(kept.name.split("-")[1]) if kept else None,
                 "resume_codes": codes, "resume_run_s": round(time.monotonic() - t_up, 2), "finished": s is not None,
                 "messages": msgs[:4]}
 
@@ -220,8 +223,8 @@ def preemption(base: Path, port: int) -> dict:
             c.start(h, cfg, run, nproc=nproc(), port=port + 1, max_restarts=0, run_id="pre2", log_dir=base / "again")
         codes2 = c.wait(400)
         s = summary(run)
-        worker_codes = [l for l in c.log(0).splitlines() if "exitcode" in l][:2]
-        return {"fault": "preempt", "exit_s": round(t_exit - t_sig, 2), "codes": codes, "checkpoint": kept.name if kept else None,
+        return {"fault": "preempt", "exit_s": round(t_exit - t_sig, 2), "codes": codes,
+                "checkpoint": kept.name if kept else None,
                 "resume_codes": codes2, "finished": s is not None, "param_sha256": s["param_sha256"] if s else None}
 
 

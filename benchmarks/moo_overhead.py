@@ -31,7 +31,8 @@ from dist_soup import SoupEngine
 class Trunk(nn.Module):
     def __init__(self, k: int) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU())
+        self.trunk = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                                   nn.Linear(1024, 512), nn.ReLU())
         self.heads = nn.ModuleList(nn.Linear(512, 10) for _ in range(k))
 
     def forward(self, x):
@@ -117,7 +118,7 @@ def bench_k(k: int, steps: int, engine_steps: int) -> dict[str, float]:
     for label, kw in SETTINGS.items():
         engine = SoupEngine(model, opt, names, "trunk", "vs", **kw)
 
-        def soup(s):
+        def soup(s, engine=engine):
             x, y = batch(k, s)
             _, ls = losses_of(model, x, y)
             engine.step(dict(zip(names, ls)))

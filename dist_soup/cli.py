@@ -24,11 +24,15 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML config file (see configs/)")
     t.add_argument("--nproc", type=int, default=None, help="number of local processes (gloo on 127.0.0.1)")
-    t.add_argument("--run-dir", default=None, help="where config, metrics, checkpoints and summary go (default runs/<config name>)")
+    t.add_argument("--run-dir", default=None,
+                   help="where config, metrics, checkpoints and summary go (default runs/<config name>)")
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir (a fresh start if there is none)")
-    t.add_argument("--deepspeed", default=None, metavar="DS_JSON", help="train through DeepSpeed (dist_soup.integrations.deepspeed) with this DeepSpeed JSON config")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.batch_size=16")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the run dir (a fresh start if there is none)")
+    t.add_argument("--deepspeed", default=None, metavar="DS_JSON",
+                   help="train through DeepSpeed (dist_soup.integrations.deepspeed) with this DeepSpeed JSON config")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.batch_size=16")
     pl = sub.add_parser("plot", help="write PNG plots of a run dir")
     pl.add_argument("run_dir")
     return p
@@ -41,7 +45,8 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, cfg, run_dir: str, resume: bool, deepspeed: str | None = None) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
     os.environ.setdefault("DIST_SOUP_BACKEND", "gloo")
     summary = _train(cfg, run_dir, resume, deepspeed)
     if summary is not None:
@@ -52,7 +57,8 @@ def print_summary(summary: dict, run_dir: str) -> None:
     rows = [("objective", "first loss", "final loss", "metric", "value")]
     for name, o in summary["objectives"].items():
         arrow = "↑" if o["higher_is_better"] else "↓"
-        rows.append((name, f"{o['first_loss']:.4f}", f"{o['final_loss']:.4f}", f"{o['metric']} {arrow}", f"{o['value']:.4f}"))
+        rows.append((name, f"{o['first_loss']:.4f}", f"{o['final_loss']:.4f}", f"{o['metric']} {arrow}",
+                     f"{o['value']:.4f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = "  ".join("-" * w for w in widths)
     out = ["", line]
@@ -63,7 +69,8 @@ def print_summary(summary: dict, run_dir: str) -> None:
     out.append(line)
     c = summary["comm"]
     ratio = f"{c['ratio']:.1f}x fewer" if c["ratio"] else "n/a"
-    out.append(f"bytes sent (all ranks): {c['bytes_sent'] / 1e6:.2f} MB vs fp32 {c['dense_bytes'] / 1e6:.2f} MB ({ratio})")
+    out.append(f"bytes sent (all ranks): {c['bytes_sent'] / 1e6:.2f} MB "
+               f"vs fp32 {c['dense_bytes'] / 1e6:.2f} MB ({ratio})")
     procs = "1 process" if summary["world_size"] == 1 else f"{summary['world_size']} processes"
     out.append(f"steps: {summary['steps']} on {procs}, {summary['steps_per_s']:.1f} steps/s, {summary['time_s']:.1f} s")
     if summary.get("delta_m") is not None:
@@ -110,7 +117,8 @@ def train_command(args) -> int:
         if args.nproc < 1:
             raise ConfigError(f"--nproc {args.nproc}: need at least 1 process")
         if launched:
-            raise ConfigError("--nproc is for local runs; under torchrun or mpirun the launcher sets the number of processes")
+            raise ConfigError("--nproc is for local runs; "
+                              "under torchrun or mpirun the launcher sets the number of processes")
     if args.nproc is None or args.nproc == 1 or launched:
         summary = _train(cfg, run_dir, args.resume, args.deepspeed)
         if summary is not None:
@@ -119,7 +127,8 @@ def train_command(args) -> int:
     import torch.multiprocessing as mp
 
     try:
-        mp.start_processes(_worker, args=(args.nproc, _free_port(), cfg, run_dir, args.resume, args.deepspeed), nprocs=args.nproc, start_method="spawn")
+        mp.start_processes(_worker, args=(args.nproc, _free_port(), cfg, run_dir, args.resume, args.deepspeed),
+                           nprocs=args.nproc, start_method="spawn")
     except mp.ProcessRaisedException as exc:
         last = str(exc).strip().splitlines()[-1]
         print(f"dist-soup: a worker failed: {last}", file=sys.stderr)

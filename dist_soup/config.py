@@ -21,9 +21,10 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -39,7 +40,7 @@ class TaskConfig:
     options: dict = field(default_factory=dict)
     #: Train on these objectives only (default: all of the task's). One objective gives a
     #: single-task baseline run.
-    objectives: Optional[list] = None
+    objectives: list | None = None
 
 
 @dataclass
@@ -49,13 +50,13 @@ class EtaConfig:
 
     start: float = 0.1
     step: float = 0.02
-    cap: Optional[float] = 1.5
+    cap: float | None = 1.5
     #: What t counts: epochs (fractional, step / steps per epoch), steps (optimizer steps done)
     #: or fraction (steps done / train.steps: 0 at the start, about 1 at the end).
     unit: Literal["epochs", "steps", "fraction"] = "epochs"
     #: null: eta grows by ``step`` per unit, linearly; N: by ``step`` every N units (stairs;
     #: a whole number with unit steps, at most 1 with unit fraction).
-    every: Optional[float] = None
+    every: float | None = None
 
 
 @dataclass
@@ -63,11 +64,11 @@ class RecipeConfig:
     #: vs (one level), vc (MOO level + penalty level), vm (ordered MOO levels), custom (levels).
     kind: Literal["vs", "vc", "vm", "custom"] = "vs"
     #: vm only: "uas" (asr, st, ssl) or "usa" (st, asr, ssl).
-    order: Optional[Literal["uas", "usa"]] = None
+    order: Literal["uas", "usa"] | None = None
     eta: EtaConfig = field(default_factory=EtaConfig)
     #: custom only: a list of {objectives: [...], solver: name, solver_options: {}, eta: {...},
     #: penalty: bool}.
-    levels: Optional[list] = None
+    levels: list | None = None
 
 
 @dataclass
@@ -80,8 +81,8 @@ class SolverConfig:
 class SelectionConfig:
     rule: Literal["threshold", "top_m", "budget", "all"] = "all"
     tau: float = 0.0
-    m: Optional[int] = None
-    budget: Optional[int] = None
+    m: int | None = None
+    budget: int | None = None
     probe_every: int = 100
 
 
@@ -274,7 +275,8 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+        raise ConfigError(f"unknown key {where}{unknown[0]}; "
+                          f"allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
     kwargs = {}
     for name in names:
         if name in data:
@@ -329,7 +331,8 @@ def _check_recipe(cfg: Config) -> None:
         if eta.every <= 0:
             raise ConfigError(f"recipe.eta.every: {eta.every!r} must be > 0 (units per stair) or null (linear)")
         if eta.unit == "steps" and eta.every != int(eta.every):
-            raise ConfigError(f"recipe.eta.every: {eta.every!r} must be a whole number of steps with recipe.eta.unit steps")
+            raise ConfigError(f"recipe.eta.every: {eta.every!r} must be a whole number of steps "
+                              "with recipe.eta.unit steps")
         if eta.unit == "fraction" and eta.every > 1:
             raise ConfigError(f"recipe.eta.every: {eta.every!r} must be in (0, 1] with recipe.eta.unit fraction "
                               "(a stair longer than the run is never climbed)")
@@ -544,11 +547,11 @@ class DeepSpeedSection:
 
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     #: Objective names in the order of the Jacobian rows; null: one objective (``loss``).
-    objectives: Optional[list] = None
+    objectives: list | None = None
     #: Dotted name of the model's shared trunk submodule; needed with several objectives.
-    shared: Optional[str] = None
+    shared: str | None = None
     #: Recipe groups for kinds vc and vm, e.g. {asr: [asr_0, asr_1], st: [st], ssl: [ssl]}.
-    groups: Optional[dict] = None
+    groups: dict | None = None
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -561,7 +564,7 @@ class DeepSpeedSection:
 
     #: Optimizer steps per epoch of the penalty schedules (eta); null: from the DeepSpeed
     #: dataloader when ``training_data`` is given, else 1 (or pass ``epoch=`` to backward).
-    steps_per_epoch: Optional[int] = None
+    steps_per_epoch: int | None = None
 
     def as_config(self) -> Config:
         """This section as a project config (its ``train`` keys in ``train``)."""
@@ -595,7 +598,9 @@ def deepspeed_section(data: Any) -> DeepSpeedSection:
         _check_codecs(sec.as_config())
     except ConfigError as exc:
         message = str(exc)
-        raise ConfigError("dist_soup." + (message[len("train."):] if message.startswith("train.") else message)) from None
+        raise ConfigError(
+            "dist_soup." + (message[len("train."):] if message.startswith("train.") else message)
+        ) from None
     if sec.steps_per_epoch is not None and sec.steps_per_epoch < 1:
         raise ConfigError(f"dist_soup.steps_per_epoch: {sec.steps_per_epoch!r} must be > 0")
     fraction = ["recipe.eta"] if sec.recipe.eta.unit == "fraction" and sec.recipe.kind in ("vc", "vm") else []

@@ -44,12 +44,15 @@ def init_distributed(timeout_s: float | None = None) -> tuple[str | None, int, i
     """
     kind = launcher_env()
     if kind == "torch":
-        import torch.distributed as dist
         from datetime import timedelta
+
+        import torch.distributed as dist
 
         if not dist.is_initialized():
             timeout_s = float(timeout_s or config_mod.TrainConfig.timeout_s)
-            backend = "nccl" if torch.cuda.is_available() and os.environ.get("DIST_SOUP_BACKEND", "") != "gloo" else "gloo"
+            backend = (
+                "nccl" if torch.cuda.is_available() and os.environ.get("DIST_SOUP_BACKEND", "") != "gloo" else "gloo"
+            )
             init_process_group(backend=backend, store=_attempt_store(timeout_s), rank=int(os.environ["RANK"]),
                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
         return "torch", dist.get_rank(), dist.get_world_size()
@@ -73,7 +76,7 @@ def device_for(kind: str | None) -> torch.device:
     return torch.device("cpu")
 
 
-PEERS: "faults.Peers | None" = None
+PEERS: faults.Peers | None = None
 
 
 GENERATION: int | None = None  # which start of the job's process group this is (1, 2, ...)
@@ -88,8 +91,9 @@ def _attempt_store(timeout_s: float):
     a lower count), so the ranks agree on a fresh generation number instead
     (:func:`dist_soup.faults.generation_store`).
     """
-    import torch.distributed as dist
     from datetime import timedelta
+
+    import torch.distributed as dist
 
     global PEERS, GENERATION
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

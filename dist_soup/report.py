@@ -13,7 +13,8 @@ from .builders import param_sha256
 from .config import Config
 
 
-def write_summary(run_dir, cfg, task, model, engine, objectives, first_losses, last_res, counts, start, elapsed) -> dict:
+def write_summary(run_dir, cfg, task, model, engine, objectives, first_losses, last_res, counts, start,
+                  elapsed) -> dict:
     """Evaluate the final model (rank 0) and write summary.json."""
     model.eval()
     with torch.no_grad():

@@ -55,8 +55,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, log=print) -> dict 
             if kind != "torch" or not faults.is_comm_error(exc):
                 raise
             broken = True
-            msg = process_group.PEERS.diagnose(exc, progress["step"], stop=lambda: preemption.requested) if process_group.PEERS else \
-                f"[dist_soup] rank {rank}: communication failed: {faults._first_line(exc)}"
+            msg = (process_group.PEERS.diagnose(exc, progress["step"], stop=lambda: preemption.requested)
+                   if process_group.PEERS
+                   else f"[dist_soup] rank {rank}: communication failed: {faults._first_line(exc)}")
             try:
                 last = checkpoint.latest(run_dir) if (Path(run_dir) / checkpoint.SUBDIR / "latest").is_file() else None
             except ValueError:
@@ -80,7 +81,8 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, rank: int) -> Pat
         try:
             old = config_mod.from_dict(yaml.safe_load(cfg_file.read_text()))
         except Exception as exc:
-            raise ConfigError(f"run dir {str(run_dir)!r} holds an unreadable config.yaml ({exc}); use another --run-dir") from None
+            raise ConfigError(f"run dir {str(run_dir)!r} holds an unreadable config.yaml ({exc}); "
+                              "use another --run-dir") from None
         same = config_mod.fingerprint(without_steps(old)) == config_mod.fingerprint(without_steps(cfg))
         if last is not None and not same:
             raise ConfigError(
@@ -106,7 +108,7 @@ def without_steps(cfg: Config) -> Config:
 
 
 def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, log,
-         preemption: "faults.Preemption | None" = None, progress_at: dict | None = None) -> dict | None:
+         preemption: faults.Preemption | None = None, progress_at: dict | None = None) -> dict | None:
     progress_at = {} if progress_at is None else progress_at
     torch.manual_seed(cfg.seed)
     task = tasks.build(cfg.task.name, **cfg.task.options)
@@ -138,7 +140,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
         if shared.get("world_size") == world:
             shared, mine = checkpoint.load_checkpoint(restore, rank)
         else:  # resize: fold the old ranks' residues (dist_soup.resize)
-            shared, mine, old_world = resize.load_resized(restore, rank, world, mode=cfg.compression.mode, seed=cfg.seed)
+            shared, mine, old_world = resize.load_resized(restore, rank, world, mode=cfg.compression.mode,
+                                                          seed=cfg.seed)
             if rank == 0:
                 log(f"[dist_soup] resizing: checkpoint of {old_world} ranks resumed on {world} "
                     "(each rank holds the mean of the old ranks' residues)")
@@ -237,7 +240,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
                     ev = task.evaluate(model)
                 mfile.write(json.dumps({"step": step, "eval": ev}) + "\n")
             progress.update(step, res)
-            if (stop or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)) and step + 1 < cfg.train.steps:
+            if ((stop or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0))
+                    and step + 1 < cfg.train.steps):
                 # a checkpoint covers the log lines of the steps it holds
                 stop = write_lines(control.flush()) or stop
             if stop and step + 1 < cfg.train.steps:
@@ -257,7 +261,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
         transport.all_reduce_(counts, "sum")
     summary = None
     if rank == 0:
-        summary = report.write_summary(run_dir, cfg, task, model, engine, objectives, first_losses, last_res, counts, start, elapsed)
+        summary = report.write_summary(run_dir, cfg, task, model, engine, objectives, first_losses, last_res, counts,
+                                       start, elapsed)
     # Nobody tears the group down while rank 0 still evaluates: leaving together avoids
     # a gloo peer vanishing under in-flight work.
     transport.barrier()

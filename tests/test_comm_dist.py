@@ -7,7 +7,6 @@ through ``tests.dist_utils.run_ranks``. The gloo timeout is short so a hang woul
 from __future__ import annotations
 
 import io
-import os
 import time
 import warnings
 
@@ -160,7 +159,8 @@ def _worker_bucketing_state(rank: int, P: int) -> None:
     everyone = [dict() for _ in range(P)]
     for r in range(P):
         gr = torch.Generator().manual_seed(r)
-        everyone[r] = {n: torch.randint(-64, 64, p.shape, generator=gr).float() / 8 for n, p in model.named_parameters()}
+        everyone[r] = {n: torch.randint(-64, 64, p.shape, generator=gr).float() / 8
+                       for n, p in model.named_parameters()}
     exact = {n: sum(e[n] for e in everyone) / P for n in grads}
     assert len(grads) == 10
     for mode in MODES:
@@ -381,12 +381,13 @@ def _worker_mismatch(rank: int, P: int) -> None:
         (lambda: Exchange("fp16", chunk_mb=None if rank else 0.001), x, "chunk_mb"),
         (lambda: Exchange("identity"), {"a": x["a"], ("b" if rank == 0 else "B"): x["b"]}, "tensor #1 name"),
         (lambda: Exchange("identity"), {"a": torch.ones(10 + rank), "b": x["b"]}, "tensor #0 shape/dtype"),
-        (lambda: Exchange("identity"), {"a": x["a"], "b": x["b"].double() if rank else x["b"]}, "tensor #1 shape/dtype"),
+        (lambda: Exchange("identity"), {"a": x["a"], "b": x["b"].double() if rank else x["b"]},
+         "tensor #1 shape/dtype"),
         (lambda: Exchange("identity", "two_phase"), x if rank == 0 else {"a": x["a"]}, "number of tensors"),
     ]
     for make, tensors, label in cases:
         ex = make()
-        _expect_everywhere(lambda: ex.mean_many(tensors), "differs across ranks", label)
+        _expect_everywhere(lambda ex=ex, tensors=tensors: ex.mean_many(tensors), "differs across ranks", label)
     # an input error on one rank stops every rank before anything is encoded
     ex = Exchange("fp16", error_feedback=True)
     ex.mean("a", x["a"])
@@ -432,7 +433,7 @@ def _worker_corrupt(rank: int, P: int) -> None:
     # allgather: everyone decodes rank 1's damaged payload and names rank 1
     for offset, what in ((0, "magic"), (16, "")):  # the magic, then the first shape word
         ex = Exchange("identity", "allgather", transport=CorruptingTransport(1, offset))
-        msg = _expect_everywhere(lambda: ex.mean_many(x), "from rank 1", "'a'", what)
+        msg = _expect_everywhere(lambda ex=ex: ex.mean_many(x), "from rank 1", "'a'", what)
         assert "failed to decode" in msg
     with pytest.raises(DecodeError) as info:
         Exchange("fp16", "allgather", transport=CorruptingTransport(0, 0)).mean_many(x)

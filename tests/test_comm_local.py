@@ -9,8 +9,7 @@ import torch
 
 from dist_soup.comm import Exchange, LocalTransport, make_transport
 from dist_soup.comm.agreement import exchange_settings, stream_id, word
-from dist_soup.comm.buckets import plan
-from dist_soup.comm.buckets import chunk_bounds
+from dist_soup.comm.buckets import chunk_bounds, plan
 
 MODES = ("allgather", "allreduce", "two_phase")
 
@@ -36,7 +35,8 @@ def test_group_of_one_encodes_and_counts_no_bytes(mode):
     st = ex.stats
     assert (st.bytes_sent, st.bytes_received, st.overhead_bytes) == (0, 0, 0)
     assert st.dense_bytes == 4 * sum(t.numel() for t in x.values()) and st.calls == 1
-    assert set(st.as_dict()) >= {"bytes_sent", "bytes_received", "dense_bytes", "encode_s", "comm_s", "decode_s", "calls"}
+    assert set(st.as_dict()) >= {"bytes_sent", "bytes_received", "dense_bytes", "encode_s", "comm_s", "decode_s",
+                                 "calls"}
 
 
 def test_identity_is_exact_and_single_tensor_call():

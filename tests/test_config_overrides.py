@@ -75,7 +75,8 @@ def test_another_codec_without_options_gets_its_own_defaults():
     assert C.from_dict({}).compression.update.options == {"bits": 4}
     # error_feedback is an option of every codec (build wraps the stream); a linear one stays linear.
     cfg = C.from_dict({"compression": {"mode": "allreduce",
-                                       "update": {"name": "randomk", "options": {"ratio": 0.1, "error_feedback": True}}}})
+                                       "update": {"name": "randomk",
+                                                  "options": {"ratio": 0.1, "error_feedback": True}}}})
     assert cfg.compression.update.options == {"ratio": 0.1, "error_feedback": True}
 
 

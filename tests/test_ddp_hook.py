@@ -133,7 +133,7 @@ def _compressed_converges(rank: int, world: int) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         first = _step(model, opt, x, y)
         for _ in range(steps - 1):
-            last = _step(model, opt, x, y)
+            _ = _step(model, opt, x, y)
         models[key] = model
         # Mean loss over the ranks' data, with the final parameters.
         with torch.no_grad():

@@ -64,7 +64,8 @@ def _init(net, cfg, **kw):
 
 
 def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max((p.detach().float() - q.detach().float()).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+    return max((p.detach().float() - q.detach().float()).abs().max().item()
+               for p, q in zip(a.parameters(), b.parameters()))
 
 
 def _pair(rank: int, cfg: dict, section: dict, steps: int, dtype=torch.float32) -> dict:
@@ -97,7 +98,8 @@ def _pair(rank: int, cfg: dict, section: dict, steps: int, dtype=torch.float32) 
 # --- the checks of the shared group -------------------------------------------------------------
 def check_identity(rank, world):
     cfg = {**BASE, "gradient_clipping": 0.05, "zero_optimization": {"stage": 0},
-           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 4}}}
+           "scheduler": {"type": "WarmupLR",
+                         "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 4}}}
     return _pair(rank, cfg, {"compression": {"update": {"name": "identity"}}}, steps=5)
 
 
@@ -126,7 +128,8 @@ def check_qsgd(rank, world):
     st = ds_soup.stats(engine)
     same = _same_everywhere(net)
     engine.destroy()
-    return {"losses": losses, "ratio": st["ratio"], "update_ratio": st["update"]["dense_bytes"] / st["update"]["bytes_sent"],
+    return {"losses": losses, "ratio": st["ratio"],
+            "update_ratio": st["update"]["dense_bytes"] / st["update"]["bytes_sent"],
             "same": same}
 
 
@@ -135,7 +138,8 @@ def check_skip(rank, world):
     scheduler does not move; the next step trains again."""
     net = _net()
     cfg = {**BASE, "gradient_clipping": 1.0,
-           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.001, "warmup_max_lr": 0.01, "warmup_num_steps": 4}}}
+           "scheduler": {"type": "WarmupLR",
+                         "params": {"warmup_min_lr": 0.001, "warmup_max_lr": 0.01, "warmup_num_steps": 4}}}
     engine, *_ = _init(net, {**cfg, "dist_soup": {"compression": {"update": {"name": "qsgd"}}}})
     engine.backward(_loss(engine, rank, 0))
     engine.step()
@@ -212,7 +216,8 @@ def check_multi_accumulation(rank, world):
     names = list(task.objectives)
     model = task.build_model(0)
     section = {**SOUP, "objectives": names, "groups": {g: list(k) for g, k in task.groups.items()}}
-    engine, *_ = _init(model, {**BASE, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0, "dist_soup": section})
+    engine, *_ = _init(model, {**BASE, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+                               "dist_soup": section})
     first = None
     for micro in range(8):
         losses = task.losses(engine, task.batch(torch.arange(8) + 8 * micro + 64 * rank))
@@ -257,7 +262,8 @@ def check_bad_inputs(rank, world):
         attempt(name, {**BASE, **extra}, expect)
     # sections that differ between the ranks
     codec = "identity" if rank == 1 else "qsgd"
-    attempt("ranks_differ", {**BASE, "dist_soup": {"compression": {"update": {"name": codec, "options": {}}}}}, "differ")
+    attempt("ranks_differ", {**BASE, "dist_soup": {"compression": {"update": {"name": codec, "options": {}}}}},
+            "differ")
     # a bad key on rank 1 only: rank 0 must not go on into DeepSpeed and hang there
     section = {"solve_evry": 2} if rank == 1 else {}
     attempt("one_rank_bad", {**BASE, "dist_soup": section}, "solve_evry")
@@ -355,7 +361,8 @@ def test_bad_input_clear_error_on_every_rank(checks, name):
 
 # --- save, kill, load ---------------------------------------------------------------------------
 RESUME_CFG = {**BASE, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
-              "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 5}},
+              "scheduler": {"type": "WarmupLR",
+                            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 5}},
               "dist_soup": {"compression": {"update": {"name": "qsgd", "options": {"bits": 2}}}}}
 
 

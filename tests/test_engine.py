@@ -8,11 +8,8 @@ import torch
 from torch import nn
 
 from dist_soup import SoupEngine
-
-from dist_soup.moo.recipe import build_recipe
 from dist_soup.moo import solvers
 
-from dist_soup.compress import build as build_codec
 from .dist_utils import run_ranks
 
 OBJ = ("a", "b", "c")
@@ -46,8 +43,8 @@ def make(seed=0, **kw):
     torch.manual_seed(seed)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    opts = dict(jacobian_compressor="identity", update_compressor="identity", gram="plain", probe_every=4, solve_every=1,
-                selection={"rule": "threshold", "tau": 0.0})
+    opts = dict(jacobian_compressor="identity", update_compressor="identity", gram="plain", probe_every=4,
+                solve_every=1, selection={"rule": "threshold", "tau": 0.0})
     opts.update(kw)
     return model, SoupEngine(model, opt, OBJ, "trunk", "vs", solver="mgda", **opts)
 
@@ -71,7 +68,7 @@ def test_solve_cadence_reuses_weights_between_solves():
     model, engine = make(solve_every=3, probe_every=5)
     x, y = data()
     seen = []
-    for step in range(8):
+    for _step in range(8):
         res = engine.step(losses_of(model, x, y))
         seen.append((res.solved, res.probed, tuple(res.weights.values())))
     assert [s for s, _, _ in seen] == [True, False, False, True, False, True, True, False]
@@ -115,9 +112,11 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="scalar"):
         engine.step({**losses, "a": torch.ones(3, requires_grad=True)})
     with pytest.raises(ValueError, match="owns no trainable parameters"):
-        SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), OBJ, nn.Sequential(), jacobian_compressor="identity", update_compressor="identity")
+        SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), OBJ, nn.Sequential(),
+                   jacobian_compressor="identity", update_compressor="identity")
     with pytest.raises(ValueError, match="no submodule"):
-        SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), OBJ, "trunkk", jacobian_compressor="identity", update_compressor="identity")
+        SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), OBJ, "trunkk",
+                   jacobian_compressor="identity", update_compressor="identity")
     with pytest.raises(ValueError, match="duplicate"):
         SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), ("a", "a"), "trunk")
 

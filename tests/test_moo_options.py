@@ -5,8 +5,8 @@ import io
 import pytest
 import torch
 
-from dist_soup import config as C
 from dist_soup import builders
+from dist_soup import config as C
 from dist_soup.moo.recipe import Recipe, Schedule, build_recipe
 from dist_soup.moo.solvers import build
 
@@ -117,7 +117,8 @@ def test_config_schedule_reaches_the_recipe_through_train():
     assert r.etas(299 / 13)[1] == 1.0
     frac = C.from_dict({"recipe": {"kind": "vc", "eta": {"start": 0.0, "step": 1.0, "cap": None, "unit": "fraction"}},
                         "solver": {"name": "ew"}, "train": {"steps": 80}})
-    assert builders.recipe_from_config(frac, NAMES, GROUPS, steps_per_epoch=8).etas(20 / 8) == [1.0, pytest.approx(0.25)]
+    assert builders.recipe_from_config(frac, NAMES, GROUPS, steps_per_epoch=8).etas(20 / 8) == [
+        1.0, pytest.approx(0.25)]
     # An epoch schedule (the default) needs no run length and keeps its meaning.
     old = C.from_dict({"recipe": {"kind": "vm", "eta": {"start": 0.1, "step": 0.02, "cap": 1.5}}})
     assert (old.recipe.eta.unit, old.recipe.eta.every) == ("epochs", None)
@@ -160,7 +161,8 @@ def test_deepspeed_section_refuses_fraction():
         C.deepspeed_section({"recipe": {"kind": "vm", "eta": {"unit": "fraction"}}})
     with pytest.raises(C.ConfigError, match=r"dist_soup.recipe.levels\[1\].eta.unit: 'fraction'"):
         C.deepspeed_section({"recipe": {"kind": "custom", "levels": [
-            {"objectives": ["a"], "solver": "ew"}, {"objectives": ["b"], "solver": "ew", "eta": {"unit": "fraction"}}]}})
+            {"objectives": ["a"], "solver": "ew"},
+            {"objectives": ["b"], "solver": "ew", "eta": {"unit": "fraction"}}]}})
     assert C.deepspeed_section({"recipe": {"kind": "vm", "eta": {"unit": "steps"}}}).recipe.eta.unit == "steps"
 
 

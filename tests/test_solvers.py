@@ -356,7 +356,7 @@ def test_famo_learns_to_favour_the_slow_objective():
     s = build("famo", w_lr=0.1)
     losses = torch.tensor([1.0, 1.0], dtype=torch.float64)
     for _ in range(50):
-        w = s.weights(None, losses)
+        _ = s.weights(None, losses)
         losses = losses * torch.tensor([0.9, 0.99], dtype=torch.float64)  # objective 0 improves faster
     # Logits move towards the slow objective 1.
     assert s.logits()[1] > s.logits()[0]
@@ -364,7 +364,8 @@ def test_famo_learns_to_favour_the_slow_objective():
 
 def test_dwa_formula():
     s = build("dwa", T=2.0)
-    seq = [torch.tensor(v, dtype=torch.float64) for v in ([1.0, 2.0, 3.0], [0.5, 2.0, 2.0], [0.4, 1.0, 2.0], [0.1, 1.0, 1.0])]
+    seq = [torch.tensor(v, dtype=torch.float64)
+           for v in ([1.0, 2.0, 3.0], [0.5, 2.0, 2.0], [0.4, 1.0, 2.0], [0.1, 1.0, 1.0])]
     torch.testing.assert_close(s.weights(None, seq[0]), torch.ones(3))
     torch.testing.assert_close(s.weights(None, seq[1]), torch.ones(3))
     for t in (2, 3):

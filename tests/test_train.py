@@ -22,7 +22,8 @@ SMALL = {
     "recipe": {"kind": "vs"},
     "solver": {"name": "mgda"},
     "selection": {"rule": "threshold", "probe_every": 5},
-    "compression": {"jacobian": {"name": "qsgd", "options": {"bits": 4}}, "update": {"name": "qsgd", "options": {"bits": 4}}},
+    "compression": {"jacobian": {"name": "qsgd", "options": {"bits": 4}},
+                    "update": {"name": "qsgd", "options": {"bits": 4}}},
     "optimizer": {"name": "adam", "lr": 0.01},
     "train": {"steps": 40, "batch_size": 16, "solve_every": 2},
     "checkpoint": {"every": 5, "keep": 2},
@@ -155,7 +156,8 @@ def test_killed_rank_restarts_from_the_last_checkpoint(tmp_path):
             steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()] if metrics.exists() else []
             if steps and steps[-1] >= 12:
                 # SIGKILL one worker (a child of torchrun running our run dir), as a crash would
-                ps = subprocess.run(["pgrep", "-f", "--", f"--run-dir {run}"], capture_output=True, text=True).stdout.split()
+                ps = subprocess.run(["pgrep", "-f", "--", f"--run-dir {run}"],
+                                    capture_output=True, text=True).stdout.split()
                 workers = [int(p) for p in ps if int(p) != proc.pid]
                 assert workers, "no worker process found"
                 killed = max(workers)

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, tasks
+from .. import builders, checkpoint, process_group, report, tasks
 from .. import config as config_mod
-from .. import builders, process_group, report
-from ..sampler import ShardedSampler
 from .. import train as train_mod
 from ..config import Config, ConfigError
+from ..sampler import ShardedSampler
 from . import deepspeed as ds_soup
 
 CHECKPOINT_DIR = "deepspeed"

@@ -17,7 +17,7 @@ true Gram ``E[J] E[J]^T``:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

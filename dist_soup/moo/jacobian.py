@@ -12,7 +12,7 @@ back to one ``autograd.grad`` per objective and remembers it (module state, see
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

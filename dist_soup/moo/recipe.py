@@ -25,8 +25,9 @@ engine's) and ``total_steps`` (``train.steps``), and ``dist_soup.train`` calls i
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -138,7 +139,7 @@ class Schedule:
         return v if self.cap is None else min(self.cap, v)
 
     @classmethod
-    def from_spec(cls, spec: Any) -> "Schedule":
+    def from_spec(cls, spec: Any) -> Schedule:
         """A Schedule from a number (constant), a mapping (start, step, cap, unit, every) or a
         Schedule."""
         if isinstance(spec, Schedule):
@@ -307,7 +308,8 @@ class Recipe:
             info["etas"].append(eta)
             info["lambdas"].append(lam)
             info["levels"].append(
-                {"objectives": level.objectives, "solver": level.solver, "eta": eta, "lambda": lam, "penalty": level.penalty}
+                {"objectives": level.objectives, "solver": level.solver, "eta": eta, "lambda": lam,
+                 "penalty": level.penalty}
             )
         return w.to(dtype=torch.float32, device=losses.device), info
 
@@ -321,7 +323,7 @@ class Recipe:
             s.load_state_dict(st)
 
     @classmethod
-    def from_levels(cls, spec: Sequence[Mapping[str, Any]]) -> "Recipe":
+    def from_levels(cls, spec: Sequence[Mapping[str, Any]]) -> Recipe:
         """A recipe from a user list: each item has ``objectives`` and ``solver`` and optionally
         ``solver_options`` (mapping), ``eta`` (number or {start, step, cap, unit, every}, see
         :class:`Schedule`), ``penalty`` (bool)."""

@@ -32,7 +32,10 @@ from .pcgrad import PCGrad
 from .scalar import EW
 from .upgrad import UPGrad
 
-__all__ = ["Solver", "build", "names", "option_names", "EW", "MGDA", "MoDo", "CAGrad", "PCGrad", "UPGrad", "NashMTL", "FAMO", "DWA"]
+__all__ = [
+    "Solver", "build", "names", "option_names",
+    "EW", "MGDA", "MoDo", "CAGrad", "PCGrad", "UPGrad", "NashMTL", "FAMO", "DWA",
+]
 
 _REGISTRY: dict[str, type[Solver]] = {
     cls.name: cls for cls in (EW, MGDA, MoDo, CAGrad, PCGrad, UPGrad, NashMTL, FAMO, DWA)

@@ -1,7 +1,8 @@
 """Loss-based weightings that need no Jacobian: FAMO and DWA."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
