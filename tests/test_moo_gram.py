@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dist_soup.moo.gram import check_finite, cross_gram, local_grams, plain_gram, psd_clip
+from dist_soup.moo.gram import check_finite, cross_gram, local_grams, psd_clip
 
 
 def test_local_grams_per_tensor_and_additive():
@@ -46,8 +46,8 @@ def test_cross_gram_is_unbiased_and_plain_is_biased_on_the_diagonal():
     est = cross.mean(0)
     se = cross.std(0) / trials**0.5
     assert torch.all((est - true_g).abs() < 5 * se + 1e-9), (est, true_g, se)
-    # Plain: the diagonal carries n * sigma^2 / P of noise on average.
-    plain = plain_gram(mean_grams).mean(0)
+    # Plain (the Gram of the averaged rows): the diagonal carries n * sigma^2 / P of noise on average.
+    plain = mean_grams.mean(0)
     bias = torch.diagonal(plain - true_g)
     expected = n * sigma**2 / p
     assert torch.allclose(bias, torch.full_like(bias, expected), rtol=0.1)

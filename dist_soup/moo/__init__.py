@@ -6,7 +6,7 @@ Submodules: ``jacobian`` (``jacobian.jacobian``), ``gram``, ``selection``, ``sol
 ``dist_soup.moo.jacobian`` stays the module.
 """
 from . import gram, jacobian, recipe, selection, solvers
-from .gram import check_finite, cross_gram, local_grams, plain_gram, psd_clip
+from .gram import check_finite, cross_gram, local_grams, psd_clip
 from .recipe import Level, Recipe, Schedule, build_recipe
 from .selection import conflict_scores, select
 
@@ -17,7 +17,6 @@ __all__ = [
     "selection",
     "solvers",
     "local_grams",
-    "plain_gram",
     "cross_gram",
     "psd_clip",
     "check_finite",

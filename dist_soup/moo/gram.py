@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["local_grams", "plain_gram", "cross_gram", "psd_clip", "check_finite"]
+__all__ = ["local_grams", "cross_gram", "psd_clip", "check_finite"]
 
 
 def _check_square(g: Tensor, what: str) -> None:
@@ -57,12 +57,6 @@ def local_grams(rows: Sequence[Tensor], *, dtype: torch.dtype | None = None) -> 
         flat = r.reshape(k, -1).to(work)
         out.append((flat @ flat.T).to(torch.float64))
     return torch.stack(out)
-
-
-def plain_gram(jbar_grams: Tensor) -> Tensor:
-    """The plain estimate: the Gram of the averaged rows, ``Jbar Jbar^T`` (returned as given)."""
-    _check_square(jbar_grams, "jbar_grams")
-    return jbar_grams
 
 
 def cross_gram(mean_grams: Tensor, sum_local_grams: Tensor, world_size: int) -> Tensor:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import solvers as solver_registry
-from .gram import check_finite, psd_clip
+from .gram import check_finite
 
 __all__ = ["Schedule", "Level", "Recipe", "build_recipe", "RECIPE_KINDS", "VM_ORDERS", "DEFAULT_RAMP", "SCHEDULE_UNITS"]
 
@@ -272,7 +272,7 @@ class Recipe:
         or fractions of the run read it with :meth:`set_run_length`'s numbers.
 
         ``gram`` is (K, K) in the order of ``names`` (None is allowed when no level needs it);
-        each level sees its sub-Gram, PSD-clipped first when its solver needs PSD. Returns the
+        each level's solver sees its sub-Gram (projected onto the PSD cone when it needs PSD). Returns the
         float32 weights (K,) and ``info`` with ``etas`` (list of floats), ``lambdas`` (list of
         per-level float32 tensors, in level objective order) and ``levels`` (per level dict:
         objectives, solver, eta, lambda, penalty).
@@ -299,9 +299,8 @@ class Recipe:
             sub_l = losses.detach().cpu()[idx]
             sub_g = None
             if gram is not None and solver.needs_gram:
+                # the solver projects it onto the PSD cone when it needs PSD
                 sub_g = gram.detach().cpu().to(torch.float64)[idx][:, idx]
-                if solver.needs_psd:
-                    sub_g = psd_clip(sub_g)
             lam = solver.weights(sub_g, sub_l)
             eta = self._eta(level, epoch)
             w[idx] += eta * lam.to(torch.float64)

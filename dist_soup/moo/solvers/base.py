@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..gram import psd_clip
+
 __all__ = ["Solver", "check_positive", "check_nonnegative"]
 
 
@@ -30,13 +32,11 @@ def check_nonnegative(name: str, value: Any, solver: str) -> float:
 
 
 def _psd(gram: np.ndarray) -> np.ndarray:
-    """The Gram itself when PSD, else its eigenvalues clipped at 0 (an indefinite estimate,
+    """The Gram itself when PSD, else its projection onto the PSD cone (an indefinite estimate,
     e.g. the cross-worker Gram, would make a convex QP non-convex)."""
-    evals, evecs = np.linalg.eigh(gram)
-    if evals[0] >= 0.0:
+    if np.linalg.eigvalsh(gram)[0] >= 0.0:
         return gram
-    clipped = (evecs * np.clip(evals, 0.0, None)) @ evecs.T
-    return 0.5 * (clipped + clipped.T)
+    return psd_clip(torch.from_numpy(gram)).numpy()
 
 
 class Solver(ABC):
