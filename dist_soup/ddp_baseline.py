@@ -115,7 +115,8 @@ class DDPBaseline:
         if self._counter:
             self._counter.active = True
         try:
-            sum(losses[k] for k in self.objectives).backward()
+            total: torch.Tensor = sum(losses[k] for k in self.objectives)  # type: ignore[assignment]
+            total.backward()
         finally:
             if self._counter:
                 self._counter.active = False

@@ -108,7 +108,7 @@ class Progress:
             self.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
 
     def update(self, step: int, res) -> None:
-        if self.mode == "bar":
+        if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix({k[:8]: f"{v:.3f}" for k, v in list(res.losses.items())[:4]})
         elif self.mode == "plain" and (step % self.cfg.logging.every == 0 or step == self.cfg.train.steps - 1):

@@ -19,7 +19,8 @@ class ShardedSampler:
                 f"task's {size} training examples; use a smaller batch_size"
             )
         self.size, self.batch_size, self.rank, self.world_size, self.seed = size, batch_size, rank, world_size, seed
-        self._epoch, self._perm = -1, None
+        self._epoch = -1
+        self._perm: torch.Tensor | None = None
 
     def indices(self, step: int) -> torch.Tensor:
         epoch, pos = divmod(step, self.steps_per_epoch)
@@ -28,4 +29,5 @@ class ShardedSampler:
             perm = torch.randperm(self.size, generator=gen)
             self._perm = perm[self.rank : self.world_size * (self.size // self.world_size) : self.world_size]
             self._epoch = epoch
+        assert self._perm is not None
         return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]

@@ -120,8 +120,9 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     optimizer = build_optimizer(cfg, model)
     sampler = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
     if cfg.train.engine == "ddp":  # the torch DDP baseline on the same task, data and optimizer
-        engine = DDPBaseline(model, optimizer, objectives, cfg.ddp, nonfinite=cfg.train.nonfinite, seed=cfg.seed,
-                             find_unused_parameters=len(objectives) < len(task.objectives))
+        engine: DDPBaseline | SoupEngine = DDPBaseline(
+            model, optimizer, objectives, cfg.ddp, nonfinite=cfg.train.nonfinite, seed=cfg.seed,
+            find_unused_parameters=len(objectives) < len(task.objectives))
     else:
         engine = SoupEngine(model, optimizer, objectives, task.shared,
                             recipe_from_config(cfg, objectives, groups, sampler.steps_per_epoch),

@@ -126,7 +126,8 @@ def compressed_mean_hook(state: DDPCommState, bucket: dist.GradBucket) -> torch.
                 torch.cuda.current_stream(buffer.device).wait_event(ready)
             fut.set_result(_average_into(state, name, buffer))
         except BaseException as exc:  # DDP's wait() re-raises it on the training thread
-            fut.set_exception(exc)
+            # torch's stub types the argument as the result type (Tensor)
+            fut.set_exception(exc)  # type: ignore[arg-type]
 
     state.executor().submit(work)
     return fut

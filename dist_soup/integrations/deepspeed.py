@@ -71,7 +71,7 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +264,14 @@ class _SoupEngineMixin:
 
     soup: SoupEngine
     soup_result: StepResult | None
+    # What the mixin uses of the DeepSpeed engine it is put in front of (annotations only).
+    optimizer: Any
+    inside_no_sync_ctxt: bool
+    engine_timers: Any
+    gradient_accumulation_steps: Callable[[], int]
+    is_gradient_accumulation_boundary: Callable[[], bool]
+    _start_timers: Callable[[Any], None]
+    _stop_timers: Callable[[Any], None]
 
     def forward(self, *inputs, **kwargs):
         """The module's forward under DeepSpeed's autocast context (when configured), without
@@ -548,7 +556,7 @@ def stats(engine) -> dict:
     (exchanging backwards: one per optimizer step) and ``skipped_steps``."""
     soup = _soup_of(engine)
     u, j = soup.u_exchange.stats.as_dict(), soup.j_exchange.stats.as_dict()
-    total = {k: u[k] + j[k] for k in u}
+    total: dict[str, Any] = {k: u[k] + j[k] for k in u}
     total["ratio"] = total["dense_bytes"] / total["bytes_sent"] if total["bytes_sent"] else None
     total.update(update=u, jacobian=j, exchanges=soup.step_count, skipped_steps=soup.skipped_steps)
     return total

@@ -128,7 +128,10 @@ class Schedule:
         steps = e * steps_per_epoch
         r = round(steps)
         steps = float(r) if abs(steps - r) <= _SNAP * max(1.0, steps) else steps
-        return steps if self.unit == "steps" else steps / total_steps
+        if self.unit == "steps":
+            return steps
+        assert total_steps is not None  # checked above
+        return steps / total_steps
 
     def value(self, epoch: float, *, steps_per_epoch: int | None = None, total_steps: int | None = None) -> float:
         """``eta`` at the engine's fractional ``epoch`` (run length as in :meth:`position`)."""
