@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -77,12 +76,6 @@ class Row:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _matrix_shape(n: int) -> tuple[int, int]:
     """rows x cols == n with rows the largest divisor <= sqrt(n): PowerSGD compresses matrices."""
     for rows in range(int(math.isqrt(n)), 0, -1):
@@ -369,8 +362,10 @@ def _spawned(rank: int, world: int, init_method: str, args: argparse.Namespace) 
 def run_spawn(args: argparse.Namespace) -> None:
     import torch.multiprocessing as mp
 
+    from dist_soup.process_group import free_port
+
     for world in args.ranks:
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         mp.spawn(_spawned, args=(world, init, args), nprocs=world, join=True)
 
 

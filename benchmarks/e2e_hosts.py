@@ -255,12 +255,6 @@ class Hosts:
         self.is_up = False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tail(path: Path, n: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-n:]
@@ -272,7 +266,9 @@ def run_row(spec: RowSpec, idx: int, hosts: Hosts, args: argparse.Namespace, wor
     """One torchrun job per host for ``spec``; the per-rank results the workers wrote."""
     rowdir = workdir / spec.name
     rowdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port() if hosts.loopback else args.port + idx
+    from dist_soup.process_group import free_port
+
+    port = free_port() if hosts.loopback else args.port + idx
     payload = {
         "row": asdict(spec), "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
         "task_options": args.task_options, "out_dir": str(rowdir), "extra_set": list(args.set),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -36,12 +35,6 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="write PNG plots of a run dir")
     pl.add_argument("run_dir")
     return p
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, cfg, run_dir: str, resume: bool, deepspeed: str | None = None) -> None:
@@ -126,8 +119,10 @@ def train_command(args) -> int:
         return 0
     import torch.multiprocessing as mp
 
+    from .process_group import free_port
+
     try:
-        mp.start_processes(_worker, args=(args.nproc, _free_port(), cfg, run_dir, args.resume, args.deepspeed),
+        mp.start_processes(_worker, args=(args.nproc, free_port(), cfg, run_dir, args.resume, args.deepspeed),
                            nprocs=args.nproc, start_method="spawn")
     except mp.ProcessRaisedException as exc:
         last = str(exc).strip().splitlines()[-1]

@@ -35,6 +35,7 @@ from .moo import gram as grams
 from .moo import selection
 from .moo.jacobian import jacobian
 from .moo.recipe import Recipe, build_recipe
+from .moo.selection import RULES as SELECTION_RULES
 
 COORDINATOR = 0
 
@@ -108,9 +109,9 @@ class SoupEngine:
             ``groups``, ``solver``, ``solver_options``, ``order`` and ``eta``.
         gram: "cross" (unbiased cross-worker estimate), "plain" (Jbar Jbar^T) or "auto"
             (cross when P > 1).
-        selection: dict of ``rule``, ``tau``, ``m``, ``budget`` for
-            :func:`dist_soup.moo.selection.select`; ``probe_every`` steps between probes.
-            Default ``{"rule": "all"}``: every shared tensor, no probes. The Objective Soups
+        selection: dict of ``rule`` (required), ``tau``, ``m``, ``budget`` for
+            :func:`dist_soup.moo.selection.select`; None: rule ``all`` (every candidate, no
+            probe). ``probe_every`` steps between probes. The Objective Soups
             rule is ``{"rule": "threshold", "tau": 0.0}`` (the quickstart uses it): cheaper
             solves, at some cost in quality on our benchmark (README, "Engine overhead").
         solve_every: recompute the weighting every this many steps.
@@ -196,8 +197,11 @@ class SoupEngine:
         # the epoch this engine's callers pass is step / steps_per_epoch: schedules in steps read it back
         recipe.set_run_length(steps_per_epoch=steps_per_epoch)
         self.recipe = recipe
-        self.selection = dict(selection or {"rule": "all"})
-        self.selection.setdefault("rule", "threshold")
+        # One default (every candidate); a selection given must say its rule.
+        self.selection = dict(selection) if selection is not None else {"rule": "all"}
+        if self.selection.get("rule") not in SELECTION_RULES:
+            raise ValueError(f"selection: 'rule' must be one of {', '.join(SELECTION_RULES)}; "
+                             f"got {self.selection.get('rule')!r}")
         self.probe_every = int(probe_every)
         self.solve_every = int(solve_every)
         self.reuse_jacobian = reuse_jacobian

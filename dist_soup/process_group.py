@@ -4,6 +4,7 @@ rendezvous store keyed by the attempt, so a restarted worker never reads a dead 
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
@@ -18,6 +19,13 @@ def launcher_env() -> str:
     if any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
         return "mpi"
     return "local"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a rendezvous on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_process_group(*args, **kwargs) -> None:

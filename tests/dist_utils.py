@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_soup.process_group import init_process_group
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dist_soup.process_group import free_port, init_process_group
 
 
 def _entry(rank: int, world: int, port: int, fn, args) -> None:

@@ -119,6 +119,9 @@ def test_bad_input_is_named():
                    jacobian_compressor="identity", update_compressor="identity")
     with pytest.raises(ValueError, match="duplicate"):
         SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), ("a", "a"), "trunk")
+    with pytest.raises(ValueError, match="'rule' must be one of threshold, top_m, budget, all; got None"):
+        make(selection={"tau": 0.0})  # no rule: no guessed default
+    assert make(selection=None)[1].selection == {"rule": "all"}
 
 
 def test_single_objective_is_plain_training():

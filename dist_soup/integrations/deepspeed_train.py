@@ -19,7 +19,6 @@ import copy
 import gc
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -38,12 +37,6 @@ CHECKPOINT_DIR = "deepspeed"
 def default_extensions_dir() -> str:
     """Where DeepSpeed's JIT-built ops are cached (its shared-memory op takes ~25 s to build)."""
     return str(Path.home() / ".cache" / "dist_soup" / "torch_extensions")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _deepspeed_config(cfg: Config, path) -> dict:
@@ -79,7 +72,7 @@ def run(cfg: Config, run_dir: Path, deepspeed_config, *, resume: bool = False, l
         raise ConfigError("--deepspeed runs under torchrun, DeepSpeed's launcher or --nproc, not mpirun")
     if kind == "local":  # one process: DeepSpeed still wants a process group
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(process_group.free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     if not torch.cuda.is_available():
         os.environ.setdefault("DIST_SOUP_BACKEND", "gloo")
