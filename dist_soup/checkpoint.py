@@ -142,16 +142,6 @@ def save(
             shutil.rmtree(tmp)
         tmp.mkdir()
 
-    err = _attempt("preparing the step directory", prepare, Path(run_dir)) if rank == 0 else None
-    if not agree(err is None):
-        fail(err)
-    err = _attempt(f"writing rank-{rank}.pt", lambda: atomic_save(rank_state, tmp / f"rank-{rank}.pt"), tmp)
-    if rank == 0 and err is None:
-        err = _attempt("writing shared.pt",
-                       lambda: atomic_save(shared_state(), tmp / "shared.pt"), tmp)  # type: ignore[misc]
-    if not agree(err is None):
-        fail(err)
-
     def publish() -> None:
         if final.exists():
             shutil.rmtree(final)
@@ -163,9 +153,26 @@ def save(
                 shutil.rmtree(final, ignore_errors=True)
             raise
 
-    err = _attempt("publishing the checkpoint", publish, root) if rank == 0 else None
-    if not agree(err is None):
-        fail(err)
+    try:
+        err = _attempt("preparing the step directory", prepare, Path(run_dir)) if rank == 0 else None
+        if not agree(err is None):
+            fail(err)
+        err = _attempt(f"writing rank-{rank}.pt", lambda: atomic_save(rank_state, tmp / f"rank-{rank}.pt"), tmp)
+        if rank == 0 and err is None:
+            err = _attempt("writing shared.pt",
+                           lambda: atomic_save(shared_state(), tmp / "shared.pt"), tmp)  # type: ignore[misc]
+        if not agree(err is None):
+            fail(err)
+
+        err = _attempt("publishing the checkpoint", publish, root) if rank == 0 else None
+        if not agree(err is None):
+            fail(err)
+    except BaseException:
+        # A collective failed (a peer or the link is gone) or the write did: leave no
+        # half-written step directory behind (``latest`` still names the previous one).
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank == 0:
         done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[:-keep]:

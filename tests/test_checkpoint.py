@@ -35,6 +35,23 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     assert checkpoint.latest(tmp_path).name == checkpoint.step_dir_name(5)
 
 
+def test_a_collective_failing_mid_save_leaves_no_step_directory(tmp_path):
+    _save(tmp_path, 5)
+    calls = []
+
+    def all_ok(ok):  # the second agreement (after the parts are written) loses its peer
+        calls.append(ok)
+        if len(calls) == 2:
+            raise RuntimeError("Connection closed by peer")
+        return ok
+
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        checkpoint.save(tmp_path, 10, 0, lambda: {"step": 10}, {"rng": torch.get_rng_state()},
+                        barrier=lambda: None, all_ok=all_ok)
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    assert checkpoint.latest(tmp_path).name == checkpoint.step_dir_name(5)
+
+
 def test_corrupt_and_missing_files_raise_clearly(tmp_path):
     path = _save(tmp_path, 5)
     (path / "shared.pt").write_bytes(b"definitely not a zip archive")
