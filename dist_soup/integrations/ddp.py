@@ -126,7 +126,7 @@ def compressed_mean_hook(state: DDPCommState, bucket: dist.GradBucket) -> torch.
                 torch.cuda.current_stream(buffer.device).wait_event(ready)
             fut.set_result(_average_into(state, name, buffer))
         except BaseException as exc:  # DDP's wait() re-raises it on the training thread
-            # torch's stub types the argument as the result type (Tensor)
+            # torch's type annotations give set_exception the result type (Tensor), not an exception
             fut.set_exception(exc)  # type: ignore[arg-type]
 
     state.executor().submit(work)
