@@ -272,6 +272,39 @@ def test_malformed_qsgd_payloads():
     assert raised > 0
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_decompress_mean_is_the_sum_of_decodes(bits, dtype):
+    # The fused mean performs the float operations of decoding each payload and adding them up
+    # in order (what every rank of an allgather must agree on), bit for bit.
+    x = torch.randn(3 * 512 + 77, generator=_gen(61)).to(dtype)
+    c = build("qsgd", bits=bits)
+    for P in (1, 2, 3):
+        ps = [build("qsgd", bits=bits, rank=r).compress(x * (r + 1)) for r in range(P)]
+        acc = c.decompress(ps[0]).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        for p in ps[1:]:
+            acc = acc + c.decompress(p)
+        want = (acc / P).to(dtype)
+        got = c.decompress_mean(ps)
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.equal(got, want)
+    # small tensors (raw) and mixed formats take the generic path, same result
+    small = [build("qsgd", bits=bits, rank=r).compress(x[:100] * (r + 1)) for r in range(2)]
+    assert torch.equal(c.decompress_mean(small), ((c.decompress(small[0]).float() + c.decompress(small[1])) / 2)
+                       .to(dtype))
+
+
+def test_decompress_mean_refuses_a_malformed_payload():
+    x = torch.randn(2048, generator=_gen(62))
+    c = build("qsgd", bits=4)
+    good = c.compress(x)
+    bad = Payload(good.codec, good.shape, good.dtype, good.meta, [good.parts[0].neg(), good.parts[1]])
+    with pytest.raises(ValueError, match="scales"):
+        c.decompress_mean([good, bad])
+    with pytest.raises(ValueError, match="at least one"):
+        c.decompress_mean([])
+
+
 def test_compiled_matches_eager(monkeypatch):
     # One small compilation (about 10-20 s on 2 cores): the fused kernels must give the very
     # same bytes as the eager ones for the same key.
@@ -290,4 +323,7 @@ def test_compiled_matches_eager(monkeypatch):
     agreed = a.agreement(x, 0, 4)[0]
     assert torch.equal(agreed, b.agreement(x, 0, 4)[0])
     assert torch.equal(a.encode_sum(x, agreed, 4), b.encode_sum(x, agreed, 4))
+    # the fused mean of several payloads (the allgather's decode) gives the eager bits
+    ps = [build("qsgd", bits=4, seed=9, rank=r).compress(x * (r + 1)) for r in range(3)]
+    assert torch.equal(a.decompress_mean(ps), b.decompress_mean(ps))
     assert not kernels._failed, "compilation fell back to eager"

@@ -12,7 +12,7 @@ same bits, and resuming from a ``state_dict`` continues the same sequence.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +22,12 @@ from .payload import Payload
 _MASK63 = (1 << 63) - 1
 #: The dtypes every codec compresses.
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where sums of decoded ``dtype`` values are formed: float32 (float64 for float64), so an
+    average of half-precision decodes is rounded once, at the end."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def flat_input(codec: str, g: torch.Tensor) -> torch.Tensor:
@@ -94,6 +100,23 @@ class Compressor(ABC):
     @abstractmethod
     def decompress(self, payload: Payload) -> torch.Tensor:
         """See the class docstring."""
+
+    def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
+        """The mean of the decodes of ``payloads`` (all of one tensor): summed in list order in
+        :func:`acc_dtype`, divided by their count, cast to the payloads' dtype.
+
+        Every rank of a collective averages the same payloads in the same order and must get
+        the same bits, so a codec that fuses this (QSGD decodes and sums in one pass) performs
+        the same float operations as this loop.
+        """
+        if not payloads:
+            raise ValueError("decompress_mean needs at least one payload")
+        acc: torch.Tensor | None = None
+        for p in payloads:
+            d = self.decompress(p)
+            acc = d.to(acc_dtype(d.dtype), copy=True) if acc is None else acc.add_(d)
+        assert acc is not None
+        return acc.div_(len(payloads)).to(payloads[0].dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}

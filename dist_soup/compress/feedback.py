@@ -21,6 +21,7 @@ whose feedback is part of the codec (topk's built-in residue, cltk's low-pass me
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -134,6 +135,9 @@ class ErrorFeedback(Compressor):
 
     def decompress(self, payload: Payload) -> torch.Tensor:
         return self.inner.decompress(payload)
+
+    def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
+        return self.inner.decompress_mean(payloads)
 
     def state_dict(self) -> dict[str, Any]:
         return {"residue": self.memory.state(), "inner": self.inner.state_dict()}

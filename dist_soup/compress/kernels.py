@@ -130,6 +130,20 @@ def qsgd_decode(scale: torch.Tensor, packed: torch.Tensor, *, bits: int, d: int,
     return out.reshape(-1).to(dtype)
 
 
+def qsgd_decode_mean(*parts: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mean of several dense QSGD payloads of one tensor, ``parts = (scale_0, packed_0,
+    scale_1, packed_1, ...)``, in one pass: each decode (rounded to ``dtype``, as
+    :func:`qsgd_decode` gives it) summed in order in float32 (float64 for float64), divided by
+    the count, cast to ``dtype``: the float operations of decoding each and adding them up."""
+    acc_type = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = None
+    for scale, packed in zip(parts[::2], parts[1::2]):
+        v = qsgd_decode(scale, packed, bits=bits, d=d, dtype=dtype).to(acc_type)
+        acc = v if acc is None else acc + v
+    assert acc is not None
+    return (acc / (len(parts) // 2)).to(dtype)
+
+
 def qsgd_levels(xb: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, *, s: int, d: int,
                 out: torch.dtype) -> torch.Tensor:
     """Signed integer levels of whole buckets (nb, d) against given (shared) bucket scales."""

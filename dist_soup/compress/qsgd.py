@@ -36,6 +36,7 @@ smallest integer type that holds ``P * s``, and ``decode_sum`` returns ``total *
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -336,6 +337,23 @@ class QSGD(LinearCodec):
         q[idx] = (lv * (1 - 2 * sign)).to(torch.float32)
         out = (q.view(-1, d) * (scale / s)[:, None]).view(-1)[:n]
         return out.to(payload.dtype).reshape(payload.shape)
+
+    def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
+        for p in payloads:
+            validate(p)
+        first = payloads[0] if payloads else None
+        fused = (
+            first is not None and len(payloads) > 1 and first.meta[0] == WIRE_FORMATS["dense"]
+            and all(p.meta == first.meta and p.shape == first.shape and p.dtype == first.dtype for p in payloads)
+        )
+        if not fused:
+            return super().decompress_mean(payloads)
+        assert first is not None
+        bits, d = first.meta[1], first.meta[2]
+        args = tuple(part for p in payloads for part in p.parts)
+        static = dict(bits=bits, d=d, dtype=first.dtype)
+        out = kernels.run(kernels.qsgd_decode_mean, args, static, self.backend, first.numel)
+        return out[: first.numel].view(first.shape)
 
     # --- LinearCodec (shared scale) --------------------------------------------------------
     def agreement(self, g: torch.Tensor, rank: int, world_size: int):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ...compress.base import acc_dtype
 from ..buckets import Bucket
 from ..transport import Work
 from .base import (
@@ -12,8 +13,8 @@ from .base import (
     Prepared,
     RemoteNonFinite,
     Result,
-    acc_dtype,
     cut,
+    decode_mean,
     decode_payload,
     owned,
     pack,
@@ -67,18 +68,37 @@ class _AllGatherWork(BucketWork):
         return [decode_payload(m.stream(e.name), part, sender=sender, name=e.name, shape=e.shape, dtype=b.dtype)
                 for e, part in zip(b.entries, cut(buf, self.rows[sender]))]
 
-    def finish(self, out=None) -> Result:
-        m, b = self.mode, self.bucket
-        P, rank = m.transport.world_size, m.transport.rank
-        # This rank's own payloads decode from the local bytes while the gather is in flight.
-        with m.timed("decode_s"):
-            own = self._decode_row(rank, self.buf)
-        with m.timed("comm_s"):
+    def _received(self) -> list[torch.Tensor]:
+        with self.mode.timed("comm_s"):
             pieces = [p.cpu() for p in self.work.wait()]
         if self.trailed:  # every rank reads the same words and takes the same decision
             statuses = [int(p[p.numel() - STATUS_BYTES :].clone().view(torch.int64)[0]) for p in pieces]
             if any(statuses):
                 raise RemoteNonFinite(statuses)
+        return pieces
+
+    def finish(self, out=None) -> Result:
+        m, b = self.mode, self.bucket
+        P = m.transport.world_size
+        if P > 1 and not self.want_local:
+            # The mean only: every rank decodes the received bytes of every rank (its own
+            # included), one tensor at a time, in one pass where the codec fuses decoding and
+            # summing (QSGD); the same operations on every rank give the same bits.
+            pieces = self._received()
+            with m.timed("decode_s"):
+                rows = [cut(p, self.rows[r]) for r, p in enumerate(pieces)]
+                means = [decode_mean(m.stream(e.name), [row[i] for row in rows], name=e.name, shape=e.shape,
+                                     dtype=b.dtype).to(b.device) for i, e in enumerate(b.entries)]
+            return means, None
+        return self._finish_with_locals(out)
+
+    def _finish_with_locals(self, out=None) -> Result:
+        m, b = self.mode, self.bucket
+        P, rank = m.transport.world_size, m.transport.rank
+        # This rank's own payloads decode from the local bytes while the gather is in flight.
+        with m.timed("decode_s"):
+            own = self._decode_row(rank, self.buf)
+        pieces = self._received()
         with m.timed("decode_s"):
             if P > 1 and not torch.equal(pieces[rank], self.buf):
                 # What the others received differs from what was sent: decode the received

@@ -22,11 +22,6 @@ from ..transport import Transport, Work
 Result = tuple[list[torch.Tensor], list[torch.Tensor] | None]
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Averages of half-precision decodes are formed in fp32, then cast once.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def outside_level() -> int:
     """The ``stacklevel`` that points a warning issued by the caller of this function at the
     first frame outside ``dist_soup.comm`` (the user's call), whatever the path through it."""
@@ -60,21 +55,43 @@ class DecodeError(ValueError):
         self.sender = sender
 
 
+_DECODE_ERRORS = (ValueError, RuntimeError, IndexError, TypeError, OverflowError)
+
+
+def _parse(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Payload:
+    payload = Payload.from_bytes(buf)
+    if tuple(payload.shape) != tuple(shape) or payload.dtype != dtype:
+        raise ValueError(f"it declares shape {tuple(payload.shape)} {payload.dtype}, expected {tuple(shape)} {dtype}")
+    return payload
+
+
 def decode_payload(stream: Compressor, buf: torch.Tensor, *, sender: int, name: str,
                    shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Decode one received payload, or raise :class:`DecodeError` naming the sender and the tensor."""
     try:
-        payload = Payload.from_bytes(buf)
-        if tuple(payload.shape) != tuple(shape) or payload.dtype != dtype:
-            raise ValueError(
-                f"it declares shape {tuple(payload.shape)} {payload.dtype}, expected {tuple(shape)} {dtype}"
-            )
-        out = stream.decompress(payload)
+        out = stream.decompress(_parse(buf, shape, dtype))
         if tuple(out.shape) != tuple(shape):
             raise ValueError(f"it decoded to shape {tuple(out.shape)}, expected {tuple(shape)}")
-    except (ValueError, RuntimeError, IndexError, TypeError, OverflowError) as exc:
+    except _DECODE_ERRORS as exc:
         raise DecodeError(f"payload for {name!r} from rank {sender} failed to decode: {exc}", sender) from exc
     return out
+
+
+def decode_mean(stream: Compressor, bufs: Sequence[torch.Tensor], *, name: str,
+                shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The mean of the payloads ``bufs[r]`` received from ranks ``r = 0, 1, ...``, in rank order
+    (``Compressor.decompress_mean``: one pass where the codec fuses it), or :class:`DecodeError`
+    naming the first sender whose payload does not decode."""
+    try:
+        mean = stream.decompress_mean([_parse(b, shape, dtype) for b in bufs])
+        if tuple(mean.shape) != tuple(shape):
+            raise ValueError(f"it decoded to shape {tuple(mean.shape)}, expected {tuple(shape)}")
+        return mean
+    except _DECODE_ERRORS as exc:
+        failure = exc
+    for r, b in enumerate(bufs):  # find the sender: its payload alone fails
+        decode_payload(stream, b, sender=r, name=name, shape=shape, dtype=dtype)
+    raise DecodeError(f"payloads for {name!r} failed to decode together: {failure}", 0) from failure
 
 
 def shares_memory(t: torch.Tensor, buffers: Sequence[torch.Tensor]) -> bool:

@@ -6,7 +6,7 @@ import torch
 
 from ..buckets import chunk_bounds
 from ..transport import Work
-from .base import BucketWork, DecodeError, Mode, Result, acc_dtype, decode_payload, pack
+from .base import BucketWork, DecodeError, Mode, Result, decode_mean, decode_payload, pack
 
 
 class TwoPhase(Mode):
@@ -45,7 +45,7 @@ class _TwoPhaseWork(BucketWork):
         if self.gather is not None:
             return
         m, b = self.mode, self.bucket
-        P, rank = m.transport.world_size, m.transport.rank
+        rank = m.transport.rank
         off, n = self.bounds[rank]
         with m.timed("comm_s"):
             pieces = [p.cpu() for p in self.work.wait()]
@@ -58,16 +58,9 @@ class _TwoPhaseWork(BucketWork):
             if n:
                 key = f"{b.key}/chunk{rank}"
                 try:
-                    acc = None
-                    for r in range(P):
-                        d = decode_payload(m.stream(key), pieces[r], sender=r, name=f"{key} (bucket of "
-                                           f"{', '.join(b.names[:3])}{', ...' if len(b.names) > 3 else ''})",
-                                           shape=(n,), dtype=b.dtype)
-                        if acc is None:
-                            acc = d.to(acc_dtype(b.dtype), copy=True)
-                        else:
-                            acc += d
-                    chunk_mean = (acc / P).to(b.dtype)
+                    chunk_mean = decode_mean(m.stream(key), pieces, name=f"{key} (bucket of "
+                                             f"{', '.join(b.names[:3])}{', ...' if len(b.names) > 3 else ''})",
+                                             shape=(n,), dtype=b.dtype)
                 except DecodeError as exc:
                     failure, failed_sender = exc, exc.sender
         with m.timed("encode_s"):
