@@ -47,11 +47,12 @@ def _worker(rank: int, world: int, port: int, cfg, run_dir: str, resume: bool, d
 
 
 def print_summary(summary: dict, run_dir: str) -> None:
-    rows = [("objective", "first loss", "final loss", "metric", "value")]
+    ref = summary.get("ew_reference")
+    rows = [("objective", "first loss", "final loss", "metric", "value") + (("ew ref",) if ref else ())]
     for name, o in summary["objectives"].items():
         arrow = "↑" if o["higher_is_better"] else "↓"
         rows.append((name, f"{o['first_loss']:.4f}", f"{o['final_loss']:.4f}", f"{o['metric']} {arrow}",
-                     f"{o['value']:.4f}"))
+                     f"{o['value']:.4f}") + ((f"{ref[name]:.4f}",) if ref else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = "  ".join("-" * w for w in widths)
     out = ["", line]
@@ -68,6 +69,9 @@ def print_summary(summary: dict, run_dir: str) -> None:
     out.append(f"steps: {summary['steps']} on {procs}, {summary['steps_per_s']:.1f} steps/s, {summary['time_s']:.1f} s")
     if summary.get("delta_m") is not None:
         out.append(f"Delta_m vs single-task baselines: {summary['delta_m']:+.1f}% (negative is better)")
+    if ref:
+        out.append(f"Delta_m vs ew ref: {summary['delta_m_vs_ew']:+.1f}% (ew ref: the plain sum of the losses, "
+                   "stored for this task at the quickstart's budget; negative is better)")
     if summary.get("skipped_steps"):
         out.append(f"skipped steps (non-finite): {summary['skipped_steps']}")
     if summary["selected"]:  # none under train.engine ddp

@@ -41,6 +41,7 @@ def write_summary(run_dir, cfg, task, model, engine, objectives, first_losses, l
             "ratio": float(counts[2] / counts[0]) if counts[0] > 0 else None,
         },
         "delta_m": delta_m(task, evaluation, objectives),
+        **ew_reference(task, evaluation, objectives),
         "skipped_steps": engine.skipped_steps,
         "selected": engine.selected,
         "weights": dict(zip(objectives, engine.w.tolist())),
@@ -60,6 +61,16 @@ def delta_m(task, evaluation: dict, objectives: tuple[str, ...]) -> float | None
     if len(objectives) < 2 or any(k not in baselines for k in objectives):
         return None
     return tasks.delta_m(evaluation, baselines, task, objectives)
+
+
+def ew_reference(task, evaluation: dict, objectives: tuple[str, ...]) -> dict:
+    """The stored quality of the plain sum of losses (``ew``) on this task, when it has one for
+    these objectives: ``{"ew_reference": {objective: metric}, "delta_m_vs_ew": Delta_m%}``."""
+    ref = getattr(task, "ew_reference", None) or {}
+    if len(objectives) < 2 or any(k not in ref for k in objectives):
+        return {}
+    return {"ew_reference": {k: ref[k] for k in objectives},
+            "delta_m_vs_ew": tasks.delta_m(evaluation, ref, task, objectives)}
 
 
 def metrics_line(res, step: int) -> dict:

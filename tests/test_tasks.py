@@ -198,6 +198,15 @@ def test_baselines_apply_only_to_default_data_and_model_options():
     assert tasks.build("multidigits", hidden=32).baselines == {}
 
 
+def test_ew_reference_applies_to_the_quickstart_setting_only():
+    two = tasks.build("msp_synth", languages=2, seed=3)  # the quickstart's task, any data seed
+    assert list(two.ew_reference) == ["asr_l0", "asr_l1", "st", "ssl"]
+    assert tasks.build("msp_synth").ew_reference == {}  # 3 languages: not measured
+    assert list(tasks.build("multidigits").ew_reference) == ["left", "right"]
+    # the sum depends on which losses it adds: other objectives have no reference
+    assert tasks.build("multidigits", objectives=["left", "right", "sum"]).ew_reference == {}
+
+
 def test_baseline_script_trains_one_objective(monkeypatch):
     import importlib.util
     import pathlib

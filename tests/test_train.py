@@ -205,3 +205,23 @@ def test_ranks_with_different_configs_fail_together(tmp_path):
         assert p.returncode != 0
         assert "different configs" in out, out[-2000:]
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_final_table_shows_the_ew_reference(capsys):
+    from dist_soup import report, tasks
+    from dist_soup.cli import print_summary
+
+    task = tasks.build("multidigits")  # default options: a stored ew reference
+    ref = task.ew_reference
+    got = report.ew_reference(task, {"left": ref["left"], "right": ref["right"] * 1.1}, ("left", "right"))
+    assert got["ew_reference"] == ref and got["delta_m_vs_ew"] == pytest.approx(-5.0)
+    assert report.ew_reference(task, {"left": 0.5}, ("left",)) == {}  # one objective: nothing to weigh
+    assert report.ew_reference(tasks.build("multidigits", hidden=32), {}, ("left", "right")) == {}
+    objectives = {k: {"first_loss": 2.3, "final_loss": 0.3, "metric": "accuracy", "value": 0.9,
+                      "higher_is_better": True} for k in ("left", "right")}
+    print_summary({"objectives": objectives, "comm": {"bytes_sent": 10, "dense_bytes": 80, "ratio": 8.0},
+                   "world_size": 2, "steps": 200, "steps_per_s": 10.0, "time_s": 20.0, "delta_m": 1.0,
+                   "selected": [], **got}, "runs/x")
+    out = capsys.readouterr().out
+    assert "ew ref" in out.splitlines()[2] and f"{ref['right']:.4f}" in out
+    assert "Delta_m vs ew ref: -5.0%" in out
