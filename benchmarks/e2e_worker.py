@@ -125,7 +125,7 @@ class SoupTrainer(Trainer):
         self.steps_per_epoch = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world,
                                                     cfg.seed).steps_per_epoch
         self.engine = SoupEngine(self.model, self.optimizer, objectives, task.shared,
-                                 builders.recipe_from_config(cfg, objectives, groups, self.steps_per_epoch),
+                                 builders.recipe_from_config(cfg, task, objectives, groups, self.steps_per_epoch),
                                  steps_per_epoch=self.steps_per_epoch,
                                  transport="torch", **config.engine_options(cfg))
         builders.agree_on_config(self.engine.transport, cfg)

@@ -2,13 +2,14 @@
 the checks every rank shares (the config digest, the parameters' hash)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 
 import torch
 
 from . import config as config_mod
-from .config import Config, ConfigError
+from .config import Config, ConfigError, RecipeConfig
 from .moo.recipe import Recipe, Schedule, build_recipe
 
 
@@ -38,22 +39,45 @@ def lr_factor(cfg: Config, step: int) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def recipe_from_config(cfg: Config, objectives: tuple[str, ...], groups: dict,
+def recipe_from_config(cfg: Config, task, objectives: tuple[str, ...], groups: dict,
                        steps_per_epoch: int | None = None) -> Recipe:
-    """The config's recipe, told the run length (``steps_per_epoch``: the engine's) that penalty
-    schedules in steps or fractions of the run need."""
-    recipe = recipe_from_sections(cfg.recipe, cfg.solver, objectives, groups)
+    """The config's recipe for ``task``, told the run length (``steps_per_epoch``: the
+    engine's) that penalty schedules in steps or fractions of the run need."""
+    recipe = recipe_from_sections(with_task_groups(cfg.recipe, task), cfg.solver, objectives, groups)
     recipe.set_run_length(steps_per_epoch=steps_per_epoch, total_steps=cfg.train.steps)
     return recipe
 
 
-def recipe_from_sections(r, solver, objectives: tuple[str, ...], groups: dict) -> Recipe:
-    """The recipe of a ``recipe:`` and a ``solver:`` section (a run config's or the DeepSpeed
-    plugin's)."""
+def with_task_groups(r: RecipeConfig, task) -> RecipeConfig:
+    """``recipe:`` with the task's names resolved: ``order`` as the list of groups (a named
+    order of the task, or its first order when null) and ``constraint`` as a group name (the
+    task's when null), so that what remains knows nothing of the task."""
+    if r.kind == "vm" and not isinstance(r.order, list):
+        orders = task.level_orders
+        if r.order is None and not orders:
+            raise ValueError(f"recipe vm: task {task.name!r} names no order of its groups "
+                             f"{sorted(task.groups)}; give recipe.order as a list")
+        if r.order is not None and r.order not in orders:
+            raise ValueError(f"recipe.order: {r.order!r} is not an order of task {task.name!r}; "
+                             f"its orders: {', '.join(orders) or 'none'}")
+        order = orders[r.order] if r.order is not None else next(iter(orders.values()))
+        return dataclasses.replace(r, order=list(order))
+    if r.kind == "vc" and r.constraint is None:
+        if task.constraint_group is None:
+            raise ValueError(f"recipe vc: task {task.name!r} has no constraint group; give recipe.constraint "
+                             f"(one of its groups {sorted(task.groups)})")
+        return dataclasses.replace(r, constraint=task.constraint_group)
+    return r
+
+
+def recipe_from_sections(r: RecipeConfig, solver, objectives: tuple[str, ...], groups: dict) -> Recipe:
+    """The recipe of a ``recipe:`` and a ``solver:`` section (a run config's, with the task's
+    names resolved by :func:`with_task_groups`, or the DeepSpeed plugin's)."""
     if r.kind == "custom":
-        return Recipe.from_levels(r.levels)
+        return Recipe.from_levels(r.levels or [])
+    order = r.order if r.kind == "vm" else None
     return build_recipe(r.kind, objectives, groups, solver=solver.name, solver_options=solver.options,
-                        order=r.order, eta=Schedule.from_spec(vars(r.eta)))
+                        order=order, constraint=r.constraint, eta=Schedule.from_spec(vars(r.eta)))
 
 
 def objectives_of(cfg: Config, task) -> tuple[str, ...]:

@@ -63,8 +63,12 @@ class EtaConfig:
 class RecipeConfig:
     #: vs (one level), vc (MOO level + penalty level), vm (ordered MOO levels), custom (levels).
     kind: Literal["vs", "vc", "vm", "custom"] = "vs"
-    #: vm only: "uas" (asr, st, ssl) or "usa" (st, asr, ssl).
-    order: Literal["uas", "usa"] | None = None
+    #: vm only: the task's groups, one level each, first level first (e.g. [asr, st, ssl]), or
+    #: the name of one of the task's orders (msp_synth: "uas" = asr, st, ssl; "usa" = st, asr,
+    #: ssl); null: the task's first order.
+    order: str | list | None = None
+    #: vc only: the group that becomes the penalty level; null: the task's (msp_synth: ssl).
+    constraint: str | None = None
     eta: EtaConfig = field(default_factory=EtaConfig)
     #: custom only: a list of {objectives: [...], solver: name, solver_options: {}, eta: {...},
     #: penalty: bool}.
@@ -196,7 +200,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {"checkpoint.every", "logging.eval_every", "optimizer.momentum", "optimizer.weight_decay",
                  "optimizer.warmup_steps"}
 #: Recipe keys that only some kinds use (anything but null is refused with another kind).
-_RECIPE_KEY_KINDS: dict[str, tuple[str, ...]] = {"order": ("vm",), "levels": ("custom",)}
+_RECIPE_KEY_KINDS: dict[str, tuple[str, ...]] = {"order": ("vm",), "constraint": ("vc",), "levels": ("custom",)}
 #: Sections whose ``options`` belong to their ``name``.
 _OPTIONS_FOLLOW_NAME = ("task", "solver", "compression.jacobian", "compression.update")
 
@@ -345,6 +349,7 @@ def _check_recipe(cfg: Config) -> None:
             Recipe.from_levels(cfg.recipe.levels)
         except ValueError as exc:
             raise ConfigError(f"recipe.levels: {exc}") from None
+    _check_order(cfg)
     s = cfg.solver
     if s.name not in solvers.names():
         raise ConfigError(f"solver.name: {s.name!r} is not a solver; use one of {', '.join(solvers.names())}")
@@ -357,6 +362,27 @@ def _check_recipe(cfg: Config) -> None:
         solvers.build(s.name, **s.options)
     except ValueError as exc:
         raise ConfigError(f"solver.options: {_short(s.options)} not allowed for solver {s.name!r}: {exc}") from None
+
+
+def _check_order(cfg: Config) -> None:
+    """``recipe.order``: a list of group names, or the name of one of the task's orders."""
+    order = cfg.recipe.order
+    if isinstance(order, list):
+        if not order or not all(isinstance(g, str) and g for g in order) or len(set(order)) != len(order):
+            raise ConfigError(f"recipe.order: {_short(order)} must be a non-empty list of distinct group names")
+        return
+    if order is None:
+        return
+    from . import tasks
+
+    try:
+        orders = tasks.task_class(cfg.task.name).level_orders
+    except ValueError:  # an unknown task fails where it is built, with its own message
+        return
+    if order not in orders:
+        named = f"one of {', '.join(map(repr, orders))} or " if orders else ""
+        raise ConfigError(f"recipe.order: {order!r} is not an order of task {cfg.task.name!r}; use {named}a list "
+                          "of its groups, first level first")
 
 
 def _check_ddp(cfg: Config) -> None:
@@ -534,8 +560,23 @@ def dump(cfg: Config) -> str:
 
 
 def fingerprint(cfg: Config) -> str:
-    """sha256 of the canonical JSON of the resolved config."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+    """sha256 of the canonical JSON of the resolved config's values that differ from the
+    defaults: a key added to the schema later, at a default that keeps the old behaviour, leaves
+    every earlier config's fingerprint (and so resumes and finished sweep cells) as it was."""
+    return hashlib.sha256(json.dumps(_changed(cfg, Config()), sort_keys=True).encode()).hexdigest()
+
+
+def _changed(obj: Any, default: Any) -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value, base = getattr(obj, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            sub = _changed(value, base)
+            if sub:
+                out[f.name] = sub
+        elif value != base:  # options mappings and lists compare whole
+            out[f.name] = value
+    return out
 
 
 # --- the "dist_soup" section of a DeepSpeed config (dist_soup.integrations.deepspeed) ---------
@@ -593,6 +634,14 @@ def engine_options(cfg: Config) -> dict:
 def deepspeed_section(data: Any) -> DeepSpeedSection:
     """The checked ``"dist_soup"`` section; a ``ConfigError`` names the key as ``dist_soup.KEY``."""
     sec = _build(DeepSpeedSection, data, "dist_soup")
+    r = sec.recipe
+    if r.kind == "vm" and not isinstance(r.order, list):
+        # No task here to name an order: the groups are the section's own.
+        raise ConfigError(f"dist_soup.recipe.order: {_short(r.order)}: recipe vm needs the names of "
+                          "dist_soup.groups as a list, one level each, first level first (e.g. [asr, st, ssl])")
+    if r.kind == "vc" and r.constraint is None:
+        raise ConfigError("dist_soup.recipe.constraint: recipe vc needs the name of the group of dist_soup.groups "
+                          "that becomes the penalty level (e.g. ssl)")
     try:
         _check_ranges(sec.as_config())
         _check_codecs(sec.as_config())

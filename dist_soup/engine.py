@@ -106,7 +106,9 @@ class SoupEngine:
             candidates of layer selection. Heads are never candidates. May be left out with a
             single objective (plain compressed data parallelism).
         recipe: a :class:`~dist_soup.moo.recipe.Recipe`, or "vs" / "vc" / "vm" built with
-            ``groups``, ``solver``, ``solver_options``, ``order`` and ``eta``.
+            ``groups``, ``solver``, ``solver_options``, ``order`` (vm: the group names, one
+            level each, e.g. ``("asr", "st", "ssl")``), ``constraint`` (vc: the penalty group)
+            and ``eta``.
         gram: "cross" (unbiased cross-worker estimate), "plain" (Jbar Jbar^T) or "auto"
             (cross when P > 1).
         selection: dict of ``rule`` (required), ``tau``, ``m``, ``budget`` for
@@ -140,7 +142,8 @@ class SoupEngine:
         groups: Mapping[str, Sequence[str]] | None = None,
         solver: str = "mgda",
         solver_options: Mapping | None = None,
-        order: str | None = None,
+        order: Sequence[str] | None = None,
+        constraint: str | None = None,
         eta=None,
         gram: str = "auto",
         selection: Mapping | None = None,
@@ -191,6 +194,7 @@ class SoupEngine:
                 solver=solver,
                 solver_options=dict(solver_options or {}),
                 order=order,
+                constraint=constraint,
                 eta=eta,
             )
         recipe.check_names(self.objectives)

@@ -125,7 +125,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
             find_unused_parameters=len(objectives) < len(task.objectives))
     else:
         engine = SoupEngine(model, optimizer, objectives, task.shared,
-                            recipe_from_config(cfg, objectives, groups, sampler.steps_per_epoch),
+                            recipe_from_config(cfg, task, objectives, groups, sampler.steps_per_epoch),
                             steps_per_epoch=sampler.steps_per_epoch, transport=kind, **config_mod.engine_options(cfg))
     transport = engine.transport
     agree_on_config(transport, cfg)

@@ -68,6 +68,23 @@ def test_fingerprint_changes_with_any_value():
     a = C.from_dict({})
     b = C.from_dict({"compression": {"update": {"name": "qsgd", "options": {"bits": 8}}}})
     assert C.fingerprint(a) != C.fingerprint(b)
+    # every leaf counts, and an option mapping counts whole
+    seen = {C.fingerprint(a), C.fingerprint(b)}
+    for data in ({"seed": 1}, {"recipe": {"eta": {"cap": 2.0}}}, {"solver": {"options": {"momentum": 0.5}}},
+                 {"compression": {"update": {"name": "qsgd", "options": {}}}}, {"task": {"objectives": ["st"]}}):
+        seen.add(C.fingerprint(C.from_dict(data)))
+    assert len(seen) == 7
+
+
+def test_fingerprint_ignores_keys_left_at_their_defaults():
+    # What it hashes is what differs from the defaults, so a key added to the schema later (at a
+    # default that keeps the old behaviour) leaves earlier configs' fingerprints, and with them
+    # resumes and finished sweep cells, as they were.
+    a = C.from_dict({"seed": 3})
+    b = C.from_dict({"seed": 3, "recipe": {"constraint": None, "order": None},
+                     "train": {"steps": C.Config().train.steps}})
+    assert C.fingerprint(a) == C.fingerprint(b)
+    assert C.fingerprint(a) != C.fingerprint(C.from_dict({}))
 
 
 def test_learning_rate_schedules():

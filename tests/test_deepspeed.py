@@ -168,7 +168,8 @@ def _same_everywhere(net) -> bool:
 
 
 MSP = dict(languages=2, hidden=32, n_train=256, n_test=32, eval_batch=32)
-SOUP = dict(objectives=None, shared="encoder", recipe={"kind": "vm", "order": "uas"}, solver={"name": "mgda"},
+SOUP = dict(objectives=None, shared="encoder", recipe={"kind": "vm", "order": ["asr", "st", "ssl"]},
+            solver={"name": "mgda"},
             selection={"rule": "threshold", "tau": 0.0, "probe_every": 3}, solve_every=2,
             compression={"jacobian": {"name": "qsgd", "options": {"bits": 4}},
                          "update": {"name": "qsgd", "options": {"bits": 4}}})
@@ -185,7 +186,8 @@ def check_multi_objective(rank, world):
     groups = {g: list(k) for g, k in task.groups.items()}
     ref, mine = task.build_model(0), task.build_model(0)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=3e-3)
-    soup = SoupEngine(ref, opt_ref, names, "encoder", build_recipe("vm", names, groups, solver="mgda", order="uas"),
+    recipe = build_recipe("vm", names, groups, solver="mgda", order=("asr", "st", "ssl"))
+    soup = SoupEngine(ref, opt_ref, names, "encoder", recipe,
                       selection={"rule": "threshold", "tau": 0.0}, probe_every=3, solve_every=2,
                       jacobian_compressor="qsgd", jacobian_options={"bits": 4}, update_compressor="qsgd",
                       update_options={"bits": 4}, transport="torch")

@@ -5,13 +5,15 @@ import io
 import pytest
 import torch
 
-from dist_soup import builders
+from dist_soup import builders, tasks
 from dist_soup import config as C
 from dist_soup.moo.recipe import Recipe, Schedule, build_recipe
 from dist_soup.moo.solvers import build
 
 NAMES = ("asr_en", "asr_fr", "st", "ssl")
 GROUPS = {"asr": ("asr_en", "asr_fr"), "st": ("st",), "ssl": ("ssl",)}
+UAS = ("asr", "st", "ssl")
+MSP = tasks.task_class("msp_synth")  # its named orders and constraint group (class attributes)
 
 
 def _gram(*rows):
@@ -81,7 +83,7 @@ def test_schedule_errors_name_the_field_and_allowed_values():
 
 
 def test_recipe_reads_the_run_length():
-    r = build_recipe("vm", NAMES, GROUPS, solver="ew", eta=Schedule(0.1, 0.01, 1.5, unit="steps"))
+    r = build_recipe("vm", NAMES, GROUPS, order=UAS, solver="ew", eta=Schedule(0.1, 0.01, 1.5, unit="steps"))
     losses = torch.ones(4)
     with pytest.raises(ValueError, match=r"level 1 \(st\).*'steps'.*steps_per_epoch.*set_run_length"):
         r.weights(None, losses, NAMES, epoch=0.0)
@@ -111,18 +113,19 @@ def test_config_schedule_reaches_the_recipe_through_train():
                                                         "unit": "steps", "every": 10}},
                        "solver": {"name": "ew"}, "train": {"steps": 300}})
     assert (cfg.recipe.eta.unit, cfg.recipe.eta.every) == ("steps", 10)
-    r = builders.recipe_from_config(cfg, NAMES, GROUPS, steps_per_epoch=13)
+    r = builders.recipe_from_config(cfg, MSP, NAMES, GROUPS, steps_per_epoch=13)
     assert (r.steps_per_epoch, r.total_steps) == (13, 300)
     assert r.etas(25 / 13) == [1.0, pytest.approx(0.2), pytest.approx(0.2)]  # two stairs at step 25
     assert r.etas(299 / 13)[1] == 1.0
     frac = C.from_dict({"recipe": {"kind": "vc", "eta": {"start": 0.0, "step": 1.0, "cap": None, "unit": "fraction"}},
                         "solver": {"name": "ew"}, "train": {"steps": 80}})
-    assert builders.recipe_from_config(frac, NAMES, GROUPS, steps_per_epoch=8).etas(20 / 8) == [
+    assert builders.recipe_from_config(frac, MSP, NAMES, GROUPS, steps_per_epoch=8).etas(20 / 8) == [
         1.0, pytest.approx(0.25)]
     # An epoch schedule (the default) needs no run length and keeps its meaning.
     old = C.from_dict({"recipe": {"kind": "vm", "eta": {"start": 0.1, "step": 0.02, "cap": 1.5}}})
     assert (old.recipe.eta.unit, old.recipe.eta.every) == ("epochs", None)
-    assert builders.recipe_from_config(old, NAMES, GROUPS).etas(2.5) == [1.0, pytest.approx(0.15), pytest.approx(0.15)]
+    etas = builders.recipe_from_config(old, MSP, NAMES, GROUPS).etas(2.5)
+    assert etas == [1.0, pytest.approx(0.15), pytest.approx(0.15)]
 
 
 def test_config_schedule_from_set_overrides():
@@ -158,12 +161,18 @@ def test_config_custom_levels_checked():
 
 def test_deepspeed_section_refuses_fraction():
     with pytest.raises(C.ConfigError, match="dist_soup.recipe.eta.unit: 'fraction' needs the run's number of steps"):
-        C.deepspeed_section({"recipe": {"kind": "vm", "eta": {"unit": "fraction"}}})
+        C.deepspeed_section({"recipe": {"kind": "vm", "order": ["a"], "eta": {"unit": "fraction"}}})
     with pytest.raises(C.ConfigError, match=r"dist_soup.recipe.levels\[1\].eta.unit: 'fraction'"):
         C.deepspeed_section({"recipe": {"kind": "custom", "levels": [
             {"objectives": ["a"], "solver": "ew"},
             {"objectives": ["b"], "solver": "ew", "eta": {"unit": "fraction"}}]}})
-    assert C.deepspeed_section({"recipe": {"kind": "vm", "eta": {"unit": "steps"}}}).recipe.eta.unit == "steps"
+    sec = C.deepspeed_section({"recipe": {"kind": "vm", "order": ["a"], "eta": {"unit": "steps"}}})
+    assert sec.recipe.eta.unit == "steps"
+    # no task here to name an order or a constraint: the section names its own groups
+    with pytest.raises(C.ConfigError, match=r"dist_soup.recipe.order: 'uas': recipe vm needs the names of"):
+        C.deepspeed_section({"recipe": {"kind": "vm", "order": "uas"}})
+    with pytest.raises(C.ConfigError, match="dist_soup.recipe.constraint: recipe vc needs the name"):
+        C.deepspeed_section({"recipe": {"kind": "vc"}})
 
 
 # --- MGDA normalization: hand-computed K = 2 cases --------------------------------------------
@@ -265,8 +274,8 @@ def test_mgda_momentum_state_round_trip():
         torch.testing.assert_close(wa, wb, rtol=0, atol=0)
     assert not torch.equal(wa, wf)  # the state matters: a fresh solver gives other weights
     # Through a recipe, as the engine's checkpoint does.
-    r1 = build_recipe("vm", NAMES, GROUPS, solver="mgda", solver_options={"momentum": 0.9})
-    r2 = build_recipe("vm", NAMES, GROUPS, solver="mgda", solver_options={"momentum": 0.9})
+    r1 = build_recipe("vm", NAMES, GROUPS, order=UAS, solver="mgda", solver_options={"momentum": 0.9})
+    r2 = build_recipe("vm", NAMES, GROUPS, order=UAS, solver="mgda", solver_options={"momentum": 0.9})
     gram = _gram([2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0])
     r1.weights(gram, torch.ones(4), NAMES, epoch=0)
     r2.load_state_dict(r1.state_dict())
@@ -318,3 +327,26 @@ def test_train_with_step_schedule_and_mgda_momentum_resumes_exactly(tmp_path):
     again = cli("train", "--config", cfg, "--nproc", 2, "--run-dir", split, "--resume")
     assert again.returncode == 0, again.stderr
     assert summary(split)["param_sha256"] == summary(straight)["param_sha256"]
+
+
+def test_config_order_and_constraint_resolve_against_the_task():
+    def levels(recipe):
+        cfg = C.from_dict({"recipe": recipe, "solver": {"name": "ew"}})
+        return [lv.objectives for lv in builders.recipe_from_config(cfg, MSP, NAMES, GROUPS).levels]
+
+    assert levels({"kind": "vm"}) == [("asr_en", "asr_fr"), ("st",), ("ssl",)]  # the task's first order
+    assert levels({"kind": "vm", "order": "usa"}) == [("st",), ("asr_en", "asr_fr"), ("ssl",)]
+    assert levels({"kind": "vm", "order": ["ssl", "asr", "st"]}) == [("ssl",), ("asr_en", "asr_fr"), ("st",)]
+    assert levels({"kind": "vc"})[1] == ("ssl",)  # the task's constraint group
+    assert levels({"kind": "vc", "constraint": "st"}) == [("asr_en", "asr_fr", "ssl"), ("st",)]
+    for bad in ([], ["asr", "asr"], ["asr", 3]):
+        with pytest.raises(C.ConfigError, match="recipe.order: .* must be a non-empty list of distinct group names"):
+            C.from_dict({"recipe": {"kind": "vm", "order": bad}})
+    with pytest.raises(C.ConfigError, match="recipe.order: 'uas' is not an order of task 'multidigits'; use a list"):
+        C.from_dict({"task": {"name": "multidigits"}, "recipe": {"kind": "vm", "order": "uas"}})
+    with pytest.raises(C.ConfigError, match="recipe.constraint: 'ssl' is only used with recipe.kind vc"):
+        C.from_dict({"recipe": {"kind": "vm", "constraint": "ssl"}})
+    digits = tasks.build("multidigits")
+    cfg = C.from_dict({"task": {"name": "multidigits"}, "recipe": {"kind": "vc"}})
+    with pytest.raises(ValueError, match="task 'multidigits' has no constraint group; give recipe.constraint"):
+        builders.recipe_from_config(cfg, digits, digits.objectives, digits.groups)

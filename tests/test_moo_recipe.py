@@ -46,7 +46,7 @@ def test_vs_weights():
 
 
 def test_vc_weights_and_penalty_ramp():
-    r = build_recipe("vc", NAMES, GROUPS)
+    r = build_recipe("vc", NAMES, GROUPS, constraint="ssl")
     assert [lv.penalty for lv in r.levels] == [False, True]
     assert r.levels[1].solver == "ew"
     inv = torch.tensor([1, 1 / 4, 1 / 2])
@@ -56,27 +56,26 @@ def test_vc_weights_and_penalty_ramp():
     assert info["etas"] == [1.0, pytest.approx(0.2)]
     w, _ = r.weights(GRAM, LOSSES, NAMES, epoch=100)
     _close(w, sup + [1.5])
-    slow = build_recipe("vc", NAMES, GROUPS, eta=Schedule(0.1, 0.002, 1.5))
+    slow = build_recipe("vc", NAMES, GROUPS, constraint="ssl", eta=Schedule(0.1, 0.002, 1.5))
     _close(slow.weights(GRAM, LOSSES, NAMES, epoch=50)[0], sup + [0.2])
 
 
 def test_vm_orders():
-    uas = build_recipe("vm", NAMES, GROUPS, order="uas")
+    uas = build_recipe("vm", NAMES, GROUPS, order=("asr", "st", "ssl"))
     assert [lv.objectives for lv in uas.levels] == [("asr_en", "asr_fr"), ("st",), ("ssl",)]
     w, info = uas.weights(GRAM, LOSSES, NAMES, epoch=5)
     _close(w, [0.8, 0.2, 0.2, 0.2])
     assert [float(x.sum()) for x in info["lambdas"]] == pytest.approx([1.0, 1.0, 1.0])
-    usa = build_recipe("vm", NAMES, GROUPS, order="usa")
+    usa = build_recipe("vm", NAMES, GROUPS, order=["st", "asr", "ssl"])
     w, _ = usa.weights(GRAM, LOSSES, NAMES, epoch=5)
     _close(w, [0.8 * 0.2, 0.2 * 0.2, 1.0, 0.2])
-    assert build_recipe("vm", NAMES, GROUPS).levels[0].objectives == ("asr_en", "asr_fr")  # uas default
     # A group that the task lacks is skipped.
-    two = build_recipe("vm", ("a", "b", "c"), {"asr": ("a", "b"), "ssl": ("c",)})
+    two = build_recipe("vm", ("a", "b", "c"), {"asr": ("a", "b"), "ssl": ("c",)}, order=("asr", "st", "ssl"))
     assert [lv.objectives for lv in two.levels] == [("a", "b"), ("c",)]
 
 
 def test_names_order_is_respected():
-    r = build_recipe("vm", NAMES, GROUPS)
+    r = build_recipe("vm", NAMES, GROUPS, order=("asr", "st", "ssl"))
     perm = [3, 1, 0, 2]
     names = [NAMES[i] for i in perm]
     gram = GRAM[perm][:, perm]
@@ -124,13 +123,18 @@ def test_errors():
     with pytest.raises(ValueError, match="unknown objectives"):
         build_recipe("vs", NAMES, {"ssl": ("speech",)})
     with pytest.raises(ValueError, match="needs a non-empty group 'ssl'"):
-        build_recipe("vc", NAMES, {"asr": ("asr_en",)})
+        build_recipe("vc", NAMES, {"asr": ("asr_en",)}, constraint="ssl")
+    with pytest.raises(ValueError, match="needs constraint"):
+        build_recipe("vc", NAMES, GROUPS)
     with pytest.raises(ValueError, match="belong to none"):
-        build_recipe("vm", NAMES, {"asr": ("asr_en", "asr_fr"), "ssl": ("ssl",)})
-    with pytest.raises(ValueError, match="unknown vm order"):
-        build_recipe("vm", NAMES, GROUPS, order="sua")
+        build_recipe("vm", NAMES, {"asr": ("asr_en", "asr_fr"), "ssl": ("ssl",)}, order=("asr", "st", "ssl"))
+    for bad in (None, "uas", ("asr", 3)):  # a task's named order is the task's to resolve
+        with pytest.raises(ValueError, match="needs order: the group names"):
+            build_recipe("vm", NAMES, GROUPS, order=bad)
     with pytest.raises(ValueError, match="only used by recipe 'vm'"):
-        build_recipe("vs", NAMES, GROUPS, order="uas")
+        build_recipe("vs", NAMES, GROUPS, order=("asr",))
+    with pytest.raises(ValueError, match="only used by recipe 'vc'"):
+        build_recipe("vm", NAMES, GROUPS, order=("asr", "st", "ssl"), constraint="ssl")
     with pytest.raises(ValueError, match="unknown solver"):
         build_recipe("vs", NAMES, GROUPS, solver="sgd")
     with pytest.raises(ValueError, match="unknown options"):

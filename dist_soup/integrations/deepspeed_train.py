@@ -16,6 +16,7 @@ checkpoints in ``deepspeed/`` (``--resume`` continues from its ``latest``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -54,9 +55,11 @@ def _deepspeed_config(cfg: Config, path) -> dict:
 
 def _section(cfg: Config, task, objectives, groups, steps_per_epoch: int) -> dict:
     d = config_mod.to_dict(cfg)
+    # The section has no task: its recipe names the groups themselves.
+    recipe = dataclasses.asdict(builders.with_task_groups(cfg.recipe, task))
     return {
         "compression": d["compression"], "objectives": list(objectives), "shared": task.shared,
-        "groups": {g: list(ks) for g, ks in groups.items()}, "recipe": d["recipe"], "solver": d["solver"],
+        "groups": {g: list(ks) for g, ks in groups.items()}, "recipe": recipe, "solver": d["solver"],
         "selection": d["selection"], "solve_every": cfg.train.solve_every, "gram": cfg.train.gram,
         "nonfinite": cfg.train.nonfinite, "reuse_jacobian": cfg.train.reuse_jacobian,
         "steps_per_epoch": steps_per_epoch, "seed": cfg.seed,

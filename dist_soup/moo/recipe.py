@@ -12,10 +12,13 @@ and the update direction is ``J^T w``; the same ``w`` weights the losses of ever
 
 * VS (single level): all objectives in one MOO level.
 * VC (constrained): the supervised objectives in one MOO level (eta = 1), the constraint
-  group (e.g. the self-supervised "ssl" group) as a penalty level summed with ``ew`` and weight
+  group (e.g. a self-supervised group) as a penalty level summed with ``ew`` and weight
   ``eta(t) = min(cap, start + step t)``, default 0.1 + 0.02 t capped at 1.5 (the paper's code).
-* VM (multilevel): ordered MOO levels, e.g. ASR, ST, SSL ("uas") or ST, ASR, SSL ("usa");
+* VM (multilevel): one MOO level per group, in a given order (e.g. ASR, then ST, then SSL);
   level 0 has eta = 1, later levels the ramp schedule.
+
+Which groups a task has, and its named orders, belong to the task (``Task.level_orders``,
+``Task.constraint_group``); this module takes group names.
 
 The engine tells the recipe where the run is by one number, the (fractional) epoch
 ``step / steps_per_epoch``. A schedule in steps or in fractions of the run needs the run
@@ -35,10 +38,9 @@ from torch import Tensor
 from . import solvers as solver_registry
 from .gram import check_finite
 
-__all__ = ["Schedule", "Level", "Recipe", "build_recipe", "RECIPE_KINDS", "VM_ORDERS", "DEFAULT_RAMP", "SCHEDULE_UNITS"]
+__all__ = ["Schedule", "Level", "Recipe", "build_recipe", "RECIPE_KINDS", "DEFAULT_RAMP", "SCHEDULE_UNITS"]
 
 RECIPE_KINDS = ("vs", "vc", "vm")
-VM_ORDERS = {"uas": ("asr", "st", "ssl"), "usa": ("st", "asr", "ssl")}
 
 
 def _finite(name: str, value: Any) -> float:
@@ -370,18 +372,19 @@ def build_recipe(
     *,
     solver: str = "mgda",
     solver_options: Mapping[str, Any] | None = None,
-    order: str | None = None,
+    order: Sequence[str] | None = None,
+    constraint: str | None = None,
     eta: Schedule | None = None,
 ) -> Recipe:
     """The recipe ``kind`` ("vs", "vc", "vm") for ``objectives`` and task ``groups``.
 
     * ``vs``: one level, all objectives, ``solver``, eta = 1.
-    * ``vc``: level 0 = objectives outside ``groups["ssl"]`` with ``solver`` (eta = 1); level 1 =
-      the ``ssl`` group, solver ``ew``, ``penalty=True``, eta = ``eta`` or 0.1 + 0.02 t capped at 1.5.
-    * ``vm``: one level per group in ``order`` ("uas": asr, st, ssl — the default; "usa": st,
-      asr, ssl), each with ``solver``; groups absent from ``groups`` are skipped; level 0 has
-      eta = 1, later levels ``eta`` or the default ramp. Every objective must belong to one of
-      the ordered groups.
+    * ``vc``: level 0 = objectives outside ``groups[constraint]`` with ``solver`` (eta = 1);
+      level 1 = that group, solver ``ew``, ``penalty=True``, eta = ``eta`` or 0.1 + 0.02 t
+      capped at 1.5.
+    * ``vm``: one level per group named in ``order`` (e.g. ``("asr", "st", "ssl")``), each with
+      ``solver``; groups absent from ``groups`` are skipped; level 0 has eta = 1, later levels
+      ``eta`` or the default ramp. Every objective must belong to one of the ordered groups.
     """
     if kind not in RECIPE_KINDS:
         raise ValueError(f"unknown recipe kind {kind!r}; allowed: {', '.join(RECIPE_KINDS)}")
@@ -396,31 +399,37 @@ def build_recipe(
     ramp = eta if eta is not None else DEFAULT_RAMP
     if order is not None and kind != "vm":
         raise ValueError(f"option order is only used by recipe 'vm', not {kind!r}")
+    if constraint is not None and kind != "vc":
+        raise ValueError(f"option constraint is only used by recipe 'vc', not {kind!r}")
     if kind == "vs":
         return Recipe([Level(objectives, solver, opts, Schedule(1.0))])
     if kind == "vc":
-        if "ssl" not in groups or not groups["ssl"]:
-            raise ValueError("recipe 'vc' needs a non-empty group 'ssl' (the constraint objectives)")
-        ssl = tuple(o for o in objectives if o in set(groups["ssl"]))
-        sup = tuple(o for o in objectives if o not in set(ssl))
+        if constraint is None:
+            raise ValueError("recipe 'vc' needs constraint: the name of the group of constraint objectives")
+        if not groups.get(constraint):
+            raise ValueError(f"recipe 'vc' needs a non-empty group {constraint!r} (the constraint objectives); "
+                             f"groups: {sorted(groups)}")
+        penalty = tuple(o for o in objectives if o in set(groups[constraint]))
+        sup = tuple(o for o in objectives if o not in set(penalty))
         if not sup:
-            raise ValueError("recipe 'vc' needs supervised objectives outside group 'ssl'")
-        return Recipe([Level(sup, solver, opts, Schedule(1.0)), Level(ssl, "ew", {}, ramp, penalty=True)])
-    order = order or "uas"
-    if order not in VM_ORDERS:
-        raise ValueError(f"unknown vm order {order!r}; allowed: {', '.join(VM_ORDERS)}")
+            raise ValueError(f"recipe 'vc' needs supervised objectives outside group {constraint!r}")
+        return Recipe([Level(sup, solver, opts, Schedule(1.0)), Level(penalty, "ew", {}, ramp, penalty=True)])
+    if order is None or isinstance(order, str) or not all(isinstance(g, str) for g in order):
+        raise ValueError(f"recipe 'vm' needs order: the group names, one level each, first level first (e.g. "
+                         f"['asr', 'st', 'ssl']), got {order!r}")
+    order = tuple(order)
     levels: list[Level] = []
     covered: set[str] = set()
-    for gname in VM_ORDERS[order]:
+    for gname in order:
         members = tuple(o for o in objectives if o in set(groups.get(gname, ())))
         if not members:
             continue
         overlap = sorted(covered & set(members))
         if overlap:
-            raise ValueError(f"objectives {overlap} are in more than one of the groups {VM_ORDERS[order]}")
+            raise ValueError(f"objectives {overlap} are in more than one of the groups {order}")
         covered |= set(members)
         levels.append(Level(members, solver, opts, Schedule(1.0) if not levels else ramp))
     left = [o for o in objectives if o not in covered]
     if left:
-        raise ValueError(f"recipe 'vm' ({order}): objectives {left} belong to none of the groups {VM_ORDERS[order]}")
+        raise ValueError(f"recipe 'vm' {list(order)}: objectives {left} belong to none of these groups")
     return Recipe(levels)

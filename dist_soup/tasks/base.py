@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +37,11 @@ class Task(ABC):
     groups: dict[str, tuple[str, ...]]
     metrics: dict[str, Metric]
     shared: str
+    #: Named orders of ``groups`` for the multilevel recipe (a config's ``recipe.order`` may
+    #: name one), first level first; the first is the default.
+    level_orders: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: The group that the constrained recipe (vc) turns into a penalty level, if any.
+    constraint_group: ClassVar[str | None] = None
 
     @abstractmethod
     def build_model(self, seed: int) -> nn.Module:

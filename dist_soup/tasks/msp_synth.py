@@ -197,6 +197,10 @@ class MSPSynth(Task):
 
     name = "msp_synth"
     shared = "encoder"
+    # The Objective Soups orders: ASR, then ST, then SSL ("uas"), or ST first ("usa"); SSL is
+    # the constraint of the vc recipe.
+    level_orders = {"uas": ("asr", "st", "ssl"), "usa": ("st", "asr", "ssl")}
+    constraint_group = "ssl"
 
     @property
     def baselines(self) -> dict[str, float]:
