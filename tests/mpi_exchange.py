@@ -27,7 +27,7 @@ def tensors(rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def same_everywhere(tr: MPITransport, result: dict[str, torch.Tensor]) -> bool:
     bits = torch.cat([t.reshape(-1).float().view(torch.int32) for t in result.values()])
-    return all(torch.equal(b, bits) for b in tr.all_gather(bits))
+    return all(torch.equal(b, bits) for b in tr.all_gather_v(bits, [bits.numel()] * tr.world_size))
 
 
 def expect_error(fn, *patterns: str) -> None:
@@ -54,10 +54,9 @@ def main() -> None:
     assert tr.all_reduce_(h, "sum").float().tolist() == [0.5 * P * (P + 1) / 2] * 3
     b = torch.arange(4) * (rank + 1)
     assert tr.broadcast_(b, P - 1).tolist() == (torch.arange(4) * P).tolist()
-    assert [x.item() for x in tr.all_gather(torch.tensor(rank))] == list(range(P))
-    out = torch.empty(P, dtype=torch.int64)
-    tr.all_to_all_single(out, torch.arange(P) + 10 * rank)
-    assert out.tolist() == [rank + 10 * r for r in range(P)]
+    assert [x.item() for x in tr.all_gather_v(torch.tensor([rank]), [1] * P)] == list(range(P))
+    pieces = tr.all_to_all_v(torch.arange(P) + 10 * rank, [1] * P, [1] * P)
+    assert [x.item() for x in pieces] == [rank + 10 * r for r in range(P)]
     tr.barrier()
 
     for mode in ("allgather", "allreduce", "two_phase"):

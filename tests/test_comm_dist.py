@@ -121,10 +121,9 @@ def _worker_modes(rank: int, P: int) -> None:
     assert tr.all_reduce_(torch.tensor([rank, -rank], dtype=torch.int16), "max").tolist() == [P - 1, 0]
     assert tr.all_reduce_(torch.full((2,), rank + 1.0)).tolist() == [P * (P + 1) / 2] * 2
     assert tr.broadcast_(torch.full((3,), float(rank)), P - 1).tolist() == [P - 1.0] * 3
-    assert [t.tolist() for t in tr.all_gather(torch.full((2, 1), rank))] == [[[r], [r]] for r in range(P)]
-    out = torch.empty(P, dtype=torch.int64)
-    tr.all_to_all_single(out, torch.arange(P) + 10 * rank)
-    assert out.tolist() == [rank + 10 * r for r in range(P)]
+    assert [t.tolist() for t in tr.all_gather_v(torch.full((2,), rank), [2] * P)] == [[r, r] for r in range(P)]
+    pieces = tr.all_to_all_v(torch.arange(P) + 10 * rank, [1] * P, [1] * P)
+    assert [t.item() for t in pieces] == [rank + 10 * r for r in range(P)]
     tr.barrier()
     # a sub-group: group ranks differ from global ranks, the others take no part
     if P > 2:

@@ -13,7 +13,7 @@ asynchronous form returning a :class:`Work` whose ``wait()`` gives the result:
 ``barrier()``
 ==========================  ==============================================================
 
-plus the torch-style conveniences ``all_gather(t)`` (equal shapes) and ``all_to_all_single``.
+(and the blocking forms ``all_reduce_``, ``broadcast_``, ``all_gather_v``, ``all_to_all_v``).
 
 Back ends: :class:`LocalTransport` (one process, every collective is the identity),
 :class:`TorchTransport` (torch.distributed: gloo, NCCL, anything that implements the
@@ -134,31 +134,6 @@ class Transport(ABC):
     def all_to_all_v(self, t: torch.Tensor, send_counts: Sequence[int],
                      recv_counts: Sequence[int]) -> list[torch.Tensor]:
         return self.all_to_all_v_async(t, send_counts, recv_counts).wait()
-
-    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``t`` (same shape on every rank), in rank order."""
-        flat = t.detach().reshape(-1)
-        parts = self.all_gather_v(flat, [flat.numel()] * self.world_size)
-        return [p.reshape(t.shape) for p in parts]
-
-    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
-                          output_split_sizes: Sequence[int] | None = None,
-                          input_split_sizes: Sequence[int] | None = None) -> torch.Tensor:
-        """Like ``torch.distributed.all_to_all_single`` on 1-D tensors (equal splits by default)."""
-        p = self.world_size
-        if input.dim() != 1 or output.dim() != 1:
-            raise ValueError("all_to_all_single takes 1-D tensors")
-        send = list(input_split_sizes) if input_split_sizes is not None else [input.numel() // p] * p
-        recv = list(output_split_sizes) if output_split_sizes is not None else [output.numel() // p] * p
-        if sum(send) != input.numel() or sum(recv) != output.numel() or len(send) != p or len(recv) != p:
-            raise ValueError(
-                f"all_to_all_single splits do not fit: send {send} for {input.numel()} values, "
-                f"recv {recv} for {output.numel()} values, world size {p}"
-            )
-        pieces = self.all_to_all_v(input, send, recv)
-        if output.numel():
-            torch.cat(pieces, out=output)
-        return output
 
     def _check_counts(self, t: torch.Tensor, counts: Sequence[int], what: str) -> None:
         if t.dim() != 1:
