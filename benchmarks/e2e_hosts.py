@@ -146,9 +146,11 @@ ROWS: list[RowSpec] = [
             set=_EW + _codec("qsgd", "{bits: 4}") + ("compression.mode=allgather", "train.solve_every=100000")),
     RowSpec("ew_qsgd4_solve2", "dist_soup ew, QSGD 4-bit, allgather, solve_every 2", "soup",
             set=_EW + _codec("qsgd", "{bits: 4}") + ("compression.mode=allgather", "train.solve_every=2")),
-    RowSpec("quickstart_solve2", "quickstart recipe (vm, MGDA, threshold), QSGD 4-bit, solve_every 2", "soup",
+    RowSpec("quickstart_solve2", "quickstart recipe (vm, MGDA momentum 0.9, threshold), QSGD 4-bit, "
+            "solve_every 2", "soup",
             config="configs/quickstart.yaml", set=("train.solve_every=2",)),
-    RowSpec("quickstart_solve25", "quickstart recipe (vm, MGDA, threshold), QSGD 4-bit, solve_every 25", "soup",
+    RowSpec("quickstart_solve25", "quickstart recipe (vm, MGDA momentum 0.9, threshold), QSGD 4-bit, "
+            "solve_every 25", "soup",
             config="configs/quickstart.yaml", set=("train.solve_every=25",)),
     RowSpec("ds_allreduce", "DeepSpeed ZeRO 0 fp32, its own all-reduce, sum of losses", "deepspeed",
             options={"plugin": False}),

@@ -57,7 +57,7 @@ def print_summary(summary: dict, run_dir: str) -> None:
     line = "  ".join("-" * w for w in widths)
     out = ["", line]
     for i, r in enumerate(rows):
-        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if i == 0:
             out.append(line)
     out.append(line)
