@@ -303,7 +303,7 @@ def markdown(spec, cells: list[dict], setup: dict, machine: dict) -> str:
 def _rate_bits(rate: str) -> float:
     if rate == "uncapped":
         return float("inf")
-    num, unit = rate[:-4][:-1], rate[-4]
+    num, unit = rate[:-4], rate[-4]  # "100mbit" -> 100, m
     return float(num) * {"k": 1e3, "m": 1e6, "g": 1e9}[unit]
 
 

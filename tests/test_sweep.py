@@ -213,3 +213,10 @@ def test_ddp_config_errors_from_the_command_line(tmp_path):
     r = cli("--set", "train.engine=ddp", "--set", "train.steps=2")
     assert r.returncode == 2 and "train.engine: 'ddp' runs on torch.distributed" in r.stderr, r.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_link_rates_order_by_bandwidth():
+    import sweep_report
+
+    rates = ["uncapped", "1gbit", "100mbit", "500kbit", "2.5gbit"]
+    assert sorted(rates, key=sweep_report._rate_bits) == ["500kbit", "100mbit", "1gbit", "2.5gbit", "uncapped"]
