@@ -360,13 +360,10 @@ def _spawned(rank: int, world: int, init_method: str, args: argparse.Namespace) 
 
 
 def run_spawn(args: argparse.Namespace) -> None:
-    import torch.multiprocessing as mp
-
-    from dist_soup.process_group import free_port
+    from dist_soup.process_group import spawn_local
 
     for world in args.ranks:
-        init = f"tcp://127.0.0.1:{free_port()}"
-        mp.spawn(_spawned, args=(world, init, args), nprocs=world, join=True)
+        spawn_local(_spawned, world, "env://", args)
 
 
 def run_one_rank(args: argparse.Namespace) -> None:

@@ -37,9 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _worker(rank: int, world: int, port: int, cfg, run_dir: str, resume: bool, deepspeed: str | None = None) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+def _worker(rank: int, world: int, cfg, run_dir: str, resume: bool, deepspeed: str | None = None) -> None:
     os.environ.setdefault("DIST_SOUP_BACKEND", "gloo")
     summary = _train(cfg, run_dir, resume, deepspeed)
     if summary is not None:
@@ -123,11 +121,10 @@ def train_command(args) -> int:
         return 0
     import torch.multiprocessing as mp
 
-    from .process_group import free_port
+    from .process_group import spawn_local
 
     try:
-        mp.start_processes(_worker, args=(args.nproc, free_port(), cfg, run_dir, args.resume, args.deepspeed),
-                           nprocs=args.nproc, start_method="spawn")
+        spawn_local(_worker, args.nproc, cfg, run_dir, args.resume, args.deepspeed)
     except mp.ProcessRaisedException as exc:
         last = str(exc).strip().splitlines()[-1]
         print(f"dist-soup: a worker failed: {last}", file=sys.stderr)

@@ -28,6 +28,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_local(fn, nprocs: int, *args) -> None:
+    """Call ``fn(rank, nprocs, *args)`` on ``nprocs`` freshly spawned processes of this machine,
+    each with the variables torchrun sets (``MASTER_ADDR`` 127.0.0.1 and a free port, ``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE``), so ``init_method="env://"`` joins them. A worker's exception
+    re-raises here as ``torch.multiprocessing.ProcessRaisedException`` (a death as
+    ``ProcessExitedException``). ``fn`` must be importable (a module-level function)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_spawned, args=(nprocs, free_port(), fn, args), nprocs=nprocs, start_method="spawn")
+
+
+def _spawned(rank: int, world: int, port: int, fn, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    fn(rank, world, *args)
+
+
 def init_process_group(*args, **kwargs) -> None:
     """``torch.distributed.init_process_group(*args, **kwargs)``, such that
     ``destroy_process_group`` really ends the group.

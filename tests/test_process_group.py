@@ -6,11 +6,8 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from dist_soup.process_group import init_process_group
-
-from .dist_utils import free_port
+from dist_soup.process_group import init_process_group, spawn_local
 
 
 def _thread_names() -> list[str]:
@@ -21,10 +18,9 @@ def _thread_names() -> list[str]:
     return names
 
 
-def _worker(rank: int, world: int, port: int) -> None:
+def _worker(rank: int, world: int) -> None:
     from dist_soup import SoupEngine
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(rank)
@@ -41,4 +37,4 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 
 def test_destroy_process_group_ends_gloo_threads():
-    mp.start_processes(_worker, args=(2, free_port()), nprocs=2, start_method="spawn")
+    spawn_local(_worker, 2)

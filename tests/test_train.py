@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .dist_utils import free_port
+from dist_soup.process_group import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
