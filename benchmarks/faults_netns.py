@@ -30,21 +30,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.netns_cluster import Cluster, logged_steps, netns_unavailable, wait_for_step  # noqa: E402
+from tests.netns_cluster import FAULT_CONFIG, Cluster, logged_steps, netns_unavailable, wait_for_step  # noqa: E402
 
-CONFIG = {
-    "task": {"name": "multidigits", "options": {"n_train": 1024, "n_test": 200, "channels": 4, "hidden": 32}},
-    "recipe": {"kind": "vs"},
-    "solver": {"name": "mgda"},
-    "selection": {"rule": "threshold", "probe_every": 5},
-    "compression": {"jacobian": {"name": "qsgd", "options": {"bits": 4}},
-                    "update": {"name": "qsgd", "options": {"bits": 4, "error_feedback": True}}},
-    "optimizer": {"name": "adam", "lr": 0.01},
-    "train": {"steps": 120, "batch_size": 16, "solve_every": 2},
-    "checkpoint": {"every": 20, "keep": 2},
-    "logging": {"every": 1, "progress": "none"},
-    "seed": 3,
-}
+# The fault tests' run, longer, on more data, with sparser checkpoints.
+CONFIG = json.loads(json.dumps(FAULT_CONFIG))
+CONFIG["task"]["options"]["n_train"] = 1024
+CONFIG["train"]["steps"] = 120
+CONFIG["checkpoint"]["every"] = 20
 
 
 class Watch(threading.Thread):

@@ -24,6 +24,32 @@ HOSTS_SH = ROOT / "launch" / "netns_hosts.sh"
 MULTINODE_SH = ROOT / "launch" / "torchrun_multinode.sh"
 BIN = Path(sys.executable).parent
 
+#: The run that the fault tests and ``benchmarks/faults_netns.py`` break: a small multidigits
+#: job with a probe, QSGD with error feedback (residues in every checkpoint) and frequent
+#: checkpoints. Copy it before changing it.
+FAULT_CONFIG = {
+    "task": {"name": "multidigits", "options": {"n_train": 512, "n_test": 200, "channels": 4, "hidden": 32}},
+    "recipe": {"kind": "vs"},
+    "solver": {"name": "mgda"},
+    "selection": {"rule": "threshold", "probe_every": 5},
+    "compression": {"jacobian": {"name": "qsgd", "options": {"bits": 4}},
+                    "update": {"name": "qsgd", "options": {"bits": 4, "error_feedback": True}}},
+    "optimizer": {"name": "adam", "lr": 0.01},
+    "train": {"steps": 40, "batch_size": 16, "solve_every": 2},
+    "checkpoint": {"every": 10, "keep": 2},
+    "logging": {"every": 1, "progress": "none"},
+    "seed": 3,
+}
+
+
+def child_env() -> dict:
+    """The environment of a child ``python -m dist_soup`` (or torchrun) a test starts: one
+    thread, this checkout first on the path, none of an enclosing launcher's variables."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
 
 def netns_unavailable() -> str | None:
     """Why namespace hosts cannot be made here, or None."""

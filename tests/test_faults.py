@@ -23,39 +23,29 @@ import yaml
 
 from dist_soup import checkpoint, faults, resize
 
-from .netns_cluster import BIN, ROOT, Cluster, children, cmdline, logged_steps, netns_unavailable, wait_for_step
-
-CFG = {
-    "task": {"name": "multidigits", "options": {"n_train": 512, "n_test": 200, "channels": 4, "hidden": 32}},
-    "recipe": {"kind": "vs"},
-    "solver": {"name": "mgda"},
-    "selection": {"rule": "threshold", "probe_every": 5},
-    "compression": {"jacobian": {"name": "qsgd", "options": {"bits": 4}},
-                    "update": {"name": "qsgd", "options": {"bits": 4, "error_feedback": True}}},
-    "optimizer": {"name": "adam", "lr": 0.01},
-    "train": {"steps": 40, "batch_size": 16, "solve_every": 2},
-    "checkpoint": {"every": 10, "keep": 2},
-    "logging": {"every": 1, "progress": "none"},
-    "seed": 3,
-}
+from .netns_cluster import (
+    BIN,
+    FAULT_CONFIG,
+    ROOT,
+    Cluster,
+    child_env,
+    children,
+    cmdline,
+    logged_steps,
+    netns_unavailable,
+    wait_for_step,
+)
 
 
 def write_config(path: Path, **train) -> Path:
-    data = json.loads(json.dumps(CFG))
+    data = json.loads(json.dumps(FAULT_CONFIG))
     data["train"].update(train)
     path.write_text(yaml.safe_dump(data))
     return path
 
 
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", DIST_SOUP_COMPILE="0", PYTHONPATH=str(ROOT))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
-
-
 def cli(*args, timeout=200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dist_soup", *map(str, args)], cwd=ROOT, env=env(),
+    return subprocess.run([sys.executable, "-m", "dist_soup", *map(str, args)], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -63,7 +53,7 @@ def torchrun(cfg: Path, run: Path, *extra, nproc: int = 2) -> subprocess.Popen:
     return subprocess.Popen(
         [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
          "-m", "dist_soup", "train", "--config", str(cfg), "--run-dir", str(run), *extra],
-        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def workers_of(agent: subprocess.Popen) -> dict[int, int]:

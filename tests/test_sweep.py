@@ -7,7 +7,6 @@ tests check its outputs, rerun it half-finished, and feed the runner and the con
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bandwidth_accuracy as sweep  # noqa: E402
 
 from dist_soup import config as config_mod  # noqa: E402
+
+from .netns_cluster import child_env  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -56,13 +57,6 @@ SPEC = {
 CELLS, SEEDS = ("ddp_fp32", "qsgd4"), (0, 1)
 
 
-def _env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
-
-
 def write_spec(tmp: Path, spec: dict = SPEC, base: dict = BASE) -> Path:
     (tmp / "base.yaml").write_text(yaml.safe_dump(base))
     path = tmp / "spec.yaml"
@@ -72,7 +66,7 @@ def write_spec(tmp: Path, spec: dict = SPEC, base: dict = BASE) -> Path:
 
 def run_sweep(spec: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(RUNNER), str(spec), "--out", str(out), "--loopback", "--eager", *extra],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=220)
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=220)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +198,7 @@ def test_ddp_config_errors_from_the_command_line(tmp_path):
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "dist_soup", "train", "--config", str(tmp_path / "c.yaml"),
-                               "--run-dir", str(tmp_path / "run"), *args], cwd=ROOT, env=_env(),
+                               "--run-dir", str(tmp_path / "run"), *args], cwd=ROOT, env=child_env(),
                               capture_output=True, text=True, timeout=120)
 
     r = cli("--nproc", "2", "--set", "train.engine=ddp", "--set", "ddp.hook=fp17")

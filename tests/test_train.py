@@ -14,6 +14,8 @@ import yaml
 
 from dist_soup.process_group import free_port
 
+from .netns_cluster import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -38,15 +40,8 @@ def write_config(tmp_path: Path, data: dict = SMALL, name: str = "small.yaml") -
     return path
 
 
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
-
-
 def cli(*args, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dist_soup", *map(str, args)], cwd=ROOT, env=env(),
+    return subprocess.run([sys.executable, "-m", "dist_soup", *map(str, args)], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -130,7 +125,7 @@ def test_two_torchrun_nodes_on_one_machine(tmp_path):
             [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "twonodes",
              "-m", "dist_soup", "train", "--config", str(cfg), "--run-dir", str(run)],
-            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node in range(2)
     ]
     outs = [p.communicate(timeout=240)[0] for p in procs]
@@ -146,7 +141,7 @@ def test_killed_rank_restarts_from_the_last_checkpoint(tmp_path):
     proc = subprocess.Popen(
         [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
          "-m", "dist_soup", "train", "--config", str(cfg), "--run-dir", str(run), "--resume"],
-        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 180
     killed = None
@@ -182,7 +177,8 @@ def test_mpirun_two_ranks(tmp_path):
     cfg = write_config(tmp_path)
     run = tmp_path / "run"
     out = subprocess.run([str(mpirun), "-n", "2", sys.executable, "-m", "dist_soup", "train", "--config", str(cfg),
-                          "--run-dir", str(run)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+                          "--run-dir", str(run)], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                         timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     s = summary(run)
     assert s["world_size"] == 2 and s["steps"] == 40 and s["comm"]["bytes_sent"] > 0
@@ -197,7 +193,7 @@ def test_ranks_with_different_configs_fail_together(tmp_path):
              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mismatch",
              "-m", "dist_soup", "train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"),
              "--set", f"optimizer.lr={lr}"],
-            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for lr in (0.01, 0.02)
     ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
