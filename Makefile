@@ -22,6 +22,7 @@ demo: $(STAMP)
 # Lint and types first (config in pyproject.toml): seconds, and they fail before 13 minutes of tests do.
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	$(PY) -m pytest
 

@@ -18,8 +18,14 @@ setup(
         "matplotlib>=3.6",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "torchjd[quadprog-projector,cagrad]>=0.18",
-                "ruff>=0.6", "mypy>=1.10"],
+        "dev": [
+            "pytest>=7",
+            "pytest-timeout>=2.1",
+            "hypothesis>=6",
+            "torchjd[quadprog-projector,cagrad]>=0.18",
+            "ruff>=0.6",
+            "mypy>=1.10",
+        ],
         "mpi": ["mpi4py>=3.1", "mpich"],
         # the plugin (integrations/deepspeed.py) is tested with 0.19.8; its JIT op needs g++
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],

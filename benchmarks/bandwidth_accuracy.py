@@ -64,6 +64,7 @@ link rate, metric vs wall-clock per rate). See ``benchmarks/sweep_report.py``.
 Capped rates need network namespaces (root, iproute2); without them (or with ``--loopback``)
 only ``uncapped`` is timed, over 127.0.0.1, and the capped rates are reported as not measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,8 +96,23 @@ from sweep_report import finished, run_dir, timing_file  # noqa: E402
 
 from dist_soup import config as config_mod  # noqa: E402
 
-SPEC_KEYS = ("name", "base", "steps", "eval_every", "nproc", "seeds", "grid", "rates", "timing", "target",
-             "target_tolerance", "versus", "versus_label", "run_timeout_s", "quick")
+SPEC_KEYS = (
+    "name",
+    "base",
+    "steps",
+    "eval_every",
+    "nproc",
+    "seeds",
+    "grid",
+    "rates",
+    "timing",
+    "target",
+    "target_tolerance",
+    "versus",
+    "versus_label",
+    "run_timeout_s",
+    "quick",
+)
 QUICK_KEYS = ("cells", "set", "steps", "eval_every", "seeds", "rates", "timing", "run_timeout_s")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _RATE = re.compile(r"^(uncapped|\d+(\.\d+)?[kmg]bit)$")
@@ -136,8 +152,15 @@ class Spec:
 
     def overrides(self, cell: Cell, seed: int) -> list[str]:
         """Every ``--set`` of the run of ``cell`` with ``seed``, in the order they apply."""
-        return [*self.base_set, *cell.overrides, f"train.steps={self.steps}", f"logging.eval_every={self.eval_every}",
-                f"seed={seed}", "checkpoint.every=0", "logging.progress=none"]
+        return [
+            *self.base_set,
+            *cell.overrides,
+            f"train.steps={self.steps}",
+            f"logging.eval_every={self.eval_every}",
+            f"seed={seed}",
+            "checkpoint.every=0",
+            "logging.progress=none",
+        ]
 
     def config(self, cell: Cell, seed: int):
         """The resolved, checked config of that run (what ``dist-soup train`` will run)."""
@@ -165,7 +188,7 @@ def _overrides(path: Path, key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, dict):
         return tuple(f"{k}={json.dumps(v)}" for k, v in value.items())
     if not isinstance(value, list) or not all(isinstance(s, str) and "=" in s for s in value):
-        _fail(path, key, f"{value!r} must be a list of \"key=value\" strings or a mapping of keys to values")
+        _fail(path, key, f'{value!r} must be a list of "key=value" strings or a mapping of keys to values')
     return tuple(value)
 
 
@@ -180,8 +203,12 @@ def _names(path: Path, key: str, value: Any) -> list[str]:
 def _cells(path: Path, grid: Any) -> list[Cell]:
     blocks = grid if isinstance(grid, list) else [grid]
     if not blocks or not all(isinstance(b, dict) and b for b in blocks):
-        _fail(path, "grid", "must be a mapping of axes (or a list of such mappings), each axis a mapping of "
-                            "value names to override sets")
+        _fail(
+            path,
+            "grid",
+            "must be a mapping of axes (or a list of such mappings), each axis a mapping of "
+            "value names to override sets",
+        )
     cells: list[Cell] = []
     for b, block in enumerate(blocks):
         where = f"grid[{b}]" if isinstance(grid, list) else "grid"
@@ -197,8 +224,9 @@ def _cells(path: Path, grid: Any) -> list[Cell]:
             cid = "+".join(v for v, _ in combo)
             if any(c.id == cid for c in cells):
                 _fail(path, where, f"cell {cid!r} appears twice; cell ids (value names joined by '+') must be unique")
-            cells.append(Cell(cid, {a: v for (a, _), (v, _) in zip(axes, combo)},
-                              tuple(s for _, sets in combo for s in sets)))
+            cells.append(
+                Cell(cid, {a: v for (a, _), (v, _) in zip(axes, combo)}, tuple(s for _, sets in combo for s in sets))
+            )
     return cells
 
 
@@ -245,12 +273,19 @@ def load_spec(path: str | Path, quick: bool = False) -> Spec:
     if not isinstance(name, str) or not _NAME.match(name):
         _fail(path, "name", f"{name!r} must be letters, digits, '_', '.' or '-'")
     seeds = data["seeds"]
-    if not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds) \
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or len(set(map(str, seeds))) != len(seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
         _fail(path, "seeds", f"{seeds!r} must be a non-empty list of distinct integers >= 0")
     rates = data.get("rates", ["uncapped"])
-    if not isinstance(rates, list) or not all(isinstance(r, str) and _RATE.match(r) for r in rates) \
-            or len(set(rates)) != len(rates):
+    if (
+        not isinstance(rates, list)
+        or not all(isinstance(r, str) and _RATE.match(r) for r in rates)
+        or len(set(rates)) != len(rates)
+    ):
         _fail(path, "rates", f"{rates!r} must be a list of distinct link rates like uncapped, 1gbit, 100mbit")
     timing = data.get("timing") or {}
     if not isinstance(timing, dict) or set(timing) - {"steps", "warmup"}:
@@ -277,13 +312,24 @@ def load_spec(path: str | Path, quick: bool = False) -> Spec:
             _fail(path, "quick.cells", f"{missing} are not cells of the grid; cells: {', '.join(ids)}")
         cells = [c for c in cells if c.id in keep]
         ids = [c.id for c in cells]
-    spec = Spec(path=path, name=name, base_config=base_config,
-                base_set=_overrides(path, "base.set", base.get("set")) + extra_set,
-                steps=_int(path, "steps", data["steps"], 1),
-                eval_every=_int(path, "eval_every", data.get("eval_every", 0), 0),
-                nproc=_int(path, "nproc", data.get("nproc", 2), 2), seeds=list(seeds), cells=cells, rates=rates,
-                timing_steps=t_steps, timing_warmup=t_warmup, target_tolerance=float(tol),
-                run_timeout_s=float(timeout), versus_label=label, quick=quick)
+    spec = Spec(
+        path=path,
+        name=name,
+        base_config=base_config,
+        base_set=_overrides(path, "base.set", base.get("set")) + extra_set,
+        steps=_int(path, "steps", data["steps"], 1),
+        eval_every=_int(path, "eval_every", data.get("eval_every", 0), 0),
+        nproc=_int(path, "nproc", data.get("nproc", 2), 2),
+        seeds=list(seeds),
+        cells=cells,
+        rates=rates,
+        timing_steps=t_steps,
+        timing_warmup=t_warmup,
+        target_tolerance=float(tol),
+        run_timeout_s=float(timeout),
+        versus_label=label,
+        quick=quick,
+    )
     for key in ("target", "versus"):
         listed = _names(path, key, data.get(key, []))
         # under --quick a listed cell outside the subset simply has no column
@@ -304,8 +350,13 @@ def load_spec(path: str | Path, quick: bool = False) -> Spec:
 
 # --------------------------------------------------------------------------------- the runs
 def _clean_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DIST_SOUP_THREADS="1", DIST_SOUP_COMPILE="0",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        DIST_SOUP_THREADS="1",
+        DIST_SOUP_COMPILE="0",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
         env.pop(k, None)
     return env
@@ -334,15 +385,26 @@ def quality_run(spec: Spec, out: Path, cell: Cell, seed: int) -> str | None:
     rd.parent.mkdir(parents=True, exist_ok=True)
     log = out / "logs" / f"{cell.id}.seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "dist_soup", "train", "--config", str(spec.base_config), "--nproc", str(spec.nproc),
-           "--run-dir", str(rd)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dist_soup",
+        "train",
+        "--config",
+        str(spec.base_config),
+        "--nproc",
+        str(spec.nproc),
+        "--run-dir",
+        str(rd),
+    ]
     for s in spec.overrides(cell, seed):
         cmd += ["--set", s]
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_clean_env(), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=_clean_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
         rc = _wait(proc, spec.run_timeout_s)
     if rc == 0 and finished(spec, out, cell, seed):
         return None
@@ -352,10 +414,20 @@ def quality_run(spec: Spec, out: Path, cell: Cell, seed: int) -> str | None:
 
 def _timing_key(spec: Spec, cell: Cell, rate: str, loopback: bool, eager: bool) -> str:
     """What a timing result depends on: the job's config, its length, the hosts and the link."""
-    cfg = config_mod.from_dict(config_mod.apply_overrides(config_mod.to_dict(spec.config(cell, spec.seeds[0])),
-                                                          [f"train.steps={spec.timing_steps}"]))
-    blob = {"config": config_mod.fingerprint(cfg), "steps": spec.timing_steps, "warmup": spec.timing_warmup,
-            "hosts": spec.nproc, "rate": rate, "loopback": loopback, "eager": eager}
+    cfg = config_mod.from_dict(
+        config_mod.apply_overrides(
+            config_mod.to_dict(spec.config(cell, spec.seeds[0])), [f"train.steps={spec.timing_steps}"]
+        )
+    )
+    blob = {
+        "config": config_mod.fingerprint(cfg),
+        "steps": spec.timing_steps,
+        "warmup": spec.timing_warmup,
+        "hosts": spec.nproc,
+        "rate": rate,
+        "loopback": loopback,
+        "eager": eager,
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -367,8 +439,9 @@ def write_timing_config(spec: Spec, out: Path, cell: Cell) -> Path:
     return path
 
 
-def timing_runs(spec: Spec, out: Path, rate: str, cells: list[Cell], loopback: bool, args: argparse.Namespace,
-                log=print) -> int:
+def timing_runs(
+    spec: Spec, out: Path, rate: str, cells: list[Cell], loopback: bool, args: argparse.Namespace, log=print
+) -> int:
     """Time every one of ``cells`` not yet timed at ``rate``; the number of failures."""
     todo = []
     for cell in cells:
@@ -383,9 +456,24 @@ def timing_runs(spec: Spec, out: Path, rate: str, cells: list[Cell], loopback: b
     if not todo:
         log(f"[sweep] timing {rate}: every cell already timed")
         return 0
-    argv = ["--rate", rate, "--hosts", str(spec.nproc), "--steps", str(spec.timing_steps), "--warmup",
-            str(spec.timing_warmup), "--prefix", args.prefix, "--subnet", args.subnet, "--port", str(args.port),
-            "--row-timeout", str(spec.run_timeout_s)]
+    argv = [
+        "--rate",
+        rate,
+        "--hosts",
+        str(spec.nproc),
+        "--steps",
+        str(spec.timing_steps),
+        "--warmup",
+        str(spec.timing_warmup),
+        "--prefix",
+        args.prefix,
+        "--subnet",
+        args.subnet,
+        "--port",
+        str(args.port),
+        "--row-timeout",
+        str(spec.run_timeout_s),
+    ]
     argv += ["--loopback"] if loopback else []
     argv += ["--eager"] if args.eager else []
     h_args = e2e_hosts.parse_args(argv)
@@ -398,8 +486,9 @@ def timing_runs(spec: Spec, out: Path, rate: str, cells: list[Cell], loopback: b
             log(f"[sweep] timing {rate}: {hosts.link}")
         for idx, (cell, key) in enumerate(todo):
             kind = "ddp" if spec.config(cell, spec.seeds[0]).train.engine == "ddp" else "soup"
-            row = e2e_hosts.RowSpec(cell.id, cell.id, kind, config=str(write_timing_config(spec, out, cell)),
-                                    common=False)
+            row = e2e_hosts.RowSpec(
+                cell.id, cell.id, kind, config=str(write_timing_config(spec, out, cell)), common=False
+            )
             t0 = time.perf_counter()
             res = e2e_hosts.run_row(row, idx, hosts, h_args, workdir)
             fig = e2e_hosts.summarize(row, res, spec.timing_warmup, spec.timing_steps)
@@ -408,8 +497,10 @@ def timing_runs(spec: Spec, out: Path, rate: str, cells: list[Cell], loopback: b
                 failures += 1
                 log(f"[sweep] timing {rate} {cell.id}: FAILED ({fig['error']})\n{fig.get('log_tail', '')[-1500:]}")
             else:
-                log(f"[sweep] timing {rate} {cell.id}: {fig['ms_median']:.1f} ms/step "
-                    f"({time.perf_counter() - t0:.0f} s)")
+                log(
+                    f"[sweep] timing {rate} {cell.id}: {fig['ms_median']:.1f} ms/step "
+                    f"({time.perf_counter() - t0:.0f} s)"
+                )
             f = timing_file(out, rate, cell)
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps(fig, indent=1) + "\n")
@@ -420,28 +511,41 @@ def timing_runs(spec: Spec, out: Path, rate: str, cells: list[Cell], loopback: b
 
 
 def netns_available() -> bool:
-    return sys.platform.startswith("linux") and os.geteuid() == 0 and shutil.which("ip") is not None \
+    return (
+        sys.platform.startswith("linux")
+        and os.geteuid() == 0
+        and shutil.which("ip") is not None
         and shutil.which("tc") is not None
+    )
 
 
 # ---------------------------------------------------------------------------------- the CLI
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="See the module docstring for the spec format.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="See the module docstring for the spec format."
+    )
     p.add_argument("spec", help="the sweep spec (YAML), e.g. benchmarks/specs/bandwidth_accuracy.yaml")
     p.add_argument("--quick", action="store_true", help="the spec's quick: subset (a few minutes)")
     p.add_argument("--out", default=None, help="output directory (default runs/sweeps/NAME[-quick])")
     p.add_argument("--list", action="store_true", help="print the cells, their overrides and config fingerprints")
-    p.add_argument("--cells", default=None,
-                   help="comma-separated cell ids or shell globs: run only these (e.g. 'ddp_*,ew_qsgd4'); "
-                        "the report still shows every cell")
-    p.add_argument("--report-only", action="store_true",
-                   help="run nothing: results, table and plots from what is there")
+    p.add_argument(
+        "--cells",
+        default=None,
+        help="comma-separated cell ids or shell globs: run only these (e.g. 'ddp_*,ew_qsgd4'); "
+        "the report still shows every cell",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="run nothing: results, table and plots from what is there"
+    )
     p.add_argument("--no-timing", action="store_true", help="quality runs only (no timing runs)")
-    p.add_argument("--loopback", action="store_true",
-                   help="timing runs over 127.0.0.1 even where namespaces can be made (capped rates then skipped)")
-    p.add_argument("--eager", action="store_true",
-                   help="timing runs with the codecs' eager kernels (implied by --quick)")
+    p.add_argument(
+        "--loopback",
+        action="store_true",
+        help="timing runs over 127.0.0.1 even where namespaces can be made (capped rates then skipped)",
+    )
+    p.add_argument(
+        "--eager", action="store_true", help="timing runs with the codecs' eager kernels (implied by --quick)"
+    )
     p.add_argument("--prefix", default="dsw", help="namespace prefix of the timing hosts (default dsw)")
     p.add_argument("--subnet", default="10.204.0", help="their subnet, three octets (default 10.204.0)")
     p.add_argument("--port", type=int, default=29710, help="rendezvous port on host 0; cell i uses PORT+i")
@@ -462,8 +566,11 @@ def main(argv: list[str] | None = None) -> int:
         patterns = [x for x in args.cells.split(",") if x]
         bad = [x for x in patterns if not any(fnmatch.fnmatch(c.id, x) for c in spec.cells)]
         if bad:
-            print(f"bandwidth_accuracy: error: --cells: no cell matches {bad}; cells: "
-                  f"{', '.join(c.id for c in spec.cells)}", file=sys.stderr)
+            print(
+                f"bandwidth_accuracy: error: --cells: no cell matches {bad}; cells: "
+                f"{', '.join(c.id for c in spec.cells)}",
+                file=sys.stderr,
+            )
             return 2
         cells = [c for c in spec.cells if any(fnmatch.fnmatch(c.id, x) for x in patterns)]
     else:
@@ -471,8 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for cell in cells:
             cfg = spec.config(cell, spec.seeds[0])
-            print(f"{cell.id}: {' '.join(cell.overrides) or '(base config)'}  "
-                  f"[engine {cfg.train.engine}, config {config_mod.fingerprint(cfg)[:12]} at seed {spec.seeds[0]}]")
+            print(
+                f"{cell.id}: {' '.join(cell.overrides) or '(base config)'}  "
+                f"[engine {cfg.train.engine}, config {config_mod.fingerprint(cfg)[:12]} at seed {spec.seeds[0]}]"
+            )
         print(f"{len(cells)} cells x {len(spec.seeds)} seeds, rates {', '.join(spec.rates) or 'none'}; out {out}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -496,19 +605,25 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 err = quality_run(spec, out, cell, seed)
                 status = f"FAILED: {err}" if err else "done"
-                print(f"[sweep] {i}/{len(runs)} {cell.id} seed {seed}: {status} ({time.perf_counter() - t0:.0f} s)",
-                      flush=True)
+                print(
+                    f"[sweep] {i}/{len(runs)} {cell.id} seed {seed}: {status} ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
                 if err:
                     failures.append(f"{cell.id} seed {seed}: {err}")
             if not args.no_timing and spec.rates:
                 netns = netns_available() and not args.loopback
                 for rate in spec.rates:
                     if rate != "uncapped" and not netns:
-                        print(f"[sweep] timing {rate}: needs network namespaces (root, iproute2) and not "
-                              f"--loopback; not measured", flush=True)
+                        print(
+                            f"[sweep] timing {rate}: needs network namespaces (root, iproute2) and not "
+                            f"--loopback; not measured",
+                            flush=True,
+                        )
                         continue
-                    n = timing_runs(spec, out, rate, cells, loopback=not netns, args=args,
-                                    log=lambda m: print(m, flush=True))
+                    n = timing_runs(
+                        spec, out, rate, cells, loopback=not netns, args=args, log=lambda m: print(m, flush=True)
+                    )
                     failures += [f"timing {rate}: {n} cell(s) failed"] if n else []
     except (KeyboardInterrupt, _Stopped) as exc:
         interrupted = str(exc) or type(exc).__name__
@@ -517,11 +632,22 @@ def main(argv: list[str] | None = None) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     machine["loadavg_end"] = list(os.getloadavg())
-    setup = {"spec": str(spec.path), "name": spec.name, "quick": spec.quick, "out": str(out),
-             "command": " ".join([Path(sys.argv[0]).name if argv is None else "bandwidth_accuracy.py",
-                                  *(sys.argv[1:] if argv is None else argv)]),
-             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_s": time.perf_counter() - t_start,
-             "interrupted": interrupted, "failures": failures}
+    setup = {
+        "spec": str(spec.path),
+        "name": spec.name,
+        "quick": spec.quick,
+        "out": str(out),
+        "command": " ".join(
+            [
+                Path(sys.argv[0]).name if argv is None else "bandwidth_accuracy.py",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "wall_s": time.perf_counter() - t_start,
+        "interrupted": interrupted,
+        "failures": failures,
+    }
     paths = sweep_report.write(spec, out, setup, machine)
     print(f"[sweep] wrote {', '.join(str(p) for p in paths)}", flush=True)
     for f in failures:

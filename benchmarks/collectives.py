@@ -27,6 +27,7 @@ Ways to run:
   python benchmarks/collectives.py --rank R --world-size W --master-addr A --master-port P
   python benchmarks/collectives.py netns --rate 1gbit    # one rank per network-namespace host
 """
+
 from __future__ import annotations
 
 import argparse
@@ -169,7 +170,10 @@ def bench_rank(rank: int, world: int, init_method: str, args: argparse.Namespace
 
     torch.set_num_threads(args.threads)
     init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=world,
+        "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=args.timeout),
     )
     try:
@@ -223,8 +227,13 @@ def _bench(rank, world, args, torch, dist, default_hooks, powerSGD_hook) -> list
     start = 2  # the smallest start torch allows with error feedback / warm start
     for r in args.powersgd_ranks:
         state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=r, start_powerSGD_iter=start,
-            min_compression_rate=1.0, use_error_feedback=True, warm_start=True, random_seed=0,
+            process_group=None,
+            matrix_approximation_rank=r,
+            start_powerSGD_iter=start,
+            min_compression_rate=1.0,
+            use_error_feedback=True,
+            warm_start=True,
+            random_seed=0,
         )
 
         def psgd(state=state):
@@ -233,8 +242,18 @@ def _bench(rank, world, args, torch, dist, default_hooks, powerSGD_hook) -> list
 
         ms, out, k, _ = timed(psgd, extra_warmup=start + 2)
         sent = 4.0 * r * (shape[0] + shape[1])
-        rows.append(Row(f"torch PowerSGD r={r}", ms, sent, sent, dense, _rel_err(torch, out, exact),
-                        note=f"{shape[0]}x{shape[1]}", n=k))
+        rows.append(
+            Row(
+                f"torch PowerSGD r={r}",
+                ms,
+                sent,
+                sent,
+                dense,
+                _rel_err(torch, out, exact),
+                note=f"{shape[0]}x{shape[1]}",
+                n=k,
+            )
+        )
 
     rows.extend(_bench_dist_soup(rank, args, torch, exact, work, shape, timed))
     return rows if rank == 0 else []
@@ -264,8 +283,16 @@ def _bench_dist_soup(rank, args, torch, exact, work, shape, timed) -> list[Row]:
         ms, out, k, calls = timed(run)
         s1 = _stats(ex)
         d = {key: (s1[key] - s0[key]) / calls for key in s0}
-        return Row(label, ms, d["bytes_sent"], d["bytes_received"], dense, _rel_err(torch, out, exact),
-                   split=(d["encode_s"] * 1e3, d["comm_s"] * 1e3, d["decode_s"] * 1e3), n=k)
+        return Row(
+            label,
+            ms,
+            d["bytes_sent"],
+            d["bytes_received"],
+            dense,
+            _rel_err(torch, out, exact),
+            split=(d["encode_s"] * 1e3, d["comm_s"] * 1e3, d["decode_s"] * 1e3),
+            n=k,
+        )
 
     rows: list[Row] = []
     for mode in args.modes:
@@ -301,7 +328,8 @@ def _bench_dist_soup(rank, args, torch, exact, work, shape, timed) -> list[Row]:
             # What register(model, codec, mode, chunk_mb=...) builds, without the DDP model around.
             chunk_mb = args.hook_chunk_mb if args.hook_chunk_mb > 0 else None
             state = ddp_hooks.DDPCommState(
-                Exchange(codec, mode, bucket_mb=args.bucket_mb, chunk_mb=chunk_mb, **options))
+                Exchange(codec, mode, bucket_mb=args.bucket_mb, chunk_mb=chunk_mb, **options)
+            )
             bucket = _Bucket(work, shape)
 
             def hook():
@@ -382,12 +410,32 @@ def run_one_rank(args: argparse.Namespace) -> None:
 def _passthrough(args: argparse.Namespace) -> list[str]:
     """The benchmark flags of this run, for the per-host processes."""
     out = [
-        "--numel", str(args.numel), "--modes", ",".join(args.modes), "--codecs", ",".join(args.codecs),
-        "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads),
-        "--timeout", str(args.timeout), "--bucket-mb", str(args.bucket_mb), "--case-budget", str(args.case_budget),
-        "--powersgd-ranks", ",".join(map(str, args.powersgd_ranks)),
-        "--hook", "none" if args.hook is None else ",".join(args.hook),
-        "--hook-chunk-mb", str(args.hook_chunk_mb), "--chunk-mb", ",".join(map(str, args.chunk_mb)),
+        "--numel",
+        str(args.numel),
+        "--modes",
+        ",".join(args.modes),
+        "--codecs",
+        ",".join(args.codecs),
+        "--iters",
+        str(args.iters),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--timeout",
+        str(args.timeout),
+        "--bucket-mb",
+        str(args.bucket_mb),
+        "--case-budget",
+        str(args.case_budget),
+        "--powersgd-ranks",
+        ",".join(map(str, args.powersgd_ranks)),
+        "--hook",
+        "none" if args.hook is None else ",".join(args.hook),
+        "--hook-chunk-mb",
+        str(args.hook_chunk_mb),
+        "--chunk-mb",
+        ",".join(map(str, args.chunk_mb)),
     ]
     if args.malloc_keep:
         out.append("--malloc-keep")
@@ -415,19 +463,42 @@ def run_netns(args: argparse.Namespace) -> int:
             subprocess.run(up, check=True, stdout=subprocess.DEVNULL)
             port = 29500 + os.getpid() % 1000
             where = f"{world} netns hosts, veth, " + (f"tbf {args.rate}" if args.rate else "uncapped")
-            env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0", OMP_NUM_THREADS=str(args.threads),
-                       PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            env = dict(
+                os.environ,
+                GLOO_SOCKET_IFNAME="eth0",
+                OMP_NUM_THREADS=str(args.threads),
+                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            )
             procs = []
             for r in range(world):
                 cmd = [
-                    "ip", "netns", "exec", f"{prefix}_h{r}", sys.executable, str(Path(__file__).resolve()),
-                    "--rank", str(r), "--world-size", str(world), "--master-addr", "10.200.0.1",
-                    "--master-port", str(port), "--where", where, *_passthrough(args),
+                    "ip",
+                    "netns",
+                    "exec",
+                    f"{prefix}_h{r}",
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--rank",
+                    str(r),
+                    "--world-size",
+                    str(world),
+                    "--master-addr",
+                    "10.200.0.1",
+                    "--master-port",
+                    str(port),
+                    "--where",
+                    where,
+                    *_passthrough(args),
                 ]
-                procs.append(subprocess.Popen(
-                    cmd, env=env, cwd=ROOT, stdout=None if r == 0 else subprocess.DEVNULL,
-                    stderr=None if r == 0 else subprocess.PIPE,
-                ))
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        env=env,
+                        cwd=ROOT,
+                        stdout=None if r == 0 else subprocess.DEVNULL,
+                        stderr=None if r == 0 else subprocess.PIPE,
+                    )
+                )
             deadline = time.monotonic() + args.timeout + 60
             for r, p in enumerate(procs):
                 try:
@@ -466,7 +537,8 @@ def _hook_arg(text: str):
     parts = text.split(",")
     if len(parts) != 2 or parts[0] not in CODECS or parts[1] not in MODES:
         raise argparse.ArgumentTypeError(
-            f"--hook wants CODEC,MODE (codec in {sorted(CODECS)}, mode in {MODES}) or none; got {text!r}")
+            f"--hook wants CODEC,MODE (codec in {sorted(CODECS)}, mode in {MODES}) or none; got {text!r}"
+        )
     return parts
 
 
@@ -478,28 +550,49 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, argparse.Namespace]:
         argv = argv[1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--numel", type=int, default=10_000_000, help="float32 values per rank (default 10M)")
-    p.add_argument("--ranks", type=_csv(int), default=None,
-                   help="world sizes, comma-separated (default 2,4; netns mode: 2)")
+    p.add_argument(
+        "--ranks", type=_csv(int), default=None, help="world sizes, comma-separated (default 2,4; netns mode: 2)"
+    )
     p.add_argument("--modes", type=_csv(str, MODES, "mode"), default=list(MODES))
     p.add_argument("--codecs", type=_csv(str, tuple(CODECS), "codec"), default=DEFAULT_CODECS.split(","))
     p.add_argument("--iters", type=int, default=5, help="timed calls per case, at most (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per case first (plus one for streams)")
-    p.add_argument("--case-budget", type=float, default=6.0,
-                   help="seconds of timed calls per case: slow cases get fewer calls (at least 1)")
-    p.add_argument("--quick", action="store_true",
-                   help="1M values, 2 ranks, 3 iters, modes allgather,allreduce: a smoke run")
+    p.add_argument(
+        "--case-budget",
+        type=float,
+        default=6.0,
+        help="seconds of timed calls per case: slow cases get fewer calls (at least 1)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="1M values, 2 ranks, 3 iters, modes allgather,allreduce: a smoke run"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="Exchange bucket size")
-    p.add_argument("--chunk-mb", type=_csv(float), default=[4.0],
-                   help="Exchange piece sizes, one row each (0: one piece per tensor; default 4)")
+    p.add_argument(
+        "--chunk-mb",
+        type=_csv(float),
+        default=[4.0],
+        help="Exchange piece sizes, one row each (0: one piece per tensor; default 4)",
+    )
     p.add_argument("--powersgd-ranks", type=_csv(int), default=[1], help="PowerSGD ranks (default 1)")
-    p.add_argument("--hook", type=_hook_arg, default=["qsgd4", "allgather"],
-                   help="CODEC,MODE of the dist_soup DDP hook row (default qsgd4,allgather; 'none' to skip)")
-    p.add_argument("--hook-chunk-mb", type=float, default=4.0,
-                   help="chunk size of the dist_soup DDP hook row (0: one stream per bucket)")
-    p.add_argument("--malloc-keep", action="store_true",
-                   help="ranks keep freed memory (glibc MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set "
-                        "for the processes this run starts): no page faults from re-mapping large buffers")
+    p.add_argument(
+        "--hook",
+        type=_hook_arg,
+        default=["qsgd4", "allgather"],
+        help="CODEC,MODE of the dist_soup DDP hook row (default qsgd4,allgather; 'none' to skip)",
+    )
+    p.add_argument(
+        "--hook-chunk-mb",
+        type=float,
+        default=4.0,
+        help="chunk size of the dist_soup DDP hook row (0: one stream per bucket)",
+    )
+    p.add_argument(
+        "--malloc-keep",
+        action="store_true",
+        help="ranks keep freed memory (glibc MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set "
+        "for the processes this run starts): no page faults from re-mapping large buffers",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--json", default=None, help="append the results to this JSON file")
     p.add_argument("--verbose", action="store_true")

@@ -21,6 +21,7 @@ decode figure measures only the call overhead.
 
     python benchmarks/compress_throughput.py [--quick] [--numel N] [--malloc default]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,18 +103,22 @@ def main(argv=None) -> int:
     stream = [torch.randn(n, generator=gen) for _ in range(4)]
 
     print(f"dist_soup compression throughput: {n} fp32 values ({n * 4 / 2**20:.0f} MiB), 1 thread")
-    print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}, "
-          f"malloc {'tuned' if tuned else 'default'}, "
-          f"compile {'on' if kernels.compile_enabled() else 'off (DIST_SOUP_COMPILE=0)'}")
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}, "
+        f"malloc {'tuned' if tuned else 'default'}, "
+        f"compile {'on' if kernels.compile_enabled() else 'off (DIST_SOUP_COMPILE=0)'}"
+    )
 
     buf = torch.empty_like(x)
     t_copy = timeit(lambda: buf.copy_(x), repeat)
     norm, q = eager_qsgd_encode(x)
     t_eenc = timeit(lambda: eager_qsgd_encode(x), repeat)
     t_edec = timeit(lambda: eager_qsgd_decode(norm, q), repeat)
-    print(f"baselines: copy_ {gbytes / t_copy:.2f} GB/s; eager QSGD (int8/value, rand_like) "
-          f"encode {gbytes / t_eenc:.3f} GB/s, decode {gbytes / t_edec:.3f} GB/s")
+    print(
+        f"baselines: copy_ {gbytes / t_copy:.2f} GB/s; eager QSGD (int8/value, rand_like) "
+        f"encode {gbytes / t_eenc:.3f} GB/s, decode {gbytes / t_edec:.3f} GB/s"
+    )
 
     cases = [
         ("identity", {}, None),
@@ -136,8 +141,10 @@ def main(argv=None) -> int:
     rows = []
     results = {}
     for name, opts, shape in cases:
-        label = name + "".join(f" {k}={v}" for k, v in opts.items()) + (
-            f" {'conv' if len(shape) > 1 else 'dense'}" if shape else ""
+        label = (
+            name
+            + "".join(f" {k}={v}" for k, v in opts.items())
+            + (f" {'conv' if len(shape) > 1 else 'dense'}" if shape else "")
         )
         label += " (zero-copy decode)" if name == "identity" else ""
         c = build(name, **opts)
@@ -155,12 +162,25 @@ def main(argv=None) -> int:
         t_enc = timeit(lambda c=c, xs=xs, it=it: c.compress(xs[next(it) % 4]), repeat)
         t_dec = timeit(lambda c=c, p=p: c.decompress(p), repeat)
         bits = p.nbytes * 8 / n
-        rows.append((label, gbytes / t_enc, gbytes / t_dec, bits, t_copy / t_enc, t_eenc / t_enc,
-                     t_copy / t_dec, t_edec / t_dec, compile_s))
+        rows.append(
+            (
+                label,
+                gbytes / t_enc,
+                gbytes / t_dec,
+                bits,
+                t_copy / t_enc,
+                t_eenc / t_enc,
+                t_copy / t_dec,
+                t_edec / t_dec,
+                compile_s,
+            )
+        )
         results[label] = rows[-1]
 
-    head = (f"{'codec':34s} {'enc GB/s':>9s} {'dec GB/s':>9s} {'bits/val':>8s} {'enc/copy':>8s} "
-            f"{'enc/eager':>9s} {'dec/copy':>8s} {'dec/eager':>9s} {'compile s':>9s}")
+    head = (
+        f"{'codec':34s} {'enc GB/s':>9s} {'dec GB/s':>9s} {'bits/val':>8s} {'enc/copy':>8s} "
+        f"{'enc/eager':>9s} {'dec/copy':>8s} {'dec/eager':>9s} {'compile s':>9s}"
+    )
     print()
     print(head)
     print("-" * len(head))
@@ -173,18 +193,23 @@ def main(argv=None) -> int:
 
     q4 = results.get("qsgd bits=4")
     if q4:
-        verdict(q4[5] >= 6,
-                f"QSGD 4-bit encode {q4[5]:.1f}x the eager QSGD (target >= 6x), {q4[1]:.2f} GB/s (toward 2)")
-        verdict(q4[7] >= 8,
-                f"QSGD 4-bit decode {q4[7]:.1f}x the eager QSGD (target >= 8x), {q4[2]:.2f} GB/s (toward 4)")
-        verdict(q4[2] >= 4,
-                f"QSGD 4-bit decode {q4[2]:.2f} GB/s absolute (goal 4 GB/s; copy_ runs at {gbytes / t_copy:.2f})")
+        verdict(
+            q4[5] >= 6, f"QSGD 4-bit encode {q4[5]:.1f}x the eager QSGD (target >= 6x), {q4[1]:.2f} GB/s (toward 2)"
+        )
+        verdict(
+            q4[7] >= 8, f"QSGD 4-bit decode {q4[7]:.1f}x the eager QSGD (target >= 8x), {q4[2]:.2f} GB/s (toward 4)"
+        )
+        verdict(
+            q4[2] >= 4,
+            f"QSGD 4-bit decode {q4[2]:.2f} GB/s absolute (goal 4 GB/s; copy_ runs at {gbytes / t_copy:.2f})",
+        )
         verdict(q4[1] >= 2, f"QSGD 4-bit encode {q4[1]:.2f} GB/s absolute (goal 2 GB/s)")
     for label in ("adacomp dense", "adacomp conv"):
         a = results.get(label)
         if a:
-            verdict(a[1] >= 0.5,
-                    f"{label} encode {a[1]:.2f} GB/s (target >= 0.5), {32 / a[3]:.0f}x fewer bytes than fp32")
+            verdict(
+                a[1] >= 0.5, f"{label} encode {a[1]:.2f} GB/s (target >= 0.5), {32 / a[3]:.0f}x fewer bytes than fp32"
+            )
     return 0
 
 

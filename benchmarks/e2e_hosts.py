@@ -47,6 +47,7 @@ new builder there plus rows here.
 Needs root and iproute2 for the namespaces; ``--loopback`` runs the same jobs over 127.0.0.1
 instead (no link cap), e.g. where namespaces cannot be made.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -122,8 +123,12 @@ _DDP = ("train.engine=ddp",)
 
 def _codec(name: str, options: str = "{}") -> tuple[str, ...]:
     """The same codec for the Jacobian rows and the update."""
-    return (f"compression.jacobian.name={name}", f"compression.jacobian.options={options}",
-            f"compression.update.name={name}", f"compression.update.options={options}")
+    return (
+        f"compression.jacobian.name={name}",
+        f"compression.jacobian.options={options}",
+        f"compression.update.name={name}",
+        f"compression.update.options={options}",
+    )
 
 
 ROWS: list[RowSpec] = [
@@ -134,28 +139,69 @@ ROWS: list[RowSpec] = [
     # callbacks that race the next bucket's hook, and the ranks' collectives then pair up wrongly
     # (a size-mismatch abort or a hang here; pytorch/pytorch#58467). Its payload is tiny, so the
     # lost overlap costs it a few ms of wire.
-    RowSpec("ddp_powersgd1", "torch DDP + PowerSGD rank 1 (one bucket)", "ddp",
-            set=_DDP + ("ddp.hook=powersgd", "ddp.powersgd_rank=1", "ddp.powersgd_start=2", "ddp.bucket_mb=1000")),
-    RowSpec("ddp_powersgd4", "torch DDP + PowerSGD rank 4 (one bucket)", "ddp",
-            set=_DDP + ("ddp.hook=powersgd", "ddp.powersgd_rank=4", "ddp.powersgd_start=2", "ddp.bucket_mb=1000")),
-    RowSpec("ew_identity", "dist_soup ew, identity, allreduce", "soup",
-            set=_EW + _codec("identity") + ("compression.mode=allreduce", "train.solve_every=100000")),
-    RowSpec("ew_fp16", "dist_soup ew, fp16, allreduce", "soup",
-            set=_EW + _codec("fp16") + ("compression.mode=allreduce", "train.solve_every=100000")),
-    RowSpec("ew_qsgd4", "dist_soup ew, QSGD 4-bit, allgather, solve_every 100000", "soup",
-            set=_EW + _codec("qsgd", "{bits: 4}") + ("compression.mode=allgather", "train.solve_every=100000")),
-    RowSpec("ew_qsgd4_solve2", "dist_soup ew, QSGD 4-bit, allgather, solve_every 2", "soup",
-            set=_EW + _codec("qsgd", "{bits: 4}") + ("compression.mode=allgather", "train.solve_every=2")),
-    RowSpec("quickstart_solve2", "quickstart recipe (vm, MGDA momentum 0.9, threshold), QSGD 4-bit, "
-            "solve_every 2", "soup",
-            config="configs/quickstart.yaml", set=("train.solve_every=2",)),
-    RowSpec("quickstart_solve25", "quickstart recipe (vm, MGDA momentum 0.9, threshold), QSGD 4-bit, "
-            "solve_every 25", "soup",
-            config="configs/quickstart.yaml", set=("train.solve_every=25",)),
-    RowSpec("ds_allreduce", "DeepSpeed ZeRO 0 fp32, its own all-reduce, sum of losses", "deepspeed",
-            options={"plugin": False}),
-    RowSpec("ds_soup_qsgd4", "DeepSpeed + dist_soup plugin, QSGD 4-bit, allgather, sum of losses", "deepspeed",
-            set=_codec("qsgd", "{bits: 4}") + ("compression.mode=allgather",), options={"plugin": True}),
+    RowSpec(
+        "ddp_powersgd1",
+        "torch DDP + PowerSGD rank 1 (one bucket)",
+        "ddp",
+        set=_DDP + ("ddp.hook=powersgd", "ddp.powersgd_rank=1", "ddp.powersgd_start=2", "ddp.bucket_mb=1000"),
+    ),
+    RowSpec(
+        "ddp_powersgd4",
+        "torch DDP + PowerSGD rank 4 (one bucket)",
+        "ddp",
+        set=_DDP + ("ddp.hook=powersgd", "ddp.powersgd_rank=4", "ddp.powersgd_start=2", "ddp.bucket_mb=1000"),
+    ),
+    RowSpec(
+        "ew_identity",
+        "dist_soup ew, identity, allreduce",
+        "soup",
+        set=_EW + _codec("identity") + ("compression.mode=allreduce", "train.solve_every=100000"),
+    ),
+    RowSpec(
+        "ew_fp16",
+        "dist_soup ew, fp16, allreduce",
+        "soup",
+        set=_EW + _codec("fp16") + ("compression.mode=allreduce", "train.solve_every=100000"),
+    ),
+    RowSpec(
+        "ew_qsgd4",
+        "dist_soup ew, QSGD 4-bit, allgather, solve_every 100000",
+        "soup",
+        set=_EW + _codec("qsgd", "{bits: 4}") + ("compression.mode=allgather", "train.solve_every=100000"),
+    ),
+    RowSpec(
+        "ew_qsgd4_solve2",
+        "dist_soup ew, QSGD 4-bit, allgather, solve_every 2",
+        "soup",
+        set=_EW + _codec("qsgd", "{bits: 4}") + ("compression.mode=allgather", "train.solve_every=2"),
+    ),
+    RowSpec(
+        "quickstart_solve2",
+        "quickstart recipe (vm, MGDA momentum 0.9, threshold), QSGD 4-bit, solve_every 2",
+        "soup",
+        config="configs/quickstart.yaml",
+        set=("train.solve_every=2",),
+    ),
+    RowSpec(
+        "quickstart_solve25",
+        "quickstart recipe (vm, MGDA momentum 0.9, threshold), QSGD 4-bit, solve_every 25",
+        "soup",
+        config="configs/quickstart.yaml",
+        set=("train.solve_every=25",),
+    ),
+    RowSpec(
+        "ds_allreduce",
+        "DeepSpeed ZeRO 0 fp32, its own all-reduce, sum of losses",
+        "deepspeed",
+        options={"plugin": False},
+    ),
+    RowSpec(
+        "ds_soup_qsgd4",
+        "DeepSpeed + dist_soup plugin, QSGD 4-bit, allgather, sum of losses",
+        "deepspeed",
+        set=_codec("qsgd", "{bits: 4}") + ("compression.mode=allgather",),
+        options={"plugin": True},
+    ),
 ]
 BASELINE_ROW = "ddp_fp32"
 COMPUTE_ROW = "compute"
@@ -236,8 +282,17 @@ class Hosts:
     def up(self) -> None:
         if self.loopback:
             return
-        cmd = ["bash", str(NETNS_SCRIPT), "up", "--hosts", str(self.args.hosts), "--prefix", self.prefix,
-               "--subnet", self.args.subnet]
+        cmd = [
+            "bash",
+            str(NETNS_SCRIPT),
+            "up",
+            "--hosts",
+            str(self.args.hosts),
+            "--prefix",
+            self.prefix,
+            "--subnet",
+            self.args.subnet,
+        ]
         if self.args.rate not in ("uncapped", "none"):
             cmd += ["--rate", self.args.rate]
         self.is_up = True  # a partial `up` cleans itself up, but `down` is harmless
@@ -245,9 +300,13 @@ class Hosts:
         if r.returncode != 0:
             raise SystemExit(f"netns_hosts.sh up failed (rc={r.returncode}):\n{r.stdout}{r.stderr}")
         if self.args.check_mb > 0:
-            r = subprocess.run(["bash", str(NETNS_SCRIPT), "check", "--prefix", self.prefix,
-                                "--mb", str(self.args.check_mb)],
-                               capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
+            r = subprocess.run(
+                ["bash", str(NETNS_SCRIPT), "check", "--prefix", self.prefix, "--mb", str(self.args.check_mb)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=dict(os.environ, PYTHON=sys.executable),
+            )
             self.link = (r.stdout.strip() or r.stderr.strip()).splitlines()[-1] if (r.stdout or r.stderr) else None
 
     def down(self) -> None:
@@ -272,16 +331,26 @@ def run_row(spec: RowSpec, idx: int, hosts: Hosts, args: argparse.Namespace, wor
 
     port = free_port() if hosts.loopback else args.port + idx
     payload = {
-        "row": asdict(spec), "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
-        "task_options": args.task_options, "out_dir": str(rowdir), "extra_set": list(args.set),
+        "row": asdict(spec),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "task_options": args.task_options,
+        "out_dir": str(rowdir),
+        "extra_set": list(args.set),
         "iface": None if hosts.loopback else "eth0",  # the host's link, counted on local rank 0
     }
     spec_file = rowdir / "spec.json"
     spec_file.write_text(json.dumps(payload))
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               GLOO_SOCKET_IFNAME="lo" if hosts.loopback else "eth0", DIST_SOUP_BACKEND="gloo",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TORCHELASTIC_ERROR_FILE=str(rowdir / "error.json"))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        GLOO_SOCKET_IFNAME="lo" if hosts.loopback else "eth0",
+        DIST_SOUP_BACKEND="gloo",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        TORCHELASTIC_ERROR_FILE=str(rowdir / "error.json"),
+    )
     if args.eager:
         env["DIST_SOUP_COMPILE"] = "0"
     procs: list[tuple[subprocess.Popen, Path]] = []
@@ -290,16 +359,46 @@ def run_row(spec: RowSpec, idx: int, hosts: Hosts, args: argparse.Namespace, wor
     try:
         for i in range(args.hosts):
             cmd = [
-                sys.executable, "-m", "torch.distributed.run",
-                "--nnodes", str(args.hosts), "--node-rank", str(i), "--nproc-per-node", str(args.nproc_per_node),
-                "--rdzv-backend", "static", "--master-addr", hosts.ip(0), "--master-port", str(port),
-                "--local-addr", hosts.ip(i), "--max-restarts", "0", "--monitor-interval", "0.5",
-                str(WORKER), "--spec", str(spec_file),
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                str(args.hosts),
+                "--node-rank",
+                str(i),
+                "--nproc-per-node",
+                str(args.nproc_per_node),
+                "--rdzv-backend",
+                "static",
+                "--master-addr",
+                hosts.ip(0),
+                "--master-port",
+                str(port),
+                "--local-addr",
+                hosts.ip(i),
+                "--max-restarts",
+                "0",
+                "--monitor-interval",
+                "0.5",
+                str(WORKER),
+                "--spec",
+                str(spec_file),
             ]
             log = rowdir / f"host{i}.log"
             with open(log, "w") as fh:
-                procs.append((subprocess.Popen(hosts.wrap(i, cmd), env=env, cwd=ROOT, stdout=fh,
-                                               stderr=subprocess.STDOUT, start_new_session=True), log))
+                procs.append(
+                    (
+                        subprocess.Popen(
+                            hosts.wrap(i, cmd),
+                            env=env,
+                            cwd=ROOT,
+                            stdout=fh,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        ),
+                        log,
+                    )
+                )
         # Watch every host at once: the first one to fail (or the deadline) ends the row, since
         # the others would wait in a collective for a peer that is gone.
         deadline = time.monotonic() + args.row_timeout
@@ -307,16 +406,24 @@ def run_row(spec: RowSpec, idx: int, hosts: Hosts, args: argparse.Namespace, wor
         while not failed and [p.poll() for p, _ in procs].count(None):
             failed = [(i, p.returncode, log) for i, (p, log) in enumerate(procs) if p.returncode not in (None, 0)]
             if not failed and time.monotonic() > deadline:
-                failed = [(i, f"no exit within --row-timeout {args.row_timeout:g} s", log)
-                          for i, (p, log) in enumerate(procs) if p.poll() is None]
+                failed = [
+                    (i, f"no exit within --row-timeout {args.row_timeout:g} s", log)
+                    for i, (p, log) in enumerate(procs)
+                    if p.poll() is None
+                ]
             time.sleep(0.2)
         failed = failed or [(i, p.returncode, log) for i, (p, log) in enumerate(procs) if p.returncode != 0]
     finally:
         for p, _ in procs:
             _kill(p)
     wall = time.perf_counter() - t0
-    out: dict[str, Any] = {"wall_s": wall, "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg()),
-                           "ranks": [], "error": None}
+    out: dict[str, Any] = {
+        "wall_s": wall,
+        "loadavg_before": list(load0),
+        "loadavg_after": list(os.getloadavg()),
+        "ranks": [],
+        "error": None,
+    }
     world = args.hosts * args.nproc_per_node
     for r in range(world):
         f = rowdir / f"rank{r}.json"
@@ -351,9 +458,15 @@ def _kill(p: subprocess.Popen) -> None:
 # ------------------------------------------------------------------------------- the figures
 def summarize(spec: RowSpec, res: dict[str, Any], warmup: int, steps: int) -> dict[str, Any]:
     """rank 0's steady-state figures of one row (None where the row failed)."""
-    row: dict[str, Any] = {"name": spec.name, "label": spec.label, "kind": spec.kind, "error": res["error"],
-                           "wall_s": res["wall_s"], "loadavg_before": res["loadavg_before"],
-                           "loadavg_after": res["loadavg_after"]}
+    row: dict[str, Any] = {
+        "name": spec.name,
+        "label": spec.label,
+        "kind": spec.kind,
+        "error": res["error"],
+        "wall_s": res["wall_s"],
+        "loadavg_before": res["loadavg_before"],
+        "loadavg_after": res["loadavg_after"],
+    }
     ranks = sorted(res["ranks"], key=lambda r: r["rank"])
     if res["error"] or not ranks:
         row["log_tail"] = res.get("log_tail", "")
@@ -364,23 +477,25 @@ def summarize(spec: RowSpec, res: dict[str, Any], warmup: int, steps: int) -> di
 
     r0 = window(ranks[0])
     ms = [1e3 * s["total_s"] for s in r0]
-    row.update({
-        "n": len(ms),
-        "ms_median": statistics.median(ms),
-        "ms_mean": statistics.fmean(ms),
-        "ms_min": min(ms),
-        "ms_stdev": statistics.stdev(ms) if len(ms) > 1 else 0.0,
-        "ms_median_slowest_rank": max(statistics.median(1e3 * s["total_s"] for s in window(r)) for r in ranks),
-        "split_ms": {k: 1e3 * statistics.fmean(s[k] for s in r0) for k in ("data_s", "forward_s", "step_s")},
-        "sent_bytes": statistics.fmean(s["sent"] for s in r0),
-        "received_bytes": statistics.fmean(s["received"] for s in r0),
-        "dense_bytes": statistics.fmean(s["dense"] for s in r0),
-        "final_losses": ranks[0].get("final_losses"),
-        "engine_timings_ms": ranks[0].get("engine_timings_ms"),
-        "solved_steps": ranks[0].get("solved_steps"),
-        "threads": ranks[0].get("threads"),
-        "world": ranks[0].get("world"),
-    })
+    row.update(
+        {
+            "n": len(ms),
+            "ms_median": statistics.median(ms),
+            "ms_mean": statistics.fmean(ms),
+            "ms_min": min(ms),
+            "ms_stdev": statistics.stdev(ms) if len(ms) > 1 else 0.0,
+            "ms_median_slowest_rank": max(statistics.median(1e3 * s["total_s"] for s in window(r)) for r in ranks),
+            "split_ms": {k: 1e3 * statistics.fmean(s[k] for s in r0) for k in ("data_s", "forward_s", "step_s")},
+            "sent_bytes": statistics.fmean(s["sent"] for s in r0),
+            "received_bytes": statistics.fmean(s["received"] for s in r0),
+            "dense_bytes": statistics.fmean(s["dense"] for s in r0),
+            "final_losses": ranks[0].get("final_losses"),
+            "engine_timings_ms": ranks[0].get("engine_timings_ms"),
+            "solved_steps": ranks[0].get("solved_steps"),
+            "threads": ranks[0].get("threads"),
+            "world": ranks[0].get("world"),
+        }
+    )
     eth = ranks[0].get("eth0")
     if eth and len(r0):
         row["eth0_tx_bytes"] = eth["tx"] / eth["steps"]
@@ -397,8 +512,7 @@ def _ratios(rows: list[dict]) -> None:
             continue
         r["speedup_vs_ddp_fp32"] = base["ms_median"] / r["ms_median"] if base else None
         r["x_compute"] = r["ms_median"] / comp["ms_median"] if comp else None
-        r["fewer_bytes_vs_ddp_fp32"] = (base["sent_bytes"] / r["sent_bytes"]
-                                       if base and r["sent_bytes"] > 0 else None)
+        r["fewer_bytes_vs_ddp_fp32"] = base["sent_bytes"] / r["sent_bytes"] if base and r["sent_bytes"] > 0 else None
 
 
 def _f(x, fmt: str, none: str = "-") -> str:
@@ -411,8 +525,11 @@ def _x(x, fmt: str) -> str:
 
 
 def format_report(rows: list[dict], setup: dict, machine: dict) -> str:
-    where = (f"{setup['hosts']} netns hosts, veth, {setup['rate']}" if not setup["loopback"]
-             else f"{setup['hosts']} torchrun nodes over 127.0.0.1 (loopback, uncapped)")
+    where = (
+        f"{setup['hosts']} netns hosts, veth, {setup['rate']}"
+        if not setup["loopback"]
+        else f"{setup['hosts']} torchrun nodes over 127.0.0.1 (loopback, uncapped)"
+    )
     lines = [
         f"## End to end: {where}, {setup['nproc_per_node']} rank(s) per host, world {setup['world']}",
         "",
@@ -467,37 +584,67 @@ def _task_option(text: str) -> tuple[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rate", default="1gbit",
-                   help="per-host link cap for tc tbf (100mbit, 1gbit, ...) or 'uncapped' (default 1gbit)")
+    p.add_argument(
+        "--rate",
+        default="1gbit",
+        help="per-host link cap for tc tbf (100mbit, 1gbit, ...) or 'uncapped' (default 1gbit)",
+    )
     p.add_argument("--hosts", type=int, default=2, help="namespace hosts (default 2)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="ranks per host (default 1)")
     p.add_argument("--rows", default=None, help="comma-separated row names or globs (default all; --list)")
     p.add_argument("--list", action="store_true", help="print the rows with their resolved configs and exit")
     p.add_argument("--steps", type=int, default=None, help="training steps per row (default 80; --quick 12)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="first measured step: rank 0's steps [warmup, steps) are the steady state "
-                        "(default 20; --quick 4)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch/OpenMP threads per rank (default: cores // (hosts * nproc-per-node), at least 1)")
-    p.add_argument("--option", type=_task_option, action="append", default=[],
-                   help="task option KEY=VALUE for every row (default languages=2 hidden=512 layers=4)")
-    p.add_argument("--set", action="append", default=[],
-                   help="a config override KEY=VALUE applied to every row's config after the row's own")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny model (hidden 64, layers 2), 12 steps (4 warm-up), eager codecs, "
-                        "no link check")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="first measured step: rank 0's steps [warmup, steps) are the steady state (default 20; --quick 4)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch/OpenMP threads per rank (default: cores // (hosts * nproc-per-node), at least 1)",
+    )
+    p.add_argument(
+        "--option",
+        type=_task_option,
+        action="append",
+        default=[],
+        help="task option KEY=VALUE for every row (default languages=2 hidden=512 layers=4)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="a config override KEY=VALUE applied to every row's config after the row's own",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny model (hidden 64, layers 2), 12 steps (4 warm-up), eager codecs, no link check",
+    )
     p.add_argument("--eager", action="store_true", help="DIST_SOUP_COMPILE=0: eager codec kernels (no torch.compile)")
-    p.add_argument("--out", default=None,
-                   help="results path without extension: writes OUT.json and OUT.md "
-                        "(default runs/e2e_hosts/RATE-HxN-TIMESTAMP)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results path without extension: writes OUT.json and OUT.md (default runs/e2e_hosts/RATE-HxN-TIMESTAMP)",
+    )
     p.add_argument("--prefix", default="dsb", help="namespace prefix (default dsb)")
     p.add_argument("--subnet", default="10.202.0", help="namespace subnet, three octets (default 10.202.0)")
     p.add_argument("--port", type=int, default=29610, help="rendezvous port on host 0; row i uses PORT+i")
-    p.add_argument("--check-mb", type=int, default=None,
-                   help="MB streamed host 0 -> 1 to measure the link first (0: skip; default 100, 20 at <= 100mbit)")
+    p.add_argument(
+        "--check-mb",
+        type=int,
+        default=None,
+        help="MB streamed host 0 -> 1 to measure the link first (0: skip; default 100, 20 at <= 100mbit)",
+    )
     p.add_argument("--row-timeout", type=float, default=900.0, help="seconds before a row is stopped (default 900)")
-    p.add_argument("--loopback", action="store_true",
-                   help="no namespaces: every 'host' is a torchrun node on 127.0.0.1 (no cap, --rate ignored)")
+    p.add_argument(
+        "--loopback",
+        action="store_true",
+        help="no namespaces: every 'host' is a torchrun node on 127.0.0.1 (no cap, --rate ignored)",
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the per-row worker logs and rank files")
     args = p.parse_args(argv)
 
@@ -554,14 +701,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.name}: {spec.label} [{spec.kind}] {spec.options or ''}")
             if spec.kind == "soup":
                 c = cfg.compression
-                print(f"    recipe {cfg.recipe.kind}/{cfg.solver.name}, selection {cfg.selection.rule}, "
-                      f"J {c.jacobian.name}{c.jacobian.options}, U {c.update.name}{c.update.options}, mode {c.mode}, "
-                      f"solve_every {cfg.train.solve_every}  (config {config_mod.fingerprint(cfg)[:12]})")
+                print(
+                    f"    recipe {cfg.recipe.kind}/{cfg.solver.name}, selection {cfg.selection.rule}, "
+                    f"J {c.jacobian.name}{c.jacobian.options}, U {c.update.name}{c.update.options}, mode {c.mode}, "
+                    f"solve_every {cfg.train.solve_every}  (config {config_mod.fingerprint(cfg)[:12]})"
+                )
             elif spec.kind == "ddp":
                 d = cfg.ddp
                 rank = f", rank {d.powersgd_rank}, from step {d.powersgd_start}" if d.hook == "powersgd" else ""
-                print(f"    hook {d.hook}{rank}, buckets of {d.bucket_mb:g} MB  "
-                      f"(config {config_mod.fingerprint(cfg)[:12]})")
+                print(
+                    f"    hook {d.hook}{rank}, buckets of {d.bucket_mb:g} MB  "
+                    f"(config {config_mod.fingerprint(cfg)[:12]})"
+                )
         return 0
     if not args.loopback:
         if os.geteuid() != 0:
@@ -571,8 +722,11 @@ def main(argv: list[str] | None = None) -> int:
     _validate_configs(args)
     machine = machine_info()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = (Path(args.out) if args.out
-           else ROOT / "runs" / "e2e_hosts" / f"{args.rate}-{args.hosts}x{args.nproc_per_node}-{stamp}")
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "runs" / "e2e_hosts" / f"{args.rate}-{args.hosts}x{args.nproc_per_node}-{stamp}"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="e2e_hosts-"))
     hosts = Hosts(args)
@@ -595,8 +749,11 @@ def main(argv: list[str] | None = None) -> int:
             if row.get("error"):
                 print(f"FAILED ({row['error']}) after {res['wall_s']:.0f} s\n{row.get('log_tail', '')}", flush=True)
             else:
-                print(f"{row['ms_median']:.1f} ms/step, {row['sent_bytes'] / 1e6:.3f} MB/step/rank "
-                      f"({res['wall_s']:.0f} s)", flush=True)
+                print(
+                    f"{row['ms_median']:.1f} ms/step, {row['sent_bytes'] / 1e6:.3f} MB/step/rank "
+                    f"({res['wall_s']:.0f} s)",
+                    flush=True,
+                )
     except (KeyboardInterrupt, _Stopped) as exc:
         interrupted = str(exc) or type(exc).__name__
         print(f"\n[e2e] interrupted ({interrupted}); the rows done so far follow", flush=True)
@@ -611,10 +768,20 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_end"] = list(os.getloadavg())
     _ratios(rows)
     setup = {
-        "rate": args.rate, "hosts": args.hosts, "nproc_per_node": args.nproc_per_node,
-        "world": args.hosts * args.nproc_per_node, "threads": args.threads, "steps": args.steps,
-        "warmup": args.warmup, "task_options": args.task_options, "extra_set": args.set, "eager": args.eager,
-        "loopback": args.loopback, "link": hosts.link, "quick": args.quick, "date": stamp,
+        "rate": args.rate,
+        "hosts": args.hosts,
+        "nproc_per_node": args.nproc_per_node,
+        "world": args.hosts * args.nproc_per_node,
+        "threads": args.threads,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "task_options": args.task_options,
+        "extra_set": args.set,
+        "eager": args.eager,
+        "loopback": args.loopback,
+        "link": hosts.link,
+        "quick": args.quick,
+        "date": stamp,
         "rendezvous": "torchrun --rdzv-backend static, master host 0, gloo on " + ("lo" if args.loopback else "eth0"),
         "interrupted": interrupted,
     }
@@ -623,8 +790,12 @@ def main(argv: list[str] | None = None) -> int:
     print(report, flush=True)
     md, js = Path(f"{out}.md"), Path(f"{out}.json")
     md.write_text(report + "\n")
-    js.write_text(json.dumps({"machine": machine, "setup": setup, "rows": rows,
-                              "specs": [asdict(s) for s in args.row_specs]}, indent=1) + "\n")
+    js.write_text(
+        json.dumps(
+            {"machine": machine, "setup": setup, "rows": rows, "specs": [asdict(s) for s in args.row_specs]}, indent=1
+        )
+        + "\n"
+    )
     print(f"\n[e2e] wrote {js} and {md}", flush=True)
     if interrupted:
         return 130

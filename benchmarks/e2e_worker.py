@@ -13,6 +13,7 @@ The loop is the same for every row (as in ``dist_soup/train.py``)::
 ``BUILDERS`` maps a row's ``kind`` to the class that builds its model, optimizer and step from the
 row's config; a new way of training (e.g. DeepSpeed) is a new class registered there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +94,15 @@ class DDPTrainer(Trainer):
         net = task.build_model(cfg.seed)
         self.optimizer = builders.build_optimizer(cfg, net)
         self.objectives = builders.objectives_of(cfg, task)
-        self.engine = DDPBaseline(net, self.optimizer, self.objectives, cfg.ddp, nonfinite=cfg.train.nonfinite,
-                                  seed=cfg.seed, find_unused_parameters=len(self.objectives) < len(task.objectives))
+        self.engine = DDPBaseline(
+            net,
+            self.optimizer,
+            self.objectives,
+            cfg.ddp,
+            nonfinite=cfg.train.nonfinite,
+            seed=cfg.seed,
+            find_unused_parameters=len(self.objectives) < len(task.objectives),
+        )
         self.model = self.engine.model
 
     def step(self, losses, step: int):
@@ -122,12 +130,19 @@ class SoupTrainer(Trainer):
         self.model = task.build_model(cfg.seed)
         self.optimizer = builders.build_optimizer(cfg, self.model)
         self.objectives = objectives
-        self.steps_per_epoch = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world,
-                                                    cfg.seed).steps_per_epoch
-        self.engine = SoupEngine(self.model, self.optimizer, objectives, task.shared,
-                                 builders.recipe_from_config(cfg, task, objectives, groups, self.steps_per_epoch),
-                                 steps_per_epoch=self.steps_per_epoch,
-                                 transport="torch", **config.engine_options(cfg))
+        self.steps_per_epoch = ShardedSampler(
+            task.train_size(), cfg.train.batch_size, rank, world, cfg.seed
+        ).steps_per_epoch
+        self.engine = SoupEngine(
+            self.model,
+            self.optimizer,
+            objectives,
+            task.shared,
+            builders.recipe_from_config(cfg, task, objectives, groups, self.steps_per_epoch),
+            steps_per_epoch=self.steps_per_epoch,
+            transport="torch",
+            **config.engine_options(cfg),
+        )
         builders.agree_on_config(self.engine.transport, cfg)
         self.timings: dict[str, list[float]] = {}
         self.solved = 0
@@ -174,18 +189,25 @@ class DeepSpeedTrainer(Trainer):
         self.optimizer = builders.build_optimizer(cfg, net)
         self.objectives = builders.objectives_of(cfg, task)
         self.dense = _param_bytes(net)
-        ds = {"train_micro_batch_size_per_gpu": cfg.train.batch_size, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+        ds = {
+            "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 0},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
         params = [p for p in net.parameters() if p.requires_grad]
         self.plugin = bool(spec["options"].get("plugin"))
         if self.plugin:
             c = config.to_dict(cfg)["compression"]
             ds[ds_soup.SECTION] = {"compression": c, "seed": cfg.seed}
-            self.model, _, _, _ = ds_soup.initialize(model=net, model_parameters=params, optimizer=self.optimizer,
-                                                    config=ds)
+            self.model, _, _, _ = ds_soup.initialize(
+                model=net, model_parameters=params, optimizer=self.optimizer, config=ds
+            )
         else:
-            self.model, _, _, _ = deepspeed.initialize(model=net, model_parameters=params, optimizer=self.optimizer,
-                                                      config=ds)
+            self.model, _, _, _ = deepspeed.initialize(
+                model=net, model_parameters=params, optimizer=self.optimizer, config=ds
+            )
         self._mark = ds_soup.stats(self.model) if self.plugin else None
 
     def step(self, losses, step: int):
@@ -266,8 +288,18 @@ def main(argv: list[str] | None = None) -> int:
         t2 = time.perf_counter()
         sent, received, dense = trainer.step(losses, step)
         t3 = time.perf_counter()
-        records.append({"step": step, "total_s": t3 - t0, "data_s": t1 - t0, "forward_s": t2 - t1,
-                        "step_s": t3 - t2, "sent": int(sent), "received": int(received), "dense": int(dense)})
+        records.append(
+            {
+                "step": step,
+                "total_s": t3 - t0,
+                "data_s": t1 - t0,
+                "forward_s": t2 - t1,
+                "step_s": t3 - t2,
+                "sent": int(sent),
+                "received": int(received),
+                "dense": int(dense),
+            }
+        )
         if step == steps - 1:
             last_losses = {k: float(v.detach()) for k, v in losses.items()}
     eth = None
@@ -275,9 +307,17 @@ def main(argv: list[str] | None = None) -> int:
         end = _iface_bytes(job.get("iface"))
         eth = {"tx": end[0] - eth_start[0], "rx": end[1] - eth_start[1], "steps": steps - warmup}
     result = {
-        "rank": rank, "world": world, "local_rank": local_rank, "kind": spec.kind, "row": spec.name,
-        "threads": threads, "torch_threads": torch.get_num_threads(), "steps": records, "eth0": eth,
-        "final_losses": last_losses, **trainer.summary(),
+        "rank": rank,
+        "world": world,
+        "local_rank": local_rank,
+        "kind": spec.kind,
+        "row": spec.name,
+        "threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "steps": records,
+        "eth0": eth,
+        "final_losses": last_losses,
+        **trainer.summary(),
     }
     out = Path(job["out_dir"]) / f"rank{rank}.json"
     tmp = out.with_name(out.name + ".tmp")

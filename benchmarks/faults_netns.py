@@ -14,6 +14,7 @@ Two namespace hosts (launch/netns_hosts.sh, prefix dsfb*, subnet 10.201.1.0/24) 
 JSON line; ``worker`` fails unless every run resumes on the first restart attempt. Not part of
 the test suite (tests/test_faults.py does a few of these quickly).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -122,23 +123,42 @@ def worker_loss(base: Path, i: int, port: int) -> dict:
         t_back = w.reached(t_res or t_kill, killed_step) if t_res else None
         logs = c.log(0) + c.log(1)
         s = summary(run)
-        return {"fault": "worker", "run": i, "host": host, "codes": codes,
-                "cold_start_s": round(t_first - t_start, 2) if t_first else None,
-                "ok": all(v == 0 for v in codes.values()) and s is not None,
-                "killed_step": killed_step, "steps_lost": killed_step + 1 - ckpt,
-                "resume_s": round(t_res - t_kill, 2) if t_res else None,
-                "back_to_killed_step_s": round(t_back - t_kill, 2) if t_back else None,
-                "connect_refused": logs.count("Connection refused"),
-                # generation 2: the first restart of the process group is the one that resumed
-                "resumed_first_attempt": "(process group generation 2)" in logs and "generation 3" not in logs}
+        return {
+            "fault": "worker",
+            "run": i,
+            "host": host,
+            "codes": codes,
+            "cold_start_s": round(t_first - t_start, 2) if t_first else None,
+            "ok": all(v == 0 for v in codes.values()) and s is not None,
+            "killed_step": killed_step,
+            "steps_lost": killed_step + 1 - ckpt,
+            "resume_s": round(t_res - t_kill, 2) if t_res else None,
+            "back_to_killed_step_s": round(t_back - t_kill, 2) if t_back else None,
+            "connect_refused": logs.count("Connection refused"),
+            # generation 2: the first restart of the process group is the one that resumed
+            "resumed_first_attempt": "(process group generation 2)" in logs and "generation 3" not in logs,
+        }
 
 
 def host_loss(base: Path, elastic: bool, port: int) -> dict:
     cfg, run = setup(base)
     with Cluster(prefix="dsfbh", subnet="10.201.1") as c:
         env = {"LAST_CALL_TIMEOUT": "5"}
-        agents = [c.start(h, cfg, run, nnodes="1:2" if elastic else "2", nproc=nproc(), port=port, max_restarts=1,
-                          join_timeout=30, env=env, run_id="host") for h in range(2)]
+        agents = [
+            c.start(
+                h,
+                cfg,
+                run,
+                nnodes="1:2" if elastic else "2",
+                nproc=nproc(),
+                port=port,
+                max_restarts=1,
+                join_timeout=30,
+                env=env,
+                run_id="host",
+            )
+            for h in range(2)
+        ]
         w = Watch(run)
         w.start()
         wait_for_step(run, 45, 300, agents)
@@ -151,19 +171,30 @@ def host_loss(base: Path, elastic: bool, port: int) -> dict:
         t_res = w.resumed_at(t_kill, 0)
         s = summary(run)
         log0 = c.log(0)
-        return {"fault": "host-elastic" if elastic else "host-fixed", "codes": codes, "killed_step": killed_step,
-                "survivor_exit_s": round(t_end - t_kill, 2), "resume_s": round(t_res - t_kill, 2) if t_res else None,
-                "finished_world_size": s["world_size"] if s else None, "steps": s["steps"] if s else None,
-                "message": [l for l in log0.splitlines()
-                            if "communication failed" in l or "torchrun_multinode.sh:" in l][:2]}
+        return {
+            "fault": "host-elastic" if elastic else "host-fixed",
+            "codes": codes,
+            "killed_step": killed_step,
+            "survivor_exit_s": round(t_end - t_kill, 2),
+            "resume_s": round(t_res - t_kill, 2) if t_res else None,
+            "finished_world_size": s["world_size"] if s else None,
+            "steps": s["steps"] if s else None,
+            "message": [l for l in log0.splitlines() if "communication failed" in l or "torchrun_multinode.sh:" in l][
+                :2
+            ],
+        }
 
 
 def link_failure(base: Path, port: int, timeout_s: float = 20.0) -> dict:
     cfg, run = setup(base, timeout_s=timeout_s)
     with Cluster(prefix="dsfbl", subnet="10.201.1") as c:
         link_env = {"READ_TIMEOUT": "10", "AGENT_GRACE": "5"}
-        agents = [c.start(h, cfg, run, nproc=nproc(), port=port, max_restarts=0, join_timeout=10, run_id="link1",
-                          env=link_env) for h in range(2)]
+        agents = [
+            c.start(
+                h, cfg, run, nproc=nproc(), port=port, max_restarts=0, join_timeout=10, run_id="link1", env=link_env
+            )
+            for h in range(2)
+        ]
         wait_for_step(run, 45, 300, agents)
         killed_step = logged_steps(run)[-1]
         t_down = time.monotonic()
@@ -189,12 +220,20 @@ def link_failure(base: Path, port: int, timeout_s: float = 20.0) -> dict:
             c.start(h, cfg, run, nproc=nproc(), port=port + 1, max_restarts=0, run_id="link2", log_dir=base / "again")
         codes = c.wait(400)
         s = summary(run)
-        return {"fault": "link", "timeout_s": timeout_s, "env": link_env, "killed_step": killed_step,
-                "worker_message_s": reported, "agent_exit_s": exits,
-                "kept": kept.name if kept else None,
-                "steps_lost": killed_step + 1 - int(kept.name.split("-")[1]) if kept else None,
-                "resume_codes": codes, "resume_run_s": round(time.monotonic() - t_up, 2), "finished": s is not None,
-                "messages": msgs[:4]}
+        return {
+            "fault": "link",
+            "timeout_s": timeout_s,
+            "env": link_env,
+            "killed_step": killed_step,
+            "worker_message_s": reported,
+            "agent_exit_s": exits,
+            "kept": kept.name if kept else None,
+            "steps_lost": killed_step + 1 - int(kept.name.split("-")[1]) if kept else None,
+            "resume_codes": codes,
+            "resume_run_s": round(time.monotonic() - t_up, 2),
+            "finished": s is not None,
+            "messages": msgs[:4],
+        }
 
 
 def preemption(base: Path, port: int) -> dict:
@@ -215,9 +254,15 @@ def preemption(base: Path, port: int) -> dict:
             c.start(h, cfg, run, nproc=nproc(), port=port + 1, max_restarts=0, run_id="pre2", log_dir=base / "again")
         codes2 = c.wait(400)
         s = summary(run)
-        return {"fault": "preempt", "exit_s": round(t_exit - t_sig, 2), "codes": codes,
-                "checkpoint": kept.name if kept else None,
-                "resume_codes": codes2, "finished": s is not None, "param_sha256": s["param_sha256"] if s else None}
+        return {
+            "fault": "preempt",
+            "exit_s": round(t_exit - t_sig, 2),
+            "codes": codes,
+            "checkpoint": kept.name if kept else None,
+            "resume_codes": codes2,
+            "finished": s is not None,
+            "param_sha256": s["param_sha256"] if s else None,
+        }
 
 
 def clean(base: Path, port: int) -> dict:
@@ -229,8 +274,12 @@ def clean(base: Path, port: int) -> dict:
             c.start(h, cfg, run, nproc=nproc(), port=port, max_restarts=0, run_id="clean")
         codes = c.wait(400)
         s = summary(run)
-        return {"fault": "none", "codes": codes, "run_s": round(time.monotonic() - t0, 2),
-                "param_sha256": s["param_sha256"] if s else None}
+        return {
+            "fault": "none",
+            "codes": codes,
+            "run_s": round(time.monotonic() - t0, 2),
+            "param_sha256": s["param_sha256"] if s else None,
+        }
 
 
 def main() -> int:
@@ -253,11 +302,13 @@ def main() -> int:
                 results.append(worker_loss(out / f"worker{i}", i, port + 10 * i))
                 print(json.dumps(results[-1]), flush=True)
         else:
-            fn = {"clean": lambda: clean(out / "clean", port + 190),
-                  "host": lambda: host_loss(out / "host", True, port + 200),
-                  "host-fixed": lambda: host_loss(out / "hostfixed", False, port + 210),
-                  "link": lambda: link_failure(out / "link", port + 220),
-                  "preempt": lambda: preemption(out / "preempt", port + 230)}[fault]
+            fn = {
+                "clean": lambda: clean(out / "clean", port + 190),
+                "host": lambda: host_loss(out / "host", True, port + 200),
+                "host-fixed": lambda: host_loss(out / "hostfixed", False, port + 210),
+                "link": lambda: link_failure(out / "link", port + 220),
+                "preempt": lambda: preemption(out / "preempt", port + 230),
+            }[fault]
             results.append(fn())
             print(json.dumps(results[-1]), flush=True)
     workers = [r for r in results if r["fault"] == "worker"]

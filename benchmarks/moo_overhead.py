@@ -17,6 +17,7 @@ whole probe period, so solve and probe steps are charged at their true rate):
 Then quality: multidigits (left/right/sum/parity) trained with `full` and with `defaults` for
 the same number of steps; test accuracy per objective and Delta_m% against the plain sum.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ from dist_soup import SoupEngine
 class Trunk(nn.Module):
     def __init__(self, k: int) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                                   nn.Linear(1024, 512), nn.ReLU())
+        self.trunk = nn.Sequential(
+            nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU()
+        )
         self.heads = nn.ModuleList(nn.Linear(512, 10) for _ in range(k))
 
     def forward(self, x):
@@ -188,8 +190,10 @@ def main() -> None:
             ratio = r["defaults"] / base
             print(f"    target: defaults <= 1.5x plain at K=8: {ratio:.2f}x, {'met' if ratio <= 1.5 else 'missed'}")
     if args.quality_steps:
-        print(f"\nquality: multidigits (left, right, sum, parity), {args.quality_steps} steps, batch 64, Adam 2e-3, "
-              f"test accuracy, mean of {args.seeds} seeds; delta_m against the plain sum (negative is better)")
+        print(
+            f"\nquality: multidigits (left, right, sum, parity), {args.quality_steps} steps, batch 64, Adam 2e-3, "
+            f"test accuracy, mean of {args.seeds} seeds; delta_m against the plain sum (negative is better)"
+        )
         q = quality(args.quality_steps, args.seeds)
         for label, r in q.items():
             m = " ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items())

@@ -19,6 +19,7 @@ Figures per cell, mean +- std over its seeds (std of one seed: none):
   seconds = (steps done there) x ms/step at the rate / 1000, over the seeds that reached it
   ("n/m": only n of m seeds did).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,28 +86,52 @@ def collect(spec, out: Path) -> list[dict]:
             s = json.loads((rd / "summary.json").read_text())
             points, loop_ms = _eval_points(rd, s)
             steps, world = s["steps"], s["world_size"]
-            records.append({
-                "kind": "quality", "cell": cell.id, "axes": cell.axes, "seed": seed, "run_dir": str(rd),
-                "config_sha256": s["config_sha256"], "engine": s.get("engine"), "task": s["task"],
-                "task_section": dataclasses.asdict(spec.config(cell, seed).task),
-                "objectives": {k: {kk: o[kk] for kk in ("metric", "value", "higher_is_better")}
-                               for k, o in s["objectives"].items()},
-                "delta_m": s.get("delta_m"), "steps": steps, "world_size": world,
-                "bytes_per_step": s["comm"]["bytes_sent"] / (steps * world),
-                "dense_bytes_per_step": s["comm"]["dense_bytes"] / (steps * world),
-                "time_s": s["time_s"], "ms_per_step_loopback": loop_ms,
-                "evals": [{"steps": n, "values": v} for n, v in points],
-            })
+            records.append(
+                {
+                    "kind": "quality",
+                    "cell": cell.id,
+                    "axes": cell.axes,
+                    "seed": seed,
+                    "run_dir": str(rd),
+                    "config_sha256": s["config_sha256"],
+                    "engine": s.get("engine"),
+                    "task": s["task"],
+                    "task_section": dataclasses.asdict(spec.config(cell, seed).task),
+                    "objectives": {
+                        k: {kk: o[kk] for kk in ("metric", "value", "higher_is_better")}
+                        for k, o in s["objectives"].items()
+                    },
+                    "delta_m": s.get("delta_m"),
+                    "steps": steps,
+                    "world_size": world,
+                    "bytes_per_step": s["comm"]["bytes_sent"] / (steps * world),
+                    "dense_bytes_per_step": s["comm"]["dense_bytes"] / (steps * world),
+                    "time_s": s["time_s"],
+                    "ms_per_step_loopback": loop_ms,
+                    "evals": [{"steps": n, "values": v} for n, v in points],
+                }
+            )
     for rate in spec.rates:
         for cell in spec.cells:
             try:
                 t = json.loads(timing_file(out, rate, cell).read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            records.append({"kind": "timing", "cell": cell.id, "axes": cell.axes, "rate": rate,
-                            "loopback": t.get("loopback"), "link": t.get("link"), "error": t.get("error"),
-                            **{k: t.get(k) for k in ("ms_median", "ms_mean", "ms_stdev", "n", "sent_bytes",
-                                                     "dense_bytes", "wall_s")}})
+            records.append(
+                {
+                    "kind": "timing",
+                    "cell": cell.id,
+                    "axes": cell.axes,
+                    "rate": rate,
+                    "loopback": t.get("loopback"),
+                    "link": t.get("link"),
+                    "error": t.get("error"),
+                    **{
+                        k: t.get(k)
+                        for k in ("ms_median", "ms_mean", "ms_stdev", "n", "sent_bytes", "dense_bytes", "wall_s")
+                    },
+                }
+            )
     return records
 
 
@@ -233,9 +258,13 @@ def markdown(spec, cells: list[dict], setup: dict, machine: dict) -> str:
         f"{' '.join(f'{x:.2f}' for x in machine['loadavg_end'])} at end.",
         f"Runs: {spec.steps} steps on {spec.nproc} processes (gloo, 127.0.0.1), seeds {spec.seeds}, evaluation every "
         f"{spec.eval_every or spec.steps} steps; quality from one run per (cell, seed)"
-        + (f" (the link rate does not change the arithmetic), step time per rate from one {spec.timing_steps}-step "
-           f"timing run per cell (steps {spec.timing_warmup}-{spec.timing_steps}, seed {spec.seeds[0]}) across "
-           f"{spec.nproc} namespace hosts capped by tc." if spec.rates else "; no timing runs (rates: [])."),
+        + (
+            f" (the link rate does not change the arithmetic), step time per rate from one {spec.timing_steps}-step "
+            f"timing run per cell (steps {spec.timing_warmup}-{spec.timing_steps}, seed {spec.seeds[0]}) across "
+            f"{spec.nproc} namespace hosts capped by tc."
+            if spec.rates
+            else "; no timing runs (rates: [])."
+        ),
     ]
     if loop_rates:
         lines.append(f"Timed over 127.0.0.1 (no namespaces here): {', '.join(sorted(loop_rates))}.")
@@ -248,10 +277,20 @@ def markdown(spec, cells: list[dict], setup: dict, machine: dict) -> str:
     if setup.get("interrupted"):
         lines.append(f"Interrupted ({setup['interrupted']}).")
     label = spec.versus_label or "versus"
-    head = [*axes, "bytes/step/rank (KB)", *[f"{k} {metric_of[k]}" for k in objectives], "Δm% vs single-task",
-            f"Δm% vs {label}"]
-    lines += ["", "### Quality (mean ± std over seeds)", "", "| " + " | ".join(head) + " |",
-              "|" + "---|" * len(axes) + "---:|" * (len(head) - len(axes))]
+    head = [
+        *axes,
+        "bytes/step/rank (KB)",
+        *[f"{k} {metric_of[k]}" for k in objectives],
+        "Δm% vs single-task",
+        f"Δm% vs {label}",
+    ]
+    lines += [
+        "",
+        "### Quality (mean ± std over seeds)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(axes) + "---:|" * (len(head) - len(axes)),
+    ]
     for c in cells:
         vals = [c["axes"].get(a, "-") for a in axes]
         if not c["seeds_done"]:
@@ -266,8 +305,13 @@ def markdown(spec, cells: list[dict], setup: dict, machine: dict) -> str:
     head = [*axes, *[f"ms/step {s}" for s in sources]]
     if target:
         head += ["target at step", *[f"time to target {s} (s)" for s in sources]]
-    lines += ["", "### Speed" + (" and time to target" if target else ""), "", "| " + " | ".join(head) + " |",
-              "|" + "---|" * len(axes) + "---:|" * (len(head) - len(axes))]
+    lines += [
+        "",
+        "### Speed" + (" and time to target" if target else ""),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(axes) + "---:|" * (len(head) - len(axes)),
+    ]
     for c in cells:
         vals = [c["axes"].get(a, "-") for a in axes]
         ms = c.get("ms_per_step", {})
@@ -293,9 +337,11 @@ def markdown(spec, cells: list[dict], setup: dict, machine: dict) -> str:
         f"against {label} (the same task).",
     ]
     if target:
-        lines.append(f"Target: the mean final metrics of {', '.join(spec.target)} (same task); reached at the first "
-                     f"evaluation with Δm% <= {spec.target_tolerance:g} against it; time = steps x ms/step; (n/m): "
-                     "only n of m seeds reached it, mean over those; undefined: a metric of the target is 0.")
+        lines.append(
+            f"Target: the mean final metrics of {', '.join(spec.target)} (same task); reached at the first "
+            f"evaluation with Δm% <= {spec.target_tolerance:g} against it; time = steps x ms/step; (n/m): "
+            "only n of m seeds reached it, mean over those; undefined: a metric of the target is 0."
+        )
     return "\n".join(lines)
 
 
@@ -356,8 +402,12 @@ def plots(spec, cells: list[dict], plot_dir: Path) -> list[Path]:
                     if src not in c["ms_per_step"] or not c["evals"]:
                         continue
                     ms = c["ms_per_step"][src][0]
-                    ax.plot([e["steps"] * ms / 1e3 for e in c["evals"]], [e["values"][k] for e in c["evals"]],
-                            marker=".", label=c["cell"])
+                    ax.plot(
+                        [e["steps"] * ms / 1e3 for e in c["evals"]],
+                        [e["values"][k] for e in c["evals"]],
+                        marker=".",
+                        label=c["cell"],
+                    )
                 ax.set_xlabel(f"seconds at {src} (steps x ms/step)")
                 ax.set_ylabel(k)
             axs[-1].legend(fontsize=6, loc="best")

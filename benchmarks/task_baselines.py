@@ -15,6 +15,7 @@ x 16 examples), so Delta_m% of a quickstart run compares like with like.
     python benchmarks/task_baselines.py --task multidigits --joint
     python benchmarks/task_baselines.py --task multidigits --option objectives=[left,right,sum,parity]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ import yaml
 from dist_soup import tasks
 
 
-def train(task: tasks.Task, objectives: tuple[str, ...], *, seed: int, steps: int, batch: int,
-          lr: float) -> tuple[dict[str, float], float]:
+def train(
+    task: tasks.Task, objectives: tuple[str, ...], *, seed: int, steps: int, batch: int, lr: float
+) -> tuple[dict[str, float], float]:
     """Train on the sum of ``objectives``' losses; return (held-out metrics, seconds per step)."""
     model = task.build_model(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -52,8 +54,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--joint", action="store_true", help="also train the equal-weight sum")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="task option (YAML value), e.g. --option languages=2")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task option (YAML value), e.g. --option languages=2",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -66,16 +73,19 @@ def main() -> None:
     task = tasks.build(args.task, **options)
     baselines: dict[str, float] = {}
     for k in task.objectives:
-        runs = [train(task, (k,), seed=s, steps=args.steps, batch=args.batch, lr=args.lr)
-                for s in args.seeds]
+        runs = [train(task, (k,), seed=s, steps=args.steps, batch=args.batch, lr=args.lr) for s in args.seeds]
         baselines[k] = sum(m[k] for m, _ in runs) / len(runs)
-        print(f"{k:>8s} alone: {baselines[k]:.4f}  per seed {[round(m[k], 4) for m, _ in runs]}  "
-              f"{1000 * runs[0][1]:.1f} ms/step", flush=True)
+        print(
+            f"{k:>8s} alone: {baselines[k]:.4f}  per seed {[round(m[k], 4) for m, _ in runs]}  "
+            f"{1000 * runs[0][1]:.1f} ms/step",
+            flush=True,
+        )
     print("options =", json.dumps(options), "| steps", args.steps, "batch", args.batch, "lr", args.lr)
     print("baselines =", json.dumps({k: round(v, 4) for k, v in baselines.items()}))
     if args.joint:
-        runs = [train(task, task.objectives, seed=s, steps=args.steps, batch=args.batch, lr=args.lr)
-                for s in args.seeds]
+        runs = [
+            train(task, task.objectives, seed=s, steps=args.steps, batch=args.batch, lr=args.lr) for s in args.seeds
+        ]
         joint = {k: sum(m[k] for m, _ in runs) / len(runs) for k in task.objectives}
         print("joint (equal-weight sum) =", json.dumps({k: round(v, 4) for k, v in joint.items()}))
         print(f"Delta_m% of the joint model = {tasks.delta_m(joint, baselines, task):+.2f}")

@@ -9,6 +9,7 @@ collectives; ``dist_soup.moo`` Jacobians, Grams, layer selection, solvers, recip
 ``import dist_soup`` stays free of torch, so the command line and the config load without it:
 the engine's names are imported on first use (type checkers see the real imports below).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -1,5 +1,6 @@
 """What a config builds for a run: optimizer, learning-rate factor, recipe, objectives, and
 the checks every rank shares (the config digest, the parameters' hash)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,9 @@ def lr_factor(cfg: Config, step: int) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def recipe_from_config(cfg: Config, task, objectives: tuple[str, ...], groups: dict,
-                       steps_per_epoch: int | None = None) -> Recipe:
+def recipe_from_config(
+    cfg: Config, task, objectives: tuple[str, ...], groups: dict, steps_per_epoch: int | None = None
+) -> Recipe:
     """The config's recipe for ``task``, told the run length (``steps_per_epoch``: the
     engine's) that penalty schedules in steps or fractions of the run need."""
     recipe = recipe_from_sections(with_task_groups(cfg.recipe, task), cfg.solver, objectives, groups)
@@ -55,17 +57,23 @@ def with_task_groups(r: RecipeConfig, task) -> RecipeConfig:
     if r.kind == "vm" and not isinstance(r.order, list):
         orders = task.level_orders
         if r.order is None and not orders:
-            raise ValueError(f"recipe vm: task {task.name!r} names no order of its groups "
-                             f"{sorted(task.groups)}; give recipe.order as a list")
+            raise ValueError(
+                f"recipe vm: task {task.name!r} names no order of its groups "
+                f"{sorted(task.groups)}; give recipe.order as a list"
+            )
         if r.order is not None and r.order not in orders:
-            raise ValueError(f"recipe.order: {r.order!r} is not an order of task {task.name!r}; "
-                             f"its orders: {', '.join(orders) or 'none'}")
+            raise ValueError(
+                f"recipe.order: {r.order!r} is not an order of task {task.name!r}; "
+                f"its orders: {', '.join(orders) or 'none'}"
+            )
         order = orders[r.order] if r.order is not None else next(iter(orders.values()))
         return dataclasses.replace(r, order=list(order))
     if r.kind == "vc" and r.constraint is None:
         if task.constraint_group is None:
-            raise ValueError(f"recipe vc: task {task.name!r} has no constraint group; give recipe.constraint "
-                             f"(one of its groups {sorted(task.groups)})")
+            raise ValueError(
+                f"recipe vc: task {task.name!r} has no constraint group; give recipe.constraint "
+                f"(one of its groups {sorted(task.groups)})"
+            )
         return dataclasses.replace(r, constraint=task.constraint_group)
     return r
 
@@ -76,8 +84,16 @@ def recipe_from_sections(r: RecipeConfig, solver, objectives: tuple[str, ...], g
     if r.kind == "custom":
         return Recipe.from_levels(r.levels or [])
     order = r.order if r.kind == "vm" else None
-    return build_recipe(r.kind, objectives, groups, solver=solver.name, solver_options=solver.options,
-                        order=order, constraint=r.constraint, eta=Schedule.from_spec(vars(r.eta)))
+    return build_recipe(
+        r.kind,
+        objectives,
+        groups,
+        solver=solver.name,
+        solver_options=solver.options,
+        order=order,
+        constraint=r.constraint,
+        eta=Schedule.from_spec(vars(r.eta)),
+    )
 
 
 def objectives_of(cfg: Config, task) -> tuple[str, ...]:
@@ -85,8 +101,9 @@ def objectives_of(cfg: Config, task) -> tuple[str, ...]:
         return tuple(task.objectives)
     unknown = [k for k in cfg.task.objectives if k not in task.objectives]
     if unknown or not cfg.task.objectives:
-        raise ConfigError(f"task.objectives: {unknown or '[]'} not allowed; "
-                          f"the task {task.name!r} has {list(task.objectives)}")
+        raise ConfigError(
+            f"task.objectives: {unknown or '[]'} not allowed; the task {task.name!r} has {list(task.objectives)}"
+        )
     return tuple(cfg.task.objectives)
 
 

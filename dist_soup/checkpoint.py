@@ -14,6 +14,7 @@ pointing at it; a write that fails (a full disk) fails on every rank together
 (:class:`CheckpointError`), with the unfinished directory removed. Loading uses
 ``torch.load(..., weights_only=True)``: tensors and plain data only.
 """
+
 from __future__ import annotations
 
 import os
@@ -133,8 +134,10 @@ def save(
         barrier()
         kept = f"latest still names {previous}" if previous else "there is no earlier checkpoint"
         mine = f"rank {rank}: {err}" if err else "another rank could not write its part"
-        raise CheckpointError(f"checkpoint of step {step} in {str(root)!r} could not be written ({mine}); "
-                              f"nothing of it was kept and {kept}")
+        raise CheckpointError(
+            f"checkpoint of step {step} in {str(root)!r} could not be written ({mine}); "
+            f"nothing of it was kept and {kept}"
+        )
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -159,8 +162,7 @@ def save(
             fail(err)
         err = _attempt(f"writing rank-{rank}.pt", lambda: atomic_save(rank_state, tmp / f"rank-{rank}.pt"), tmp)
         if rank == 0 and err is None:
-            err = _attempt("writing shared.pt",
-                           lambda: atomic_save(shared_state(), tmp / "shared.pt"), tmp)  # type: ignore[misc]
+            err = _attempt("writing shared.pt", lambda: atomic_save(shared_state(), tmp / "shared.pt"), tmp)  # type: ignore[misc]
         if not agree(err is None):
             fail(err)
 
@@ -187,6 +189,8 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict]:
     rank_file = path / f"rank-{rank}.pt"
     if not rank_file.is_file():
         have = sorted(p.name for p in path.glob("rank-*.pt"))
-        raise ValueError(f"checkpoint {str(path)!r} has no state for rank {rank} (it has {have}); "
-                         "resume with the world size it was saved with")
+        raise ValueError(
+            f"checkpoint {str(path)!r} has no state for rank {rank} (it has {have}); "
+            "resume with the world size it was saved with"
+        )
     return load(path / "shared.pt"), load(rank_file)

@@ -7,6 +7,7 @@
 ``--nproc N`` starts N local processes joined by gloo on 127.0.0.1; under torchrun or mpirun
 the launcher's environment decides and ``--nproc`` must be left out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,15 +24,29 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML config file (see configs/)")
     t.add_argument("--nproc", type=int, default=None, help="number of local processes (gloo on 127.0.0.1)")
-    t.add_argument("--run-dir", default=None,
-                   help="where config, metrics, checkpoints and summary go (default runs/<config name>)")
+    t.add_argument(
+        "--run-dir", default=None, help="where config, metrics, checkpoints and summary go (default runs/<config name>)"
+    )
     t.add_argument("--steps", type=int, default=None, help="override train.steps")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in the run dir (a fresh start if there is none)")
-    t.add_argument("--deepspeed", default=None, metavar="DS_JSON",
-                   help="train through DeepSpeed (dist_soup.integrations.deepspeed) with this DeepSpeed JSON config")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.batch_size=16")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in the run dir (a fresh start if there is none)",
+    )
+    t.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="DS_JSON",
+        help="train through DeepSpeed (dist_soup.integrations.deepspeed) with this DeepSpeed JSON config",
+    )
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.batch_size=16",
+    )
     pl = sub.add_parser("plot", help="write PNG plots of a run dir")
     pl.add_argument("run_dir")
     return p
@@ -49,8 +64,10 @@ def print_summary(summary: dict, run_dir: str) -> None:
     rows = [("objective", "first loss", "final loss", "metric", "value") + (("ew ref",) if ref else ())]
     for name, o in summary["objectives"].items():
         arrow = "↑" if o["higher_is_better"] else "↓"
-        rows.append((name, f"{o['first_loss']:.4f}", f"{o['final_loss']:.4f}", f"{o['metric']} {arrow}",
-                     f"{o['value']:.4f}") + ((f"{ref[name]:.4f}",) if ref else ()))
+        rows.append(
+            (name, f"{o['first_loss']:.4f}", f"{o['final_loss']:.4f}", f"{o['metric']} {arrow}", f"{o['value']:.4f}")
+            + ((f"{ref[name]:.4f}",) if ref else ())
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = "  ".join("-" * w for w in widths)
     out = ["", line]
@@ -61,15 +78,18 @@ def print_summary(summary: dict, run_dir: str) -> None:
     out.append(line)
     c = summary["comm"]
     ratio = f"{c['ratio']:.1f}x fewer" if c["ratio"] else "n/a"
-    out.append(f"bytes sent (all ranks): {c['bytes_sent'] / 1e6:.2f} MB "
-               f"vs fp32 {c['dense_bytes'] / 1e6:.2f} MB ({ratio})")
+    out.append(
+        f"bytes sent (all ranks): {c['bytes_sent'] / 1e6:.2f} MB vs fp32 {c['dense_bytes'] / 1e6:.2f} MB ({ratio})"
+    )
     procs = "1 process" if summary["world_size"] == 1 else f"{summary['world_size']} processes"
     out.append(f"steps: {summary['steps']} on {procs}, {summary['steps_per_s']:.1f} steps/s, {summary['time_s']:.1f} s")
     if summary.get("delta_m") is not None:
         out.append(f"Delta_m vs single-task baselines: {summary['delta_m']:+.1f}% (negative is better)")
     if ref:
-        out.append(f"Delta_m vs ew ref: {summary['delta_m_vs_ew']:+.1f}% (ew ref: the plain sum of the losses, "
-                   "stored for this task at the quickstart's budget; negative is better)")
+        out.append(
+            f"Delta_m vs ew ref: {summary['delta_m_vs_ew']:+.1f}% (ew ref: the plain sum of the losses, "
+            "stored for this task at the quickstart's budget; negative is better)"
+        )
     if summary.get("skipped_steps"):
         out.append(f"skipped steps (non-finite): {summary['skipped_steps']}")
     if summary["selected"]:  # none under train.engine ddp
@@ -88,8 +108,10 @@ def _note(message: str) -> None:
 def _train(cfg, run_dir: str, resume: bool, deepspeed: str | None) -> dict | None:
     if deepspeed is not None:
         if cfg.train.engine == "ddp":
-            raise ConfigError("train.engine: 'ddp' is the torch DDP baseline and --deepspeed trains through "
-                              "DeepSpeed; use one or the other")
+            raise ConfigError(
+                "train.engine: 'ddp' is the torch DDP baseline and --deepspeed trains through "
+                "DeepSpeed; use one or the other"
+            )
         from .integrations import deepspeed_train
 
         return deepspeed_train.run(cfg, Path(run_dir), deepspeed, resume=resume)
@@ -112,8 +134,9 @@ def train_command(args) -> int:
         if args.nproc < 1:
             raise ConfigError(f"--nproc {args.nproc}: need at least 1 process")
         if launched:
-            raise ConfigError("--nproc is for local runs; "
-                              "under torchrun or mpirun the launcher sets the number of processes")
+            raise ConfigError(
+                "--nproc is for local runs; under torchrun or mpirun the launcher sets the number of processes"
+            )
     if args.nproc is None or args.nproc == 1 or launched:
         summary = _train(cfg, run_dir, args.resume, args.deepspeed)
         if summary is not None:

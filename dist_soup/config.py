@@ -13,6 +13,7 @@ of that section belonged to the old name and are dropped (with a note); when it 
 ``recipe.kind``, the file's recipe keys that the new kind does not use are dropped (with a note).
 Keys the overrides set themselves are kept and checked like any other.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -193,12 +194,26 @@ class Config:
 
 
 _POSITIVE = {
-    "train.steps", "train.batch_size", "train.solve_every", "selection.probe_every",
-    "logging.every", "checkpoint.keep", "optimizer.lr", "compression.bucket_mb", "compression.overlap_mb",
-    "train.timeout_s", "ddp.powersgd_rank", "ddp.bucket_mb",
+    "train.steps",
+    "train.batch_size",
+    "train.solve_every",
+    "selection.probe_every",
+    "logging.every",
+    "checkpoint.keep",
+    "optimizer.lr",
+    "compression.bucket_mb",
+    "compression.overlap_mb",
+    "train.timeout_s",
+    "ddp.powersgd_rank",
+    "ddp.bucket_mb",
 }
-_NON_NEGATIVE = {"checkpoint.every", "logging.eval_every", "optimizer.momentum", "optimizer.weight_decay",
-                 "optimizer.warmup_steps"}
+_NON_NEGATIVE = {
+    "checkpoint.every",
+    "logging.eval_every",
+    "optimizer.momentum",
+    "optimizer.weight_decay",
+    "optimizer.warmup_steps",
+}
 #: Recipe keys that only some kinds use (anything but null is refused with another kind).
 _RECIPE_KEY_KINDS: dict[str, tuple[str, ...]] = {"order": ("vm",), "constraint": ("vc",), "levels": ("custom",)}
 #: Sections whose ``options`` belong to their ``name``.
@@ -279,8 +294,9 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}; "
-                          f"allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]}; allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}"
+        )
     kwargs = {}
     for name in names:
         if name in data:
@@ -311,8 +327,10 @@ def _check_ranges(cfg: Config) -> None:
     for key, kinds in _RECIPE_KEY_KINDS.items():
         value = getattr(cfg.recipe, key)
         if value is not None and cfg.recipe.kind not in kinds:
-            raise ConfigError(f"recipe.{key}: {_short(value)} is only used with recipe.kind {' or '.join(kinds)} "
-                              f"(kind is {cfg.recipe.kind!r})")
+            raise ConfigError(
+                f"recipe.{key}: {_short(value)} is only used with recipe.kind {' or '.join(kinds)} "
+                f"(kind is {cfg.recipe.kind!r})"
+            )
     _check_recipe(cfg)
     _check_ddp(cfg)
     if cfg.selection.rule == "top_m" and (cfg.selection.m is None or cfg.selection.m <= 0):
@@ -335,11 +353,14 @@ def _check_recipe(cfg: Config) -> None:
         if eta.every <= 0:
             raise ConfigError(f"recipe.eta.every: {eta.every!r} must be > 0 (units per stair) or null (linear)")
         if eta.unit == "steps" and eta.every != int(eta.every):
-            raise ConfigError(f"recipe.eta.every: {eta.every!r} must be a whole number of steps "
-                              "with recipe.eta.unit steps")
+            raise ConfigError(
+                f"recipe.eta.every: {eta.every!r} must be a whole number of steps with recipe.eta.unit steps"
+            )
         if eta.unit == "fraction" and eta.every > 1:
-            raise ConfigError(f"recipe.eta.every: {eta.every!r} must be in (0, 1] with recipe.eta.unit fraction "
-                              "(a stair longer than the run is never climbed)")
+            raise ConfigError(
+                f"recipe.eta.every: {eta.every!r} must be in (0, 1] with recipe.eta.unit fraction "
+                "(a stair longer than the run is never climbed)"
+            )
     try:
         Schedule.from_spec(vars(eta))
     except ValueError as exc:
@@ -356,8 +377,10 @@ def _check_recipe(cfg: Config) -> None:
     allowed = solvers.option_names(s.name)
     for opt in s.options:
         if opt not in allowed:
-            raise ConfigError(f"solver.options.{opt}: solver {s.name!r} has no option {opt!r}; "
-                              f"its options: {', '.join(allowed) if allowed else 'none'}")
+            raise ConfigError(
+                f"solver.options.{opt}: solver {s.name!r} has no option {opt!r}; "
+                f"its options: {', '.join(allowed) if allowed else 'none'}"
+            )
     try:
         solvers.build(s.name, **s.options)
     except ValueError as exc:
@@ -381,8 +404,10 @@ def _check_order(cfg: Config) -> None:
         return
     if order not in orders:
         named = f"one of {', '.join(map(repr, orders))} or " if orders else ""
-        raise ConfigError(f"recipe.order: {order!r} is not an order of task {cfg.task.name!r}; use {named}a list "
-                          "of its groups, first level first")
+        raise ConfigError(
+            f"recipe.order: {order!r} is not an order of task {cfg.task.name!r}; use {named}a list "
+            "of its groups, first level first"
+        )
 
 
 def _check_ddp(cfg: Config) -> None:
@@ -392,17 +417,22 @@ def _check_ddp(cfg: Config) -> None:
     if cfg.train.engine != "ddp":
         for key in ("hook", "powersgd_rank", "powersgd_start", "bucket_mb"):
             if getattr(d, key) != getattr(default, key):
-                raise ConfigError(f"ddp.{key}: {_short(getattr(d, key))} is only used with train.engine 'ddp' "
-                                  f"(engine is {cfg.train.engine!r})")
+                raise ConfigError(
+                    f"ddp.{key}: {_short(getattr(d, key))} is only used with train.engine 'ddp' "
+                    f"(engine is {cfg.train.engine!r})"
+                )
         return
     if d.hook != "powersgd":
         for key in ("powersgd_rank", "powersgd_start"):
             if getattr(d, key) != getattr(default, key):
-                raise ConfigError(f"ddp.{key}: {getattr(d, key)!r} is only used with ddp.hook 'powersgd' "
-                                  f"(hook is {d.hook!r})")
+                raise ConfigError(
+                    f"ddp.{key}: {getattr(d, key)!r} is only used with ddp.hook 'powersgd' (hook is {d.hook!r})"
+                )
     if d.powersgd_start < 2:
-        raise ConfigError(f"ddp.powersgd_start: {d.powersgd_start!r} must be >= 2 (torch's PowerSGD needs a plain "
-                          "all-reduce step before its error feedback and warm start begin)")
+        raise ConfigError(
+            f"ddp.powersgd_start: {d.powersgd_start!r} must be >= 2 (torch's PowerSGD needs a plain "
+            "all-reduce step before its error feedback and warm start begin)"
+        )
 
 
 def _short(value: Any, limit: int = 60, quote: bool = True) -> str:
@@ -428,15 +458,18 @@ def _check_codecs(cfg: Config) -> None:
         allowed = registry.option_names(c.name)
         for opt in c.options:
             if opt not in allowed:
-                raise ConfigError(f"{key}.options.{opt}: codec {c.name!r} has no option {opt!r}; "
-                                  f"its options: {', '.join(allowed)}")
+                raise ConfigError(
+                    f"{key}.options.{opt}: codec {c.name!r} has no option {opt!r}; its options: {', '.join(allowed)}"
+                )
         try:
             probe = registry.build(c.name, **c.options)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{key}.options: {_short(c.options)} not allowed for codec {c.name!r}: {exc}") from None
         if cfg.compression.mode == "allreduce" and not isinstance(probe, LinearCodec):
-            raise ConfigError(f"compression.mode: 'allreduce' sums encodings on the wire, which {key}.name "
-                              f"{c.name!r} cannot; use 'allgather' or 'two_phase' with it")
+            raise ConfigError(
+                f"compression.mode: 'allreduce' sums encodings on the wire, which {key}.name "
+                f"{c.name!r} cannot; use 'allgather' or 'two_phase' with it"
+            )
 
 
 def from_dict(data: Any) -> Config:
@@ -450,8 +483,9 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-         on_note: Callable[[str], None] | None = None) -> Config:
+def load(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), on_note: Callable[[str], None] | None = None
+) -> Config:
     """Read a YAML config file and apply ``key=value`` overrides (values parsed as YAML).
 
     ``on_note`` receives one line per file key an override made stale (see the module
@@ -474,8 +508,9 @@ def _note_to_stderr(message: str) -> None:
     print(f"note: {message}", file=sys.stderr, flush=True)
 
 
-def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...],
-                    on_note: Callable[[str], None] | None = None) -> dict:
+def apply_overrides(
+    data: dict, overrides: list[str] | tuple[str, ...], on_note: Callable[[str], None] | None = None
+) -> dict:
     """``a.b=c`` sets data["a"]["b"] = yaml(c); the result is validated by ``from_dict``.
 
     An override that changes a section's ``name`` or ``recipe.kind`` drops the file's keys that
@@ -545,14 +580,18 @@ def _drop_stale(original: dict, data: dict, explicit: set[str], note: Callable[[
         stale = {k: v for k, v in options.items() if not covered(f"{section}.options.{k}")}
         if stale:
             _get(data, section)["options"] = {k: v for k, v in options.items() if k not in stale}
-            note(f"--set {section}.name={_short(change[1], quote=False)} drops the file's {section}.options "
-                 f"{_short(stale)} (given for {_short(change[0])})")
+            note(
+                f"--set {section}.name={_short(change[1], quote=False)} drops the file's {section}.options "
+                f"{_short(stale)} (given for {_short(change[0])})"
+            )
     change, recipe = old_and_new("recipe.kind"), _get(data, "recipe")
     if change is not None and isinstance(recipe, dict):
         for key, kinds in _RECIPE_KEY_KINDS.items():
             if recipe.get(key) is not None and change[1] not in kinds and not covered(f"recipe.{key}"):
-                note(f"--set recipe.kind={_short(change[1], quote=False)} drops the file's recipe.{key}: "
-                     f"{_short(recipe.pop(key))} (only used with recipe.kind {' or '.join(kinds)})")
+                note(
+                    f"--set recipe.kind={_short(change[1], quote=False)} drops the file's recipe.{key}: "
+                    f"{_short(recipe.pop(key))} (only used with recipe.kind {' or '.join(kinds)})"
+                )
 
 
 def dump(cfg: Config) -> str:
@@ -609,10 +648,19 @@ class DeepSpeedSection:
 
     def as_config(self) -> Config:
         """This section as a project config (its ``train`` keys in ``train``)."""
-        return Config(recipe=self.recipe, solver=self.solver, selection=self.selection,
-                      compression=self.compression, seed=self.seed,
-                      train=TrainConfig(solve_every=self.solve_every, gram=self.gram, nonfinite=self.nonfinite,
-                                        reuse_jacobian=self.reuse_jacobian))
+        return Config(
+            recipe=self.recipe,
+            solver=self.solver,
+            selection=self.selection,
+            compression=self.compression,
+            seed=self.seed,
+            train=TrainConfig(
+                solve_every=self.solve_every,
+                gram=self.gram,
+                nonfinite=self.nonfinite,
+                reuse_jacobian=self.reuse_jacobian,
+            ),
+        )
 
 
 def engine_options(cfg: Config) -> dict:
@@ -622,12 +670,20 @@ def engine_options(cfg: Config) -> dict:
     and the benchmarks build the same engine from the same config."""
     c = cfg.compression
     return dict(
-        gram=cfg.train.gram, selection={k: v for k, v in vars(cfg.selection).items() if k != "probe_every"},
-        probe_every=cfg.selection.probe_every, solve_every=cfg.train.solve_every,
-        jacobian_compressor=c.jacobian.name, jacobian_options=c.jacobian.options,
-        update_compressor=c.update.name, update_options=c.update.options, mode=c.mode,
-        bucket_mb=c.bucket_mb, overlap_mb=c.overlap_mb, reuse_jacobian=cfg.train.reuse_jacobian,
-        nonfinite=cfg.train.nonfinite, seed=cfg.seed,
+        gram=cfg.train.gram,
+        selection={k: v for k, v in vars(cfg.selection).items() if k != "probe_every"},
+        probe_every=cfg.selection.probe_every,
+        solve_every=cfg.train.solve_every,
+        jacobian_compressor=c.jacobian.name,
+        jacobian_options=c.jacobian.options,
+        update_compressor=c.update.name,
+        update_options=c.update.options,
+        mode=c.mode,
+        bucket_mb=c.bucket_mb,
+        overlap_mb=c.overlap_mb,
+        reuse_jacobian=cfg.train.reuse_jacobian,
+        nonfinite=cfg.train.nonfinite,
+        seed=cfg.seed,
     )
 
 
@@ -637,18 +693,22 @@ def deepspeed_section(data: Any) -> DeepSpeedSection:
     r = sec.recipe
     if r.kind == "vm" and not isinstance(r.order, list):
         # No task here to name an order: the groups are the section's own.
-        raise ConfigError(f"dist_soup.recipe.order: {_short(r.order)}: recipe vm needs the names of "
-                          "dist_soup.groups as a list, one level each, first level first (e.g. [asr, st, ssl])")
+        raise ConfigError(
+            f"dist_soup.recipe.order: {_short(r.order)}: recipe vm needs the names of "
+            "dist_soup.groups as a list, one level each, first level first (e.g. [asr, st, ssl])"
+        )
     if r.kind == "vc" and r.constraint is None:
-        raise ConfigError("dist_soup.recipe.constraint: recipe vc needs the name of the group of dist_soup.groups "
-                          "that becomes the penalty level (e.g. ssl)")
+        raise ConfigError(
+            "dist_soup.recipe.constraint: recipe vc needs the name of the group of dist_soup.groups "
+            "that becomes the penalty level (e.g. ssl)"
+        )
     try:
         _check_ranges(sec.as_config())
         _check_codecs(sec.as_config())
     except ConfigError as exc:
         message = str(exc)
         raise ConfigError(
-            "dist_soup." + (message[len("train."):] if message.startswith("train.") else message)
+            "dist_soup." + (message[len("train.") :] if message.startswith("train.") else message)
         ) from None
     if sec.steps_per_epoch is not None and sec.steps_per_epoch < 1:
         raise ConfigError(f"dist_soup.steps_per_epoch: {sec.steps_per_epoch!r} must be > 0")
@@ -658,20 +718,25 @@ def deepspeed_section(data: Any) -> DeepSpeedSection:
             fraction.append(f"recipe.levels[{j}].eta")
     if fraction:
         # The section carries no run length (DeepSpeed leaves the number of steps to the script).
-        raise ConfigError(f"dist_soup.{fraction[0]}.unit: 'fraction' needs the run's number of steps, which a "
-                          "DeepSpeed config does not give; use 'steps' or 'epochs'")
+        raise ConfigError(
+            f"dist_soup.{fraction[0]}.unit: 'fraction' needs the run's number of steps, which a "
+            "DeepSpeed config does not give; use 'steps' or 'epochs'"
+        )
     names = sec.objectives
     if names is not None:
         if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
             raise ConfigError(f"dist_soup.objectives: {_short(names)} must be a non-empty list of distinct names")
         if len(names) > 1 and not sec.shared:
-            raise ConfigError("dist_soup.shared: several objectives need the name of the model's shared trunk "
-                              "submodule (e.g. \"encoder\")")
+            raise ConfigError(
+                "dist_soup.shared: several objectives need the name of the model's shared trunk "
+                'submodule (e.g. "encoder")'
+            )
     for group, members in (sec.groups or {}).items():
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise ConfigError(f"dist_soup.groups.{group}: {_short(members)} is not a list of objective names")
         unknown = [m for m in members if m not in (names or [])]
         if unknown:
-            raise ConfigError(f"dist_soup.groups.{group}: {_short(unknown)} are not among "
-                              f"dist_soup.objectives {_short(names)}")
+            raise ConfigError(
+                f"dist_soup.groups.{group}: {_short(unknown)} are not among dist_soup.objectives {_short(names)}"
+            )
     return sec

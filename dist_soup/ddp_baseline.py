@@ -13,6 +13,7 @@ DDP user's loop does. A non-finite loss or gradient on any rank skips the step o
 (``train.nonfinite: skip``) or raises (``raise``): the all-reduced
 gradients and mean losses are identical on every rank, so every rank decides the same.
 """
+
 from __future__ import annotations
 
 import time
@@ -61,22 +62,37 @@ class DDPBaseline:
     Needs an initialised torch.distributed process group.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, objectives, cfg: DDPConfig, *,
-                 nonfinite: str = "skip", seed: int = 0, find_unused_parameters: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        objectives,
+        cfg: DDPConfig,
+        *,
+        nonfinite: str = "skip",
+        seed: int = 0,
+        find_unused_parameters: bool = False,
+    ) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         from .comm.transport import TorchTransport
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise ConfigError("train.engine: 'ddp' runs on torch.distributed: start with --nproc N or torchrun "
-                              "(not a single process, not mpirun)")
+            raise ConfigError(
+                "train.engine: 'ddp' runs on torch.distributed: start with --nproc N or torchrun "
+                "(not a single process, not mpirun)"
+            )
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite={nonfinite!r}: use 'skip' or 'raise'")
         self.objectives = tuple(objectives)
         self.module = model
         device = next(model.parameters()).device
-        self.model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                             bucket_cap_mb=cfg.bucket_mb, find_unused_parameters=find_unused_parameters)
+        self.model = DistributedDataParallel(
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            bucket_cap_mb=cfg.bucket_mb,
+            find_unused_parameters=find_unused_parameters,
+        )
         self.optimizer = optimizer
         self.hook, self.nonfinite = cfg.hook, nonfinite
         self.transport = TorchTransport()
@@ -96,8 +112,12 @@ class DDPBaseline:
         elif cfg.hook == "powersgd":
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
-            self.powersgd = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.powersgd_rank,
-                                               start_powerSGD_iter=cfg.powersgd_start, random_seed=seed)
+            self.powersgd = psgd.PowerSGDState(
+                process_group=None,
+                matrix_approximation_rank=cfg.powersgd_rank,
+                start_powerSGD_iter=cfg.powersgd_start,
+                random_seed=seed,
+            )
             self.model.register_comm_hook(self.powersgd, psgd.powerSGD_hook)
         if cfg.hook != "none":
             self._counter = _AllReduceBytes()
@@ -143,8 +163,13 @@ class DDPBaseline:
             step=self.step_count - 1,
             losses={k: float(v) for k, v in zip(self.objectives, mean.tolist())},
             weights={k: 1.0 for k in self.objectives},
-            solved=False, probed=False, selected=[], skipped=not finite,
-            bytes_sent=sent, bytes_received=sent, dense_bytes=self.dense,
+            solved=False,
+            probed=False,
+            selected=[],
+            skipped=not finite,
+            bytes_sent=sent,
+            bytes_received=sent,
+            dense_bytes=self.dense,
             timings={"backward_s": tb - t0, "optimizer_s": to - tb, "step_s": to - t0},
         )
 
@@ -155,8 +180,10 @@ class DDPBaseline:
         if self.powersgd is not None and int(state["step"]) > 0:
             # Its error-feedback and warm-start memories are kept per DDP bucket, and DDP lays its
             # buckets out afresh after a new wrapper's first step, so they cannot be put back.
-            raise ConfigError("--resume: a ddp.hook 'powersgd' run cannot continue from a checkpoint (PowerSGD's "
-                              "memories are kept per DDP bucket, which DDP rebuilds); rerun it from the start")
+            raise ConfigError(
+                "--resume: a ddp.hook 'powersgd' run cannot continue from a checkpoint (PowerSGD's "
+                "memories are kept per DDP bucket, which DDP rebuilds); rerun it from the start"
+            )
         self.step_count = int(state["step"])
         self.skipped_steps = int(state["skipped"])
 

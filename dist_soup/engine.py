@@ -19,6 +19,7 @@ solves the last weights are reused. Every rank ends a step with bit-identical gr
 exchanges return the same tensors on every rank and the weights come from rank 0 (or from the
 same agreed inputs).
 """
+
 from __future__ import annotations
 
 import time
@@ -80,7 +81,6 @@ def _shared_parameters(model: nn.Module, shared) -> list[tuple[str, nn.Parameter
     if not out:
         raise ValueError("shared owns no trainable parameters; name the shared trunk of the model")
     return out
-
 
 
 @contextmanager
@@ -178,8 +178,10 @@ class SoupEngine:
             if int(value) < 1:
                 raise ValueError(f"{key}={value!r}: must be a positive integer")
         if shared is None and len(self.objectives) > 1:
-            raise ValueError("shared: name the shared trunk (a submodule, its name or its parameters); "
-                             "only a single objective may leave it out")
+            raise ValueError(
+                "shared: name the shared trunk (a submodule, its name or its parameters); "
+                "only a single objective may leave it out"
+            )
         self.model = model
         self.optimizer = optimizer
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -204,8 +206,9 @@ class SoupEngine:
         # One default (every candidate); a selection given must say its rule.
         self.selection = dict(selection) if selection is not None else {"rule": "all"}
         if self.selection.get("rule") not in SELECTION_RULES:
-            raise ValueError(f"selection: 'rule' must be one of {', '.join(SELECTION_RULES)}; "
-                             f"got {self.selection.get('rule')!r}")
+            raise ValueError(
+                f"selection: 'rule' must be one of {', '.join(SELECTION_RULES)}; got {self.selection.get('rule')!r}"
+            )
         self.probe_every = int(probe_every)
         self.solve_every = int(solve_every)
         self.reuse_jacobian = reuse_jacobian
@@ -335,8 +338,10 @@ class SoupEngine:
         """One optimizer step: zero the gradients, :meth:`backward`, ``optimizer.step()``
         (unless some rank's loss or gradient was not finite)."""
         if self.optimizer is None:
-            raise ValueError("step() needs the optimizer; this engine was built with optimizer=None "
-                             "(call backward() and step your optimizer yourself)")
+            raise ValueError(
+                "step() needs the optimizer; this engine was built with optimizer=None "
+                "(call backward() and step your optimizer yourself)"
+            )
         if self._local_only:
             raise RuntimeError("step() inside no_sync(): call backward() there, step() outside")
         t0 = time.perf_counter()
@@ -368,8 +373,9 @@ class SoupEngine:
         with _timed(timings, "jacobian_s"):
             # K backward passes through the whole model: the loop beat the vmap'd batched backward
             # on CPU (README, "Engine overhead"); the graph is not needed afterwards.
-            all_rows = jacobian(loss_list, [p for _, p in self.params], retain_graph=False,
-                                batched=self.batched_jacobian)
+            all_rows = jacobian(
+                loss_list, [p for _, p in self.params], retain_graph=False, batched=self.batched_jacobian
+            )
             rows = dict(zip((n for n, _ in self.params), all_rows))
         K = len(self.objectives)
         # The means of S's rows are their update unless gradients are being accumulated (.grad
@@ -385,8 +391,10 @@ class SoupEngine:
             except NonFiniteError:  # raised on every rank alike, before any residue changed
                 return None
             means = result[0] if cross else result
-            jbar = {name: rows[name] if reuse else torch.stack([means[f"J/{o}/{name}"] for o in self.objectives])
-                    for name, _ in S}
+            jbar = {
+                name: rows[name] if reuse else torch.stack([means[f"J/{o}/{name}"] for o in self.objectives])
+                for name, _ in S
+            }
 
         with _timed(timings, "gram_s"):
             mean_g = grams.local_grams([jbar[n] for n, _ in S]).double()

@@ -26,6 +26,7 @@ boundary the ranks all-reduce a small float64 tensor (:class:`StepControl`) that
 rank's step times and the flag, so they all stop after the same step, write a checkpoint and
 exit with :data:`EXIT_PREEMPTED`; ``--resume`` continues from it exactly.
 """
+
 from __future__ import annotations
 
 import os
@@ -92,7 +93,8 @@ def generation_store(store, rank: int, world: int, timeout_s: float):
             if pending:
                 if time.monotonic() > deadline:
                     raise TimeoutError(
-                        f"rank 0: ranks {sorted(pending)} did not join within train.timeout_s={timeout_s:g} s")
+                        f"rank 0: ranks {sorted(pending)} did not join within train.timeout_s={timeout_s:g} s"
+                    )
                 time.sleep(0.005)
     else:
         token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
@@ -137,11 +139,12 @@ class Peers:
                 return f" The launcher is stopping this worker; not yet heard from: {who}."
             return f" No word from {who}: dead, or cut off from this host."
         except Exception:
-            return (f" The store at {self.master[0]}:{self.master[1]} (on rank 0's node) is out of reach as "
-                    "well: this host is cut off (its link is down?) or node 0 is gone.")
+            return (
+                f" The store at {self.master[0]}:{self.master[1]} (on rank 0's node) is out of reach as "
+                "well: this host is cut off (its link is down?) or node 0 is gone."
+            )
 
-    def diagnose(self, exc: BaseException, step: int | None, grace_s: float = 2.0,
-                 stop=lambda: False) -> str:
+    def diagnose(self, exc: BaseException, step: int | None, grace_s: float = 2.0, stop=lambda: False) -> str:
         """A one-paragraph account of a failed collective: the error, the ranks that did not
         report the failure themselves within ``grace_s`` (dead, or on the far side of a down
         link), or that the store itself is out of reach."""
@@ -155,9 +158,14 @@ class Peers:
         thread = threading.Thread(target=lambda: result.append(self._survey(step, grace_s, stop)), daemon=True)
         thread.start()
         thread.join(grace_s + 2.0)
-        tail = result[0] if result else (
-            f" The store at {self.master[0]}:{self.master[1]} (on rank 0's node) is out of reach as "
-            "well: this host is cut off (its link is down?) or node 0 is gone.")
+        tail = (
+            result[0]
+            if result
+            else (
+                f" The store at {self.master[0]}:{self.master[1]} (on rank 0's node) is out of reach as "
+                "well: this host is cut off (its link is down?) or node 0 is gone."
+            )
+        )
         if named:
             tail += f" The error names peer {', '.join(named)}."
         return head + tail
@@ -171,9 +179,23 @@ def is_comm_error(exc: BaseException) -> bool:
         return True
     if isinstance(exc, (RuntimeError, TimeoutError, ConnectionError)):
         text = str(exc)
-        return any(s in text for s in ("gloo", "Gloo", "pair closure", "Application timeout", "Connection reset",
-                                       "Connection closed", "Connection refused", "Timed out", "timed out",
-                                       "Socket Timeout", "Broken pipe", "Transport endpoint"))
+        return any(
+            s in text
+            for s in (
+                "gloo",
+                "Gloo",
+                "pair closure",
+                "Application timeout",
+                "Connection reset",
+                "Connection closed",
+                "Connection refused",
+                "Timed out",
+                "timed out",
+                "Socket Timeout",
+                "Broken pipe",
+                "Transport endpoint",
+            )
+        )
     return False
 
 
@@ -257,7 +279,7 @@ class StepControl:
         if work is not None:
             work.wait()
         P = self.world
-        return step, b[:P].tolist(), b[P:2 * P].tolist(), bool(b[2 * P] > 0)
+        return step, b[:P].tolist(), b[P : 2 * P].tolist(), bool(b[2 * P] > 0)
 
 
 #: Engine timings of work without a collective in it (see ``SoupEngine.step``'s timings).

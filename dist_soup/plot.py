@@ -1,4 +1,5 @@
 """PNG plots of a run dir: losses, weights, bytes per step, selected tensors over time."""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """Joining the launcher's process group: torchrun (or ``--nproc``, which sets the same
 variables) for torch.distributed, ``mpirun`` for mpi4py, nothing for a single process; the
 rendezvous store keyed by the attempt, so a restarted worker never reads a dead attempt's keys."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ from . import faults
 
 
 def launcher_env() -> str:
-    """"torch" under torchrun / --nproc, "mpi" under mpirun, "local" otherwise."""
+    """ "torch" under torchrun / --nproc, "mpi" under mpirun, "local" otherwise."""
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         return "torch"
     if any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
@@ -40,8 +41,9 @@ def spawn_local(fn, nprocs: int, *args) -> None:
 
 
 def _spawned(rank: int, world: int, port: int, fn, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
     fn(rank, world, *args)
 
 
@@ -78,8 +80,13 @@ def init_distributed(timeout_s: float | None = None) -> tuple[str | None, int, i
             backend = (
                 "nccl" if torch.cuda.is_available() and os.environ.get("DIST_SOUP_BACKEND", "") != "gloo" else "gloo"
             )
-            init_process_group(backend=backend, store=_attempt_store(timeout_s), rank=int(os.environ["RANK"]),
-                               world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
+            init_process_group(
+                backend=backend,
+                store=_attempt_store(timeout_s),
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+                timeout=timedelta(seconds=timeout_s),
+            )
         return "torch", dist.get_rank(), dist.get_world_size()
     if kind == "mpi":
         try:
@@ -124,8 +131,14 @@ def _attempt_store(timeout_s: float):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(addr, port, world, is_master=not agent_store and rank == 0,
-                          timeout=timedelta(seconds=timeout_s), multi_tenant=not agent_store)
+    store = dist.TCPStore(
+        addr,
+        port,
+        world,
+        is_master=not agent_store and rank == 0,
+        timeout=timedelta(seconds=timeout_s),
+        multi_tenant=not agent_store,
+    )
     prefixed, GENERATION = faults.generation_store(store, rank, world, timeout_s)
     PEERS = faults.Peers(prefixed, rank, world, (addr, port))
     return prefixed

@@ -1,4 +1,5 @@
 """What a run writes and shows: metrics.jsonl lines, summary.json, the progress display."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ from .builders import param_sha256
 from .config import Config
 
 
-def write_summary(run_dir, cfg, task, model, engine, objectives, first_losses, last_res, counts, start,
-                  elapsed) -> dict:
+def write_summary(
+    run_dir, cfg, task, model, engine, objectives, first_losses, last_res, counts, start, elapsed
+) -> dict:
     """Evaluate the final model (rank 0) and write summary.json."""
     model.eval()
     with torch.no_grad():
@@ -69,8 +71,10 @@ def ew_reference(task, evaluation: dict, objectives: tuple[str, ...]) -> dict:
     ref = getattr(task, "ew_reference", None) or {}
     if len(objectives) < 2 or any(k not in ref for k in objectives):
         return {}
-    return {"ew_reference": {k: ref[k] for k in objectives},
-            "delta_m_vs_ew": tasks.delta_m(evaluation, ref, task, objectives)}
+    return {
+        "ew_reference": {k: ref[k] for k in objectives},
+        "delta_m_vs_ew": tasks.delta_m(evaluation, ref, task, objectives),
+    }
 
 
 def metrics_line(res, step: int) -> dict:

@@ -22,6 +22,7 @@ stream and residue: these do not map onto P' chunks, so such a checkpoint is ref
 clear error (resume it on P ranks). The data position follows the step: the sampler draws
 step s's batches of the new P'-rank layout.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,8 +80,9 @@ def _fold_tree(values: list[Any], where: str) -> Any:
     if isinstance(first, (list, tuple)):
         if not all(isinstance(v, (list, tuple)) and len(v) == len(first) for v in present):
             raise ResizeError(f"{where}: the ranks' lists differ in length")
-        return type(first)(_fold_tree([v[i] if v is not None else None for v in values], f"{where}[{i}]")
-                           for i in range(len(first)))
+        return type(first)(
+            _fold_tree([v[i] if v is not None else None for v in values], f"{where}[{i}]") for i in range(len(first))
+        )
     raise ResizeError(f"{where}: cannot fold a {type(first).__name__}")
 
 
@@ -94,10 +96,16 @@ def fold_exchange(states: list[Mapping[str, Any]], new_rank: int, new_world: int
     if any(s.get("server") for s in states):
         raise ResizeError(
             f"{name}: this checkpoint has two_phase server streams, whose chunks are cut for "
-            f"{len(states)} ranks; resume it on {len(states)} ranks")
+            f"{len(states)} ranks; resume it on {len(states)} ranks"
+        )
     streams = _fold_tree([dict(s.get("streams", {})) for s in states], f"{name}.streams")
-    return {"format": states[0]["format"], "rank": new_rank, "world_size": new_world,
-            "streams": streams or {}, "server": {}}
+    return {
+        "format": states[0]["format"],
+        "rank": new_rank,
+        "world_size": new_world,
+        "streams": streams or {},
+        "server": {},
+    }
 
 
 def _new_rng(seed: int, step: int, rank: int) -> torch.Tensor:
@@ -126,7 +134,8 @@ def load_resized(path: Path, rank: int, world: int, *, mode: str, seed: int) -> 
         raise ResizeError(
             f"checkpoint {str(path)!r} was saved by {old} ranks and this run has {world}: compression.mode "
             f"two_phase keeps residues per chunk of P={old} servers, which do not fold onto {world} ranks; "
-            f"resume on {old} ranks (or switch to allgather/allreduce in a new run)")
+            f"resume on {old} ranks (or switch to allgather/allreduce in a new run)"
+        )
     states = [checkpoint.load(f) for f in files]
     mine = fold_rank_states(states, rank, world, seed=seed, step=int(shared["step"]))
     return shared, mine, old

@@ -1,5 +1,6 @@
 """Which examples a rank trains on at each step: a pure function of (seed, epoch, rank, step),
 so a resumed run draws exactly the batches the uninterrupted run would have drawn."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ The pieces live beside it: the process group (:mod:`dist_soup.process_group`), t
 writes (:mod:`dist_soup.report`); this module is the loop and the run dir's life: resume,
 checkpoints, faults (:mod:`dist_soup.faults`), resizing (:mod:`dist_soup.resize`).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, log=print) -> dict 
         except Exception as exc:
             if not faults.is_comm_error(exc):
                 raise
-            faults.warn(f"[dist_soup] rank {os.environ.get('RANK', '?')}: could not join the process group: "
-                        f"{faults._first_line(exc)}")
+            faults.warn(
+                f"[dist_soup] rank {os.environ.get('RANK', '?')}: could not join the process group: "
+                f"{faults._first_line(exc)}"
+            )
             raise SystemExit(faults.EXIT_PEER_LOST) from None
         broken = False
         try:
@@ -55,15 +58,23 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, log=print) -> dict 
             if kind != "torch" or not faults.is_comm_error(exc):
                 raise
             broken = True
-            msg = (process_group.PEERS.diagnose(exc, progress["step"], stop=lambda: preemption.requested)
-                   if process_group.PEERS
-                   else f"[dist_soup] rank {rank}: communication failed: {faults._first_line(exc)}")
+            msg = (
+                process_group.PEERS.diagnose(exc, progress["step"], stop=lambda: preemption.requested)
+                if process_group.PEERS
+                else f"[dist_soup] rank {rank}: communication failed: {faults._first_line(exc)}"
+            )
             try:
                 last = checkpoint.latest(run_dir) if (Path(run_dir) / checkpoint.SUBDIR / "latest").is_file() else None
             except ValueError:
                 last = None
-            faults.warn(msg + (f" The run dir keeps {last.name}; rerun with --resume once the fault is fixed."
-                               if last else " No checkpoint was written yet."))
+            faults.warn(
+                msg
+                + (
+                    f" The run dir keeps {last.name}; rerun with --resume once the fault is fixed."
+                    if last
+                    else " No checkpoint was written yet."
+                )
+            )
             # Leave now: tearing down a process group whose peers are gone can block (gloo
             # pairs, store requests to an unreachable host), and the launcher is waiting.
             sys.stdout.flush()
@@ -81,8 +92,9 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, rank: int) -> Pat
         try:
             old = config_mod.from_dict(yaml.safe_load(cfg_file.read_text()))
         except Exception as exc:
-            raise ConfigError(f"run dir {str(run_dir)!r} holds an unreadable config.yaml ({exc}); "
-                              "use another --run-dir") from None
+            raise ConfigError(
+                f"run dir {str(run_dir)!r} holds an unreadable config.yaml ({exc}); use another --run-dir"
+            ) from None
         same = config_mod.fingerprint(without_steps(old)) == config_mod.fingerprint(without_steps(cfg))
         if last is not None and not same:
             raise ConfigError(
@@ -107,8 +119,17 @@ def without_steps(cfg: Config) -> Config:
     return c
 
 
-def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, log,
-         preemption: faults.Preemption | None = None, progress_at: dict | None = None) -> dict | None:
+def _run(
+    cfg: Config,
+    run_dir: Path,
+    resume: bool,
+    kind,
+    rank: int,
+    world: int,
+    log,
+    preemption: faults.Preemption | None = None,
+    progress_at: dict | None = None,
+) -> dict | None:
     progress_at = {} if progress_at is None else progress_at
     torch.manual_seed(cfg.seed)
     task = tasks.build(cfg.task.name, **cfg.task.options)
@@ -121,12 +142,25 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     sampler = ShardedSampler(task.train_size(), cfg.train.batch_size, rank, world, cfg.seed)
     if cfg.train.engine == "ddp":  # the torch DDP baseline on the same task, data and optimizer
         engine: DDPBaseline | SoupEngine = DDPBaseline(
-            model, optimizer, objectives, cfg.ddp, nonfinite=cfg.train.nonfinite, seed=cfg.seed,
-            find_unused_parameters=len(objectives) < len(task.objectives))
+            model,
+            optimizer,
+            objectives,
+            cfg.ddp,
+            nonfinite=cfg.train.nonfinite,
+            seed=cfg.seed,
+            find_unused_parameters=len(objectives) < len(task.objectives),
+        )
     else:
-        engine = SoupEngine(model, optimizer, objectives, task.shared,
-                            recipe_from_config(cfg, task, objectives, groups, sampler.steps_per_epoch),
-                            steps_per_epoch=sampler.steps_per_epoch, transport=kind, **config_mod.engine_options(cfg))
+        engine = SoupEngine(
+            model,
+            optimizer,
+            objectives,
+            task.shared,
+            recipe_from_config(cfg, task, objectives, groups, sampler.steps_per_epoch),
+            steps_per_epoch=sampler.steps_per_epoch,
+            transport=kind,
+            **config_mod.engine_options(cfg),
+        )
     transport = engine.transport
     agree_on_config(transport, cfg)
 
@@ -141,11 +175,14 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
         if shared.get("world_size") == world:
             shared, mine = checkpoint.load_checkpoint(restore, rank)
         else:  # resize: fold the old ranks' residues (dist_soup.resize)
-            shared, mine, old_world = resize.load_resized(restore, rank, world, mode=cfg.compression.mode,
-                                                          seed=cfg.seed)
+            shared, mine, old_world = resize.load_resized(
+                restore, rank, world, mode=cfg.compression.mode, seed=cfg.seed
+            )
             if rank == 0:
-                log(f"[dist_soup] resizing: checkpoint of {old_world} ranks resumed on {world} "
-                    "(each rank holds the mean of the old ranks' residues)")
+                log(
+                    f"[dist_soup] resizing: checkpoint of {old_world} ranks resumed on {world} "
+                    "(each rank holds the mean of the old ranks' residues)"
+                )
         model.load_state_dict(shared["model"])
         optimizer.load_state_dict(shared["optimizer"])
         engine.load_state_dict({**shared["engine"], **mine["engine"]})
@@ -178,8 +215,16 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
     def save() -> Path:
         es = engine.state_dict()
         mine = {"engine": {k: es[k] for k in ("j_exchange", "u_exchange") if k in es}, "rng": torch.get_rng_state()}
-        return checkpoint.save(run_dir, engine.step_count, rank, shared_state if rank == 0 else None, mine,
-                               transport.barrier, keep=cfg.checkpoint.keep, all_ok=all_ok)
+        return checkpoint.save(
+            run_dir,
+            engine.step_count,
+            rank,
+            shared_state if rank == 0 else None,
+            mine,
+            transport.barrier,
+            keep=cfg.checkpoint.keep,
+            all_ok=all_ok,
+        )
 
     def all_ok(ok: bool) -> bool:
         if world == 1:
@@ -233,16 +278,23 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
             step_s = time.perf_counter() - t_step
             if rank == 0 and (step % cfg.logging.every == 0 or step == cfg.train.steps - 1 or res.probed):
                 pending_lines[step] = report.metrics_line(res, step)
-            stop = write_lines(control.push(step, step_s, faults.compute_time(forward_s, res.timings),
-                                            bool(preemption is not None and preemption.requested)))
+            stop = write_lines(
+                control.push(
+                    step,
+                    step_s,
+                    faults.compute_time(forward_s, res.timings),
+                    bool(preemption is not None and preemption.requested),
+                )
+            )
             if cfg.logging.eval_every and (step + 1) % cfg.logging.eval_every == 0 and rank == 0:
                 model.eval()
                 with torch.no_grad():
                     ev = task.evaluate(model)
                 mfile.write(json.dumps({"step": step, "eval": ev}) + "\n")
             progress.update(step, res)
-            if ((stop or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0))
-                    and step + 1 < cfg.train.steps):
+            if (
+                stop or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)
+            ) and step + 1 < cfg.train.steps:
                 # a checkpoint covers the log lines of the steps it holds
                 stop = write_lines(control.flush()) or stop
             if stop and step + 1 < cfg.train.steps:
@@ -262,8 +314,9 @@ def _run(cfg: Config, run_dir: Path, resume: bool, kind, rank: int, world: int, 
         transport.all_reduce_(counts, "sum")
     summary = None
     if rank == 0:
-        summary = report.write_summary(run_dir, cfg, task, model, engine, objectives, first_losses, last_res, counts,
-                                       start, elapsed)
+        summary = report.write_summary(
+            run_dir, cfg, task, model, engine, objectives, first_losses, last_res, counts, start, elapsed
+        )
     # Nobody tears the group down while rank 0 still evaluates: leaving together avoids
     # a gloo peer vanishing under in-flight work.
     transport.barrier()

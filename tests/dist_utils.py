@@ -1,4 +1,5 @@
 """Run a function on P real processes joined by gloo on 127.0.0.1 (torch.multiprocessing spawn)."""
+
 from __future__ import annotations
 
 from datetime import timedelta

@@ -3,6 +3,7 @@
 Every rank prints ``MPI-OK rank/P`` at the end; any failure prints the traceback and aborts the
 whole job (so no rank is left waiting in a collective). ``tests/test_comm_mpi.py`` runs it.
 """
+
 from __future__ import annotations
 
 import os

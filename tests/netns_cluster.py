@@ -7,6 +7,7 @@ in each, and offers the faults: SIGKILL a worker, kill a host (its agent and wor
 take a host's link down and up again, SIGTERM the workers. Everything it made is removed by
 ``down()`` (also on the way out of ``with Cluster(...)``).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ FAULT_CONFIG = {
     "recipe": {"kind": "vs"},
     "solver": {"name": "mgda"},
     "selection": {"rule": "threshold", "probe_every": 5},
-    "compression": {"jacobian": {"name": "qsgd", "options": {"bits": 4}},
-                    "update": {"name": "qsgd", "options": {"bits": 4, "error_feedback": True}}},
+    "compression": {
+        "jacobian": {"name": "qsgd", "options": {"bits": 4}},
+        "update": {"name": "qsgd", "options": {"bits": 4, "error_feedback": True}},
+    },
     "optimizer": {"name": "adam", "lr": 0.01},
     "train": {"steps": 40, "batch_size": 16, "solve_every": 2},
     "checkpoint": {"every": 10, "keep": 2},
@@ -122,8 +125,17 @@ class Cluster:
 
     # --- namespaces -------------------------------------------------------------------------
     def up(self) -> Cluster:
-        cmd = ["bash", str(HOSTS_SH), "up", "--prefix", self.prefix, "--hosts", str(self.hosts),
-               "--subnet", self.subnet]
+        cmd = [
+            "bash",
+            str(HOSTS_SH),
+            "up",
+            "--prefix",
+            self.prefix,
+            "--hosts",
+            str(self.hosts),
+            "--subnet",
+            self.subnet,
+        ]
         if self.rate:
             cmd += ["--rate", self.rate]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
@@ -151,14 +163,38 @@ class Cluster:
         subprocess.run(["ip", "-n", self.ns(i), "link", "set", "eth0", state], check=True, timeout=10)
 
     # --- agents -----------------------------------------------------------------------------
-    def start(self, i: int, config: Path, run_dir: Path, *, nnodes: str = "2", nproc: int = 1, port: int = 29511,
-              run_id: str = "faults", max_restarts: int = 1, join_timeout: int | None = None,
-              log_dir: Path | None = None, extra: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
+    def start(
+        self,
+        i: int,
+        config: Path,
+        run_dir: Path,
+        *,
+        nnodes: str = "2",
+        nproc: int = 1,
+        port: int = 29511,
+        run_id: str = "faults",
+        max_restarts: int = 1,
+        join_timeout: int | None = None,
+        log_dir: Path | None = None,
+        extra: tuple[str, ...] = (),
+        env: dict | None = None,
+    ) -> subprocess.Popen:
         """Start ``launch/torchrun_multinode.sh`` in host ``i`` (host 0 owns the rendezvous)."""
-        e = dict(os.environ, OMP_NUM_THREADS="1", DIST_SOUP_COMPILE="0", GLOO_SOCKET_IFNAME="eth0",
-                 PYTHONPATH=str(ROOT), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                 NNODES=nnodes, NPROC=str(nproc), RDZV=f"{self.addr(0)}:{port}", RUN_ID=run_id,
-                 MAX_RESTARTS=str(max_restarts), LOCAL_ADDR=self.addr(i), IS_HOST="1" if i == 0 else "0")
+        e = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            DIST_SOUP_COMPILE="0",
+            GLOO_SOCKET_IFNAME="eth0",
+            PYTHONPATH=str(ROOT),
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            NNODES=nnodes,
+            NPROC=str(nproc),
+            RDZV=f"{self.addr(0)}:{port}",
+            RUN_ID=run_id,
+            MAX_RESTARTS=str(max_restarts),
+            LOCAL_ADDR=self.addr(i),
+            IS_HOST="1" if i == 0 else "0",
+        )
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             e.pop(k, None)
         if join_timeout is not None:
@@ -167,9 +203,25 @@ class Cluster:
         log = Path(log_dir or run_dir.parent) / f"host{i}.log"
         self.logs[i] = log
         fh = open(log, "w")
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns(i), "bash", str(MULTINODE_SH), str(config),
-                              "--run-dir", str(run_dir), *extra],
-                             cwd=ROOT, env=e, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns(i),
+                "bash",
+                str(MULTINODE_SH),
+                str(config),
+                "--run-dir",
+                str(run_dir),
+                *extra,
+            ],
+            cwd=ROOT,
+            env=e,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         fh.close()
         self.agents[i] = p
         return p

@@ -1,4 +1,5 @@
 """Atomic checkpoint files: write-then-rename, latest pointer, corrupt files, weights_only."""
+
 import os
 
 import pytest
@@ -9,10 +10,13 @@ from dist_soup import checkpoint
 
 def _save(run, step, keep=2):
     return checkpoint.save(
-        run, step, 0,
+        run,
+        step,
+        0,
         lambda: {"step": step, "model": {"w": torch.full((3,), float(step))}},
         {"engine": {"r": torch.arange(4.0) + step}, "rng": torch.get_rng_state()},
-        barrier=lambda: None, keep=keep,
+        barrier=lambda: None,
+        keep=keep,
     )
 
 
@@ -46,8 +50,9 @@ def test_a_collective_failing_mid_save_leaves_no_step_directory(tmp_path):
         return ok
 
     with pytest.raises(RuntimeError, match="Connection closed"):
-        checkpoint.save(tmp_path, 10, 0, lambda: {"step": 10}, {"rng": torch.get_rng_state()},
-                        barrier=lambda: None, all_ok=all_ok)
+        checkpoint.save(
+            tmp_path, 10, 0, lambda: {"step": 10}, {"rng": torch.get_rng_state()}, barrier=lambda: None, all_ok=all_ok
+        )
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     assert checkpoint.latest(tmp_path).name == checkpoint.step_dir_name(5)
 

@@ -4,6 +4,7 @@ Each test function spawns one group and runs several checks in it (spawning cost
 this 2-core machine). Workers assert themselves; a failing assertion on any rank fails the test
 through ``tests.dist_utils.run_ranks``. The gloo timeout is short so a hang would surface as an error, not a stall.
 """
+
 from __future__ import annotations
 
 import io
@@ -149,17 +150,25 @@ def test_modes_identity_cast_bytes_async(world_size):
 def _worker_bucketing_state(rank: int, P: int) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
-        torch.nn.ReLU(), torch.nn.Linear(32, 10),
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 10),
     )
     g = torch.Generator().manual_seed(rank)
     grads = {n: torch.randint(-64, 64, p.shape, generator=g).float() / 8 for n, p in model.named_parameters()}
     everyone = [dict() for _ in range(P)]
     for r in range(P):
         gr = torch.Generator().manual_seed(r)
-        everyone[r] = {n: torch.randint(-64, 64, p.shape, generator=gr).float() / 8
-                       for n, p in model.named_parameters()}
+        everyone[r] = {
+            n: torch.randint(-64, 64, p.shape, generator=gr).float() / 8 for n, p in model.named_parameters()
+        }
     exact = {n: sum(e[n] for e in everyone) / P for n in grads}
     assert len(grads) == 10
     for mode in MODES:
@@ -180,8 +189,12 @@ def _worker_bucketing_state(rank: int, P: int) -> None:
 
     # state_dict round trip through torch.save / torch.load(weights_only=True): a copy resumed
     # from the saved state continues exactly like the original
-    cases = [("allgather", "topk", {"ratio": 0.1}), ("allreduce", "cltk", {"ratio": 0.1, "beta": 0.5}),
-             ("allreduce", "fp16", {"error_feedback": True}), ("two_phase", "adacomp", {})]
+    cases = [
+        ("allgather", "topk", {"ratio": 0.1}),
+        ("allreduce", "cltk", {"ratio": 0.1, "beta": 0.5}),
+        ("allreduce", "fp16", {"error_feedback": True}),
+        ("two_phase", "adacomp", {}),
+    ]
     gs = torch.Generator().manual_seed(50 + rank)
     grads = {n: torch.randn(t.shape, generator=gs) for n, t in grads.items()}  # off-grid values
     for mode, codec, opts in cases:
@@ -235,7 +248,6 @@ def _worker_qsgd(rank: int, P: int) -> None:
         assert first_err > 0
         # unbiased and independent across rounds: error of the average ~ first_err / sqrt(rounds)
         assert err < 0.35 * first_err, (mode, err, first_err)
-
 
     # random-k (shared positions) sums on the wire to exactly what all-gathering it gives
     grid = rank_tensors(rank, shapes, seed=4)
@@ -380,8 +392,11 @@ def _worker_mismatch(rank: int, P: int) -> None:
         (lambda: Exchange("fp16", chunk_mb=None if rank else 0.001), x, "chunk_mb"),
         (lambda: Exchange("identity"), {"a": x["a"], ("b" if rank == 0 else "B"): x["b"]}, "tensor #1 name"),
         (lambda: Exchange("identity"), {"a": torch.ones(10 + rank), "b": x["b"]}, "tensor #0 shape/dtype"),
-        (lambda: Exchange("identity"), {"a": x["a"], "b": x["b"].double() if rank else x["b"]},
-         "tensor #1 shape/dtype"),
+        (
+            lambda: Exchange("identity"),
+            {"a": x["a"], "b": x["b"].double() if rank else x["b"]},
+            "tensor #1 shape/dtype",
+        ),
         (lambda: Exchange("identity", "two_phase"), x if rank == 0 else {"a": x["a"]}, "number of tensors"),
     ]
     for make, tensors, label in cases:
@@ -446,8 +461,12 @@ def _worker_corrupt(rank: int, P: int) -> None:
         _expect_everywhere(lambda: ex.mean_many(x), "rank 0 could not decode", "rank 1")
     # the group still works afterwards, also with fewer values than ranks (an empty chunk) and
     # with buckets of several dtypes
-    mixed = {"one": torch.tensor([rank + 1.0]), "d": torch.full((3,), rank + 1.0, dtype=torch.float64),
-             "h": torch.full((5,), rank + 1.0, dtype=torch.float16), "a": x["a"]}
+    mixed = {
+        "one": torch.tensor([rank + 1.0]),
+        "d": torch.full((3,), rank + 1.0, dtype=torch.float64),
+        "h": torch.full((5,), rank + 1.0, dtype=torch.float16),
+        "a": x["a"],
+    }
     for mode in ("two_phase", "allreduce", "allgather"):
         means = Exchange("identity", mode).mean_many(mixed)
         for n, t in mixed.items():

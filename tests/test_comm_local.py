@@ -1,4 +1,5 @@
 """dist_soup.comm in one process: the group of one, validation, buckets, agreement words, state."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,12 @@ MODES = ("allgather", "allreduce", "two_phase")
 
 def _tensors(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(6, 5, generator=g), "b": torch.randn(6, generator=g),
-            "e": torch.empty(0, 3), "d": torch.randn(40, generator=g, dtype=torch.float64)}
+    return {
+        "w": torch.randn(6, 5, generator=g),
+        "b": torch.randn(6, generator=g),
+        "e": torch.empty(0, 3),
+        "d": torch.randn(40, generator=g, dtype=torch.float64),
+    }
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -35,8 +40,15 @@ def test_group_of_one_encodes_and_counts_no_bytes(mode):
     st = ex.stats
     assert (st.bytes_sent, st.bytes_received, st.overhead_bytes) == (0, 0, 0)
     assert st.dense_bytes == 4 * sum(t.numel() for t in x.values()) and st.calls == 1
-    assert set(st.as_dict()) >= {"bytes_sent", "bytes_received", "dense_bytes", "encode_s", "comm_s", "decode_s",
-                                 "calls"}
+    assert set(st.as_dict()) >= {
+        "bytes_sent",
+        "bytes_received",
+        "dense_bytes",
+        "encode_s",
+        "comm_s",
+        "decode_s",
+        "calls",
+    }
 
 
 def test_identity_is_exact_and_single_tensor_call():
@@ -121,9 +133,13 @@ def test_async_handle_and_in_flight_guard():
 
 
 def test_buckets_group_by_dtype_keep_order_and_cap_size():
-    specs = [("a", (100,), torch.float32, "cpu"), ("h", (10,), torch.float16, "cpu"),
-             ("b", (200,), torch.float32, "cpu"), ("c", (1000,), torch.float32, "cpu"),
-             ("d", (50,), torch.float32, "cpu")]
+    specs = [
+        ("a", (100,), torch.float32, "cpu"),
+        ("h", (10,), torch.float16, "cpu"),
+        ("b", (200,), torch.float32, "cpu"),
+        ("c", (1000,), torch.float32, "cpu"),
+        ("d", (50,), torch.float32, "cpu"),
+    ]
     buckets = plan(specs, 1200)  # bytes
     assert [b.names for b in buckets] == [["a", "b"], ["c"], ["d"], ["h"]]
     assert [b.numel for b in buckets] == [300, 1000, 50, 10]
@@ -166,11 +182,14 @@ def test_streams_are_built_with_seed_rank_and_stable_stream_id():
     assert (s.seed, s.rank, s.stream) == (7, 0, stream_id("layer"))
 
 
-@pytest.mark.parametrize("mode,codec,opts", [
-    ("allgather", "topk", {"ratio": 0.2}),
-    ("allreduce", "qsgd", {"min_numel": 0}),
-    ("two_phase", "fp16", {"error_feedback": True}),
-])
+@pytest.mark.parametrize(
+    "mode,codec,opts",
+    [
+        ("allgather", "topk", {"ratio": 0.2}),
+        ("allreduce", "qsgd", {"min_numel": 0}),
+        ("two_phase", "fp16", {"error_feedback": True}),
+    ],
+)
 def test_state_dict_round_trip(mode, codec, opts):
     g = torch.Generator().manual_seed(1)
     xs = [{"a": torch.randn(50, generator=g), "b": torch.randn(5, 5, generator=g)} for _ in range(3)]
@@ -198,8 +217,12 @@ def test_pieces_cut_and_plan_solo():
     assert [p for p, _, _ in cut] == ["x#0", "x#1", "x#2", "x#3"]
     assert [(o, n) for _, o, n in cut] == [(0, 250), (250, 250), (500, 250), (750, 250)]
     assert pieces("x", 3, 8, 1) == [("x#0", 0, 1), ("x#1", 1, 1), ("x#2", 2, 1)]  # at least 1 value each
-    specs = [("a", (10,), torch.float32, "cpu"), ("x#0", (20,), torch.float32, "cpu"),
-             ("x#1", (20,), torch.float32, "cpu"), ("b", (5,), torch.float32, "cpu")]
+    specs = [
+        ("a", (10,), torch.float32, "cpu"),
+        ("x#0", (20,), torch.float32, "cpu"),
+        ("x#1", (20,), torch.float32, "cpu"),
+        ("b", (5,), torch.float32, "cpu"),
+    ]
     # pieces never share a bucket, even when the bucket could hold them all
     assert [b.names for b in plan(specs, 10**6, solo={"x#0", "x#1"})] == [["a"], ["x#0"], ["x#1"], ["b"]]
     assert [b.names for b in plan(specs, 10**6)] == [["a", "x#0", "x#1", "b"]]
@@ -210,8 +233,14 @@ def test_pieces_equal_whole_tensors_and_keep_their_residues(mode):
     """fp16 with error feedback is element-wise, so pieces must give bit-identical means and
     locals; each piece is a stream whose residue persists across calls and through state_dict."""
     g = torch.Generator().manual_seed(3)
-    xs = [{"w": torch.randn(30, 20, generator=g), "b": torch.randn(7, generator=g),
-           "d": torch.randn(500, generator=g, dtype=torch.float64)} for _ in range(3)]
+    xs = [
+        {
+            "w": torch.randn(30, 20, generator=g),
+            "b": torch.randn(7, generator=g),
+            "d": torch.randn(500, generator=g, dtype=torch.float64),
+        }
+        for _ in range(3)
+    ]
     cut = Exchange("fp16", mode, chunk_mb=0.001, error_feedback=True)
     whole = Exchange("fp16", mode, chunk_mb=None, error_feedback=True)
     assert whole.chunk_mb is None and Exchange("fp16", chunk_mb=0).chunk_mb is None

@@ -3,6 +3,7 @@
 The mpirun next to this Python (``pip install mpi4py mpich`` puts one in the venv) is used, else
 one on PATH. When MPI truly cannot start a job here, the test is skipped with the reason printed.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,12 @@ def _mpirun() -> tuple[list[str] | None, str]:
         return None, f"{exe} --version failed: {exc}"
     if "Open MPI" in version or "OpenRTE" in version:
         cmd += ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-    probe = subprocess.run(cmd + ["-n", "1", sys.executable, "-c", "from mpi4py import MPI; MPI.COMM_WORLD.Barrier()"],
-                           capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        cmd + ["-n", "1", sys.executable, "-c", "from mpi4py import MPI; MPI.COMM_WORLD.Barrier()"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if probe.returncode != 0:
         return None, f"MPI cannot run a 1-process job here: {(probe.stderr or probe.stdout).strip()[-500:]}"
     return cmd, ""
@@ -48,8 +53,9 @@ def mpirun() -> list[str]:
 @pytest.mark.parametrize("nprocs", [2, 4])
 def test_exchange_under_mpirun(mpirun, nprocs):
     env = dict(os.environ, OMP_NUM_THREADS="1", DIST_SOUP_COMPILE="0")
-    proc = subprocess.run(mpirun + ["-n", str(nprocs), sys.executable, str(SCRIPT)],
-                          capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.run(
+        mpirun + ["-n", str(nprocs), sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=180, env=env
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     # ranks share one pipe, so their lines may interleave: look for the markers anywhere

@@ -1,5 +1,6 @@
 """AdaComp: the selection rule against a direct reference, conservation, every index format,
 state round trips, non-finite refusal, and compression ratios on a real small CNN's gradients."""
+
 import pytest
 import torch
 from torch import nn
@@ -32,8 +33,9 @@ def _reference_step(r, g, L, values):
 
 
 @pytest.mark.parametrize("values", ["ternary", "fp16"])
-@pytest.mark.parametrize("shape,coding", [((16, 8, 3, 3), "auto"), ((40, 130), "auto"), ((16, 8, 3, 3), "design"),
-                                         ((1234,), "design")])
+@pytest.mark.parametrize(
+    "shape,coding", [((16, 8, 3, 3), "auto"), ((40, 130), "auto"), ((16, 8, 3, 3), "design"), ((1234,), "design")]
+)
 def test_matches_reference_and_conserves(values, shape, coding):
     c = build("adacomp", values=values, index_coding=coding)
     L = c.bins_for(shape)
@@ -152,8 +154,15 @@ def _digits_cnn_stream(steps, coding="auto"):
     X = torch.tensor(X, dtype=torch.float32).view(-1, 1, 8, 8) / 16
     y = torch.tensor(y)
     model = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(1024, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     streams = {name: build("adacomp", index_coding=coding) for name, _ in model.named_parameters()}

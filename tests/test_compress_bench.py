@@ -1,4 +1,5 @@
 """The throughput benchmark runs end to end (tiny input, eager kernels: a smoke test, no timing claims)."""
+
 import importlib.util
 import pathlib
 

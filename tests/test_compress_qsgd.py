@@ -1,5 +1,6 @@
 """QSGD: unbiasedness, variance bound, exact sizes, wire round trips, reproducibility,
 the shared-scale all-reduce path for P in-process ranks, compiled == eager kernels."""
+
 import math
 
 import pytest
@@ -245,8 +246,13 @@ def test_malformed_qsgd_payloads():
     lie = Payload(p.codec, (8192,), p.dtype, p.meta, p.parts)
     with pytest.raises(ValueError):
         c.decompress(Payload.from_bytes(lie.to_bytes()))
-    bad_metas = [(1, 3, 512, 0, 0, 0), (1, 4, 500, 0, 0, 0), (1, 4, 512, 2, 0, 0), (7, 4, 512, 0, 0, 0),
-                 (1, 4, 512, 0, 5, 0)]
+    bad_metas = [
+        (1, 3, 512, 0, 0, 0),
+        (1, 4, 500, 0, 0, 0),
+        (1, 4, 512, 2, 0, 0),
+        (7, 4, 512, 0, 0, 0),
+        (1, 4, 512, 0, 5, 0),
+    ]
     for meta in bad_metas:
         with pytest.raises(ValueError):
             c.decompress(Payload.from_bytes(Payload(p.codec, p.shape, p.dtype, meta, p.parts).to_bytes()))
@@ -290,8 +296,9 @@ def test_decompress_mean_is_the_sum_of_decodes(bits, dtype):
         assert torch.equal(got, want)
     # small tensors (raw) and mixed formats take the generic path, same result
     small = [build("qsgd", bits=bits, rank=r).compress(x[:100] * (r + 1)) for r in range(2)]
-    assert torch.equal(c.decompress_mean(small), ((c.decompress(small[0]).float() + c.decompress(small[1])) / 2)
-                       .to(dtype))
+    assert torch.equal(
+        c.decompress_mean(small), ((c.decompress(small[0]).float() + c.decompress(small[1])) / 2).to(dtype)
+    )
 
 
 def test_decompress_mean_refuses_a_malformed_payload():

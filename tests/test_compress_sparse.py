@@ -1,5 +1,6 @@
 """topk / randomk / cltk and the ErrorFeedback wrapper: conservation, shared positions, the
 LinearCodec protocol for P in-process ranks, state round trips, refusal of non-finite input."""
+
 import pytest
 import torch
 
@@ -63,8 +64,9 @@ def test_topk_state_resume_and_nonfinite():
 
 
 # --- error feedback wrapper --------------------------------------------------------------------
-@pytest.mark.parametrize("name,opts", [("qsgd", dict(bits=2)), ("fp16", {}), ("randomk", dict(ratio=0.1)),
-                                       ("topk", dict(feedback=False))])
+@pytest.mark.parametrize(
+    "name,opts", [("qsgd", dict(bits=2)), ("fp16", {}), ("randomk", dict(ratio=0.1)), ("topk", dict(feedback=False))]
+)
 def test_error_feedback_conserves(name, opts):
     c = build(name, error_feedback=True, **opts)
     sent = torch.zeros(40, 50, dtype=torch.float64)

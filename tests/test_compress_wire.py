@@ -2,6 +2,7 @@
 (truncated, random, wrong magic/version, lying sizes) refused with ValueError, quickly: by
 Payload.from_bytes (structure) or by the codec's decompress before it decodes (fields).
 Ends with a hypothesis fuzz of reading and decoding."""
+
 import struct
 import time
 
@@ -27,7 +28,6 @@ CODECS = [
     ("cltk", dict(ratio=0.05)),
     ("qsgd", dict(bits=4, error_feedback=True)),
 ]
-
 
 
 def _payloads():
@@ -149,9 +149,11 @@ def test_fuzz_random_buffers(data):
 
 
 @settings(max_examples=250, deadline=2000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(which=st.integers(0, len(PAYLOADS) - 1),
-       flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=4),
-       cut=st.integers(0, 3))
+@given(
+    which=st.integers(0, len(PAYLOADS) - 1),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), min_size=1, max_size=4),
+    cut=st.integers(0, 3),
+)
 def test_fuzz_mutated_payloads(which, flips, cut):
     buf = PAYLOADS[which][-1].to_bytes().clone()
     for pos, x in flips:

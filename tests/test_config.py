@@ -1,4 +1,5 @@
 """Config loading, validation errors that name the key, overrides, fingerprints."""
+
 import pytest
 
 from dist_soup import config as C
@@ -70,8 +71,13 @@ def test_fingerprint_changes_with_any_value():
     assert C.fingerprint(a) != C.fingerprint(b)
     # every leaf counts, and an option mapping counts whole
     seen = {C.fingerprint(a), C.fingerprint(b)}
-    for data in ({"seed": 1}, {"recipe": {"eta": {"cap": 2.0}}}, {"solver": {"options": {"momentum": 0.5}}},
-                 {"compression": {"update": {"name": "qsgd", "options": {}}}}, {"task": {"objectives": ["st"]}}):
+    for data in (
+        {"seed": 1},
+        {"recipe": {"eta": {"cap": 2.0}}},
+        {"solver": {"options": {"momentum": 0.5}}},
+        {"compression": {"update": {"name": "qsgd", "options": {}}}},
+        {"task": {"objectives": ["st"]}},
+    ):
         seen.add(C.fingerprint(C.from_dict(data)))
     assert len(seen) == 7
 
@@ -81,8 +87,9 @@ def test_fingerprint_ignores_keys_left_at_their_defaults():
     # default that keeps the old behaviour) leaves earlier configs' fingerprints, and with them
     # resumes and finished sweep cells, as they were.
     a = C.from_dict({"seed": 3})
-    b = C.from_dict({"seed": 3, "recipe": {"constraint": None, "order": None},
-                     "train": {"steps": C.Config().train.steps}})
+    b = C.from_dict(
+        {"seed": 3, "recipe": {"constraint": None, "order": None}, "train": {"steps": C.Config().train.steps}}
+    )
     assert C.fingerprint(a) == C.fingerprint(b)
     assert C.fingerprint(a) != C.fingerprint(C.from_dict({}))
 

@@ -1,4 +1,5 @@
 """``--set`` overrides that switch a codec or a recipe kind; codec options checked with the config."""
+
 import json
 import os
 import subprocess
@@ -23,8 +24,9 @@ def test_codec_switch_drops_the_files_options_with_a_note():
     cfg, notes = _load(["compression.update.name=adacomp"])
     assert cfg.compression.update == C.CodecConfig(name="adacomp", options={})
     assert cfg.compression.jacobian == C.CodecConfig(name="qsgd", options={"bits": 4})  # untouched
-    assert notes == ["--set compression.update.name=adacomp drops the file's compression.update.options "
-                     "{bits: 4} (given for 'qsgd')"]
+    assert notes == [
+        "--set compression.update.name=adacomp drops the file's compression.update.options {bits: 4} (given for 'qsgd')"
+    ]
     cfg, notes = _load(["compression.jacobian.name=topk", "compression.jacobian.options.ratio=0.05"])
     assert cfg.compression.jacobian.options == {"ratio": 0.05} and len(notes) == 1
     # Same name: nothing is stale.
@@ -53,14 +55,22 @@ def test_codec_switch_keeps_and_checks_options_given_by_set():
     "data, words",
     [
         ({"compression": {"update": {"name": "zip"}}}, ["compression.update.name", "'zip'", "adacomp", "qsgd"]),
-        ({"compression": {"jacobian": {"name": "qsgd", "options": {"bitz": 4}}}},
-         ["compression.jacobian.options.bitz", "'qsgd'", "bits, bucket_size"]),
-        ({"compression": {"update": {"name": "qsgd", "options": {"bits": 3}}}},
-         ["compression.update.options", "{bits: 3}", "2, 4 or 8"]),
-        ({"compression": {"update": {"name": "qsgd", "options": {"seed": 1}}}},
-         ["compression.update.options.seed", "its options"]),
-        ({"compression": {"mode": "allreduce", "update": {"name": "adacomp"}}},
-         ["compression.mode", "'adacomp'", "allgather"]),
+        (
+            {"compression": {"jacobian": {"name": "qsgd", "options": {"bitz": 4}}}},
+            ["compression.jacobian.options.bitz", "'qsgd'", "bits, bucket_size"],
+        ),
+        (
+            {"compression": {"update": {"name": "qsgd", "options": {"bits": 3}}}},
+            ["compression.update.options", "{bits: 3}", "2, 4 or 8"],
+        ),
+        (
+            {"compression": {"update": {"name": "qsgd", "options": {"seed": 1}}}},
+            ["compression.update.options.seed", "its options"],
+        ),
+        (
+            {"compression": {"mode": "allreduce", "update": {"name": "adacomp"}}},
+            ["compression.mode", "'adacomp'", "allgather"],
+        ),
     ],
 )
 def test_codec_options_are_checked_with_the_config(data, words):
@@ -74,9 +84,14 @@ def test_another_codec_without_options_gets_its_own_defaults():
     assert C.from_dict({"compression": {"update": {"name": "adacomp"}}}).compression.update.options == {}
     assert C.from_dict({}).compression.update.options == {"bits": 4}
     # error_feedback is an option of every codec (build wraps the stream); a linear one stays linear.
-    cfg = C.from_dict({"compression": {"mode": "allreduce",
-                                       "update": {"name": "randomk",
-                                                  "options": {"ratio": 0.1, "error_feedback": True}}}})
+    cfg = C.from_dict(
+        {
+            "compression": {
+                "mode": "allreduce",
+                "update": {"name": "randomk", "options": {"ratio": 0.1, "error_feedback": True}},
+            }
+        }
+    )
     assert cfg.compression.update.options == {"ratio": 0.1, "error_feedback": True}
 
 
@@ -86,8 +101,10 @@ def test_task_and_solver_switches_drop_their_options_too(tmp_path):
     notes = []
     cfg = C.load(path, ["task.name=toy2", "solver.name=mgda"], on_note=notes.append)
     assert cfg.task.options == {} and cfg.solver.options == {}
-    assert notes == ["--set task.name=toy2 drops the file's task.options {languages: 2} (given for 'msp_synth')",
-                     "--set solver.name=mgda drops the file's solver.options {c: 0.5} (given for 'cagrad')"]
+    assert notes == [
+        "--set task.name=toy2 drops the file's task.options {languages: 2} (given for 'msp_synth')",
+        "--set solver.name=mgda drops the file's solver.options {c: 0.5} (given for 'cagrad')",
+    ]
 
 
 def test_recipe_kind_switch_drops_what_the_new_kind_does_not_use():
@@ -118,10 +135,31 @@ def test_cli_switches_the_codec_end_to_end(tmp_path):
         env.pop(k, None)
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "dist_soup", "train", "--config", str(QUICKSTART), "--nproc", "2", "--steps", "3",
-         "--run-dir", str(run_dir), "--set", "compression.update.name=adacomp", "--set", "logging.progress=none",
-         "--set", "task.options={languages: 2, hidden: 32, layers: 1, n_train: 256, n_test: 64}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+        [
+            sys.executable,
+            "-m",
+            "dist_soup",
+            "train",
+            "--config",
+            str(QUICKSTART),
+            "--nproc",
+            "2",
+            "--steps",
+            "3",
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "compression.update.name=adacomp",
+            "--set",
+            "logging.progress=none",
+            "--set",
+            "task.options={languages: 2, hidden: 32, layers: 1, n_train: 256, n_test: 64}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("dist-soup: note: --set compression.update.name=adacomp drops") == 1
@@ -131,8 +169,21 @@ def test_cli_switches_the_codec_end_to_end(tmp_path):
 def test_cli_refuses_a_bad_codec_option_before_starting(tmp_path):
     from dist_soup import cli
 
-    code = cli.main(["train", "--config", str(QUICKSTART), "--nproc", "2", "--run-dir", str(tmp_path / "r"),
-                     "--set", "compression.update.name=adacomp", "--set", "compression.update.options.bits=4"])
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            str(QUICKSTART),
+            "--nproc",
+            "2",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--set",
+            "compression.update.name=adacomp",
+            "--set",
+            "compression.update.options.bits=4",
+        ]
+    )
     assert code == 2 and not (tmp_path / "r").exists()
 
 

@@ -1,4 +1,5 @@
 """The DDP comm hook against plain DDP, on real gloo processes (2 ranks on 127.0.0.1)."""
+
 from __future__ import annotations
 
 import copy

@@ -9,6 +9,7 @@ runs ``dist-soup train --deepspeed`` in a subprocess.
 DeepSpeed JIT-builds a shared-memory op on its first init (about 25 s): ``TORCH_EXTENSIONS_DIR``
 points at a cache that the spawned processes inherit.
 """
+
 from __future__ import annotations
 
 import gc
@@ -33,8 +34,11 @@ from .dist_utils import run_ranks  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dist_soup" / "torch_extensions"))
 
-BASE = {"train_micro_batch_size_per_gpu": 8, "steps_per_print": 10**9,
-        "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}}}
+BASE = {
+    "train_micro_batch_size_per_gpu": 8,
+    "steps_per_print": 10**9,
+    "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
+}
 
 
 # --- helpers that run inside the ranks --------------------------------------------------------
@@ -64,8 +68,9 @@ def _init(net, cfg, **kw):
 
 
 def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max((p.detach().float() - q.detach().float()).abs().max().item()
-               for p, q in zip(a.parameters(), b.parameters()))
+    return max(
+        (p.detach().float() - q.detach().float()).abs().max().item() for p, q in zip(a.parameters(), b.parameters())
+    )
 
 
 def _pair(rank: int, cfg: dict, section: dict, steps: int, dtype=torch.float32) -> dict:
@@ -74,7 +79,7 @@ def _pair(rank: int, cfg: dict, section: dict, steps: int, dtype=torch.float32) 
     from dist_soup.integrations import deepspeed as ds_soup
 
     a, b = _net(), _net()
-    ea, *_ , sa = deepspeed.initialize(model=a, model_parameters=a.parameters(), config=cfg)
+    ea, *_, sa = deepspeed.initialize(model=a, model_parameters=a.parameters(), config=cfg)
     eb, *_, sb = _init(b, {**cfg, "dist_soup": section})
     assert type(eb).__name__ == "DistSoupDeepSpeedEngine" and isinstance(eb, deepspeed.DeepSpeedEngine)
     assert not eb.enable_backward_allreduce
@@ -88,8 +93,13 @@ def _pair(rank: int, cfg: dict, section: dict, steps: int, dtype=torch.float32) 
         gaps.append(_max_diff(a, b))
         lrs.append((ea.get_lr()[0], eb.get_lr()[0]))
     st = ds_soup.stats(eb)
-    out = {"gaps": gaps, "lrs": lrs, "stats": {k: v for k, v in st.items() if not isinstance(v, dict)},
-           "numel": sum(p.numel() for p in b.parameters()), "global_steps": (ea.global_steps, eb.global_steps)}
+    out = {
+        "gaps": gaps,
+        "lrs": lrs,
+        "stats": {k: v for k, v in st.items() if not isinstance(v, dict)},
+        "numel": sum(p.numel() for p in b.parameters()),
+        "global_steps": (ea.global_steps, eb.global_steps),
+    }
     for e in (ea, eb):
         e.destroy()
     return out
@@ -97,9 +107,15 @@ def _pair(rank: int, cfg: dict, section: dict, steps: int, dtype=torch.float32) 
 
 # --- the checks of the shared group -------------------------------------------------------------
 def check_identity(rank, world):
-    cfg = {**BASE, "gradient_clipping": 0.05, "zero_optimization": {"stage": 0},
-           "scheduler": {"type": "WarmupLR",
-                         "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 4}}}
+    cfg = {
+        **BASE,
+        "gradient_clipping": 0.05,
+        "zero_optimization": {"stage": 0},
+        "scheduler": {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 4},
+        },
+    }
     return _pair(rank, cfg, {"compression": {"update": {"name": "identity"}}}, steps=5)
 
 
@@ -117,8 +133,14 @@ def check_qsgd(rank, world):
     from dist_soup.integrations import deepspeed as ds_soup
 
     net = _net(width=384, depth=2)
-    engine, *_ = _init(net, {**BASE, "optimizer": {"type": "Adam", "params": {"lr": 3e-3, "torch_adam": True}},
-                             "dist_soup": {"compression": {"update": {"name": "qsgd", "options": {"bits": 4}}}}})
+    engine, *_ = _init(
+        net,
+        {
+            **BASE,
+            "optimizer": {"type": "Adam", "params": {"lr": 3e-3, "torch_adam": True}},
+            "dist_soup": {"compression": {"update": {"name": "qsgd", "options": {"bits": 4}}}},
+        },
+    )
     losses = []
     for step in range(30):
         loss = _loss(engine, rank, step % 4)
@@ -128,18 +150,26 @@ def check_qsgd(rank, world):
     st = ds_soup.stats(engine)
     same = _same_everywhere(net)
     engine.destroy()
-    return {"losses": losses, "ratio": st["ratio"],
-            "update_ratio": st["update"]["dense_bytes"] / st["update"]["bytes_sent"],
-            "same": same}
+    return {
+        "losses": losses,
+        "ratio": st["ratio"],
+        "update_ratio": st["update"]["dense_bytes"] / st["update"]["bytes_sent"],
+        "same": same,
+    }
 
 
 def check_skip(rank, world):
     """A NaN loss on rank 1 only: no rank updates, DeepSpeed counts a skipped step, the
     scheduler does not move; the next step trains again."""
     net = _net()
-    cfg = {**BASE, "gradient_clipping": 1.0,
-           "scheduler": {"type": "WarmupLR",
-                         "params": {"warmup_min_lr": 0.001, "warmup_max_lr": 0.01, "warmup_num_steps": 4}}}
+    cfg = {
+        **BASE,
+        "gradient_clipping": 1.0,
+        "scheduler": {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.001, "warmup_max_lr": 0.01, "warmup_num_steps": 4},
+        },
+    }
     engine, *_ = _init(net, {**cfg, "dist_soup": {"compression": {"update": {"name": "qsgd"}}}})
     engine.backward(_loss(engine, rank, 0))
     engine.step()
@@ -150,8 +180,12 @@ def check_skip(rank, world):
     skipped = engine.soup_result.skipped
     engine.step()
     unchanged = all(torch.equal(p, q) for p, q in zip(before, net.parameters()))
-    out = {"skipped": skipped, "unchanged": unchanged, "ds_skipped": engine.skipped_steps,
-           "lr_kept": engine.get_lr()[0] == lr}
+    out = {
+        "skipped": skipped,
+        "unchanged": unchanged,
+        "ds_skipped": engine.skipped_steps,
+        "lr_kept": engine.get_lr()[0] == lr,
+    }
     engine.backward(_loss(engine, rank, 2))
     engine.step()
     out["trains_again"] = not all(torch.equal(p, q) for p, q in zip(before, net.parameters()))
@@ -168,11 +202,18 @@ def _same_everywhere(net) -> bool:
 
 
 MSP = dict(languages=2, hidden=32, n_train=256, n_test=32, eval_batch=32)
-SOUP = dict(objectives=None, shared="encoder", recipe={"kind": "vm", "order": ["asr", "st", "ssl"]},
-            solver={"name": "mgda"},
-            selection={"rule": "threshold", "tau": 0.0, "probe_every": 3}, solve_every=2,
-            compression={"jacobian": {"name": "qsgd", "options": {"bits": 4}},
-                         "update": {"name": "qsgd", "options": {"bits": 4}}})
+SOUP = dict(
+    objectives=None,
+    shared="encoder",
+    recipe={"kind": "vm", "order": ["asr", "st", "ssl"]},
+    solver={"name": "mgda"},
+    selection={"rule": "threshold", "tau": 0.0, "probe_every": 3},
+    solve_every=2,
+    compression={
+        "jacobian": {"name": "qsgd", "options": {"bits": 4}},
+        "update": {"name": "qsgd", "options": {"bits": 4}},
+    },
+)
 
 
 def check_multi_objective(rank, world):
@@ -187,14 +228,27 @@ def check_multi_objective(rank, world):
     ref, mine = task.build_model(0), task.build_model(0)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=3e-3)
     recipe = build_recipe("vm", names, groups, solver="mgda", order=("asr", "st", "ssl"))
-    soup = SoupEngine(ref, opt_ref, names, "encoder", recipe,
-                      selection={"rule": "threshold", "tau": 0.0}, probe_every=3, solve_every=2,
-                      jacobian_compressor="qsgd", jacobian_options={"bits": 4}, update_compressor="qsgd",
-                      update_options={"bits": 4}, transport="torch")
+    soup = SoupEngine(
+        ref,
+        opt_ref,
+        names,
+        "encoder",
+        recipe,
+        selection={"rule": "threshold", "tau": 0.0},
+        probe_every=3,
+        solve_every=2,
+        jacobian_compressor="qsgd",
+        jacobian_options={"bits": 4},
+        update_compressor="qsgd",
+        update_options={"bits": 4},
+        transport="torch",
+    )
     section = {**SOUP, "objectives": names, "groups": groups}
-    engine, *_ = _init(mine, {"train_micro_batch_size_per_gpu": 8, "steps_per_print": 10**9, "gradient_clipping": 0.0,
-                              "dist_soup": section},
-                       optimizer=torch.optim.Adam(mine.parameters(), lr=3e-3))
+    engine, *_ = _init(
+        mine,
+        {"train_micro_batch_size_per_gpu": 8, "steps_per_print": 10**9, "gradient_clipping": 0.0, "dist_soup": section},
+        optimizer=torch.optim.Adam(mine.parameters(), lr=3e-3),
+    )
     gaps, weights = [], []
     for step in range(5):
         batch = task.batch(torch.arange(8) + 16 * step + 8 * rank)
@@ -218,8 +272,9 @@ def check_multi_accumulation(rank, world):
     names = list(task.objectives)
     model = task.build_model(0)
     section = {**SOUP, "objectives": names, "groups": {g: list(k) for g, k in task.groups.items()}}
-    engine, *_ = _init(model, {**BASE, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
-                               "dist_soup": section})
+    engine, *_ = _init(
+        model, {**BASE, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0, "dist_soup": section}
+    )
     first = None
     for micro in range(8):
         losses = task.losses(engine, task.batch(torch.arange(8) + 8 * micro + 64 * rank))
@@ -227,17 +282,24 @@ def check_multi_accumulation(rank, world):
         engine.step()
         first = first or engine.soup_result.losses
     st = ds_soup.stats(engine)
-    out = {"exchanges": st["exchanges"], "global_steps": engine.global_steps,
-           "update_dense": st["update"]["dense_bytes"], "numel": sum(p.numel() for p in model.parameters()),
-           "finite": all(torch.isfinite(p).all().item() for p in model.parameters()), "same": _same_everywhere(model)}
+    out = {
+        "exchanges": st["exchanges"],
+        "global_steps": engine.global_steps,
+        "update_dense": st["update"]["dense_bytes"],
+        "numel": sum(p.numel() for p in model.parameters()),
+        "finite": all(torch.isfinite(p).all().item() for p in model.parameters()),
+        "same": _same_everywhere(model),
+    }
     engine.destroy()
     return out
 
 
 BAD = {
     "unknown_key": ({"dist_soup": {"compresion": {}}}, "unknown key dist_soup.compresion"),
-    "codec_mode": ({"dist_soup": {"compression": {"mode": "allreduce", "update": {"name": "adacomp", "options": {}}}}},
-                   "dist_soup.compression.mode"),
+    "codec_mode": (
+        {"dist_soup": {"compression": {"mode": "allreduce", "update": {"name": "adacomp", "options": {}}}}},
+        "dist_soup.compression.mode",
+    ),
     "stage3": ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage: 3"),
     "stage1": ({"zero_optimization": {"stage": 1}}, "supported: stage 0"),
     "onebit": ({"optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}}, "OneBitAdam"),
@@ -264,8 +326,9 @@ def check_bad_inputs(rank, world):
         attempt(name, {**BASE, **extra}, expect)
     # sections that differ between the ranks
     codec = "identity" if rank == 1 else "qsgd"
-    attempt("ranks_differ", {**BASE, "dist_soup": {"compression": {"update": {"name": codec, "options": {}}}}},
-            "differ")
+    attempt(
+        "ranks_differ", {**BASE, "dist_soup": {"compression": {"update": {"name": codec, "options": {}}}}}, "differ"
+    )
     # a bad key on rank 1 only: rank 0 must not go on into DeepSpeed and hang there
     section = {"solve_evry": 2} if rank == 1 else {}
     attempt("one_rank_bad", {**BASE, "dist_soup": section}, "solve_evry")
@@ -276,8 +339,16 @@ def check_bad_inputs(rank, world):
     return out
 
 
-CHECKS = [check_identity, check_accumulation, check_bf16, check_qsgd, check_skip, check_multi_objective,
-          check_multi_accumulation, check_bad_inputs]
+CHECKS = [
+    check_identity,
+    check_accumulation,
+    check_bf16,
+    check_qsgd,
+    check_skip,
+    check_multi_objective,
+    check_multi_accumulation,
+    check_bad_inputs,
+]
 
 
 def _group(rank, world, out_dir):
@@ -362,10 +433,13 @@ def test_bad_input_clear_error_on_every_rank(checks, name):
 
 
 # --- save, kill, load ---------------------------------------------------------------------------
-RESUME_CFG = {**BASE, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
-              "scheduler": {"type": "WarmupLR",
-                            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 5}},
-              "dist_soup": {"compression": {"update": {"name": "qsgd", "options": {"bits": 2}}}}}
+RESUME_CFG = {
+    **BASE,
+    "gradient_accumulation_steps": 2,
+    "gradient_clipping": 1.0,
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 5}},
+    "dist_soup": {"compression": {"update": {"name": "qsgd", "options": {"bits": 2}}}},
+}
 
 
 def _train_steps(engine, rank, steps):
@@ -410,7 +484,9 @@ def test_save_kill_load_resumes_exactly(tmp_path):
         run_ranks(_first_life, 2, str(ckdir), str(tmp_path))
     assert (ckdir / "latest").read_text().strip() == "global_step3"
     assert sorted(p.name for p in (ckdir / "global_step3").glob("dist_soup_rank*.pt")) == [
-        "dist_soup_rank00000.pt", "dist_soup_rank00001.pt"]
+        "dist_soup_rank00000.pt",
+        "dist_soup_rank00001.pt",
+    ]
     run_ranks(_second_life, 2, str(ckdir), str(tmp_path))
 
 
@@ -431,8 +507,14 @@ logging: {every: 1, progress: plain}
 
 def _cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "dist_soup", "train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=150)
+    return subprocess.run(
+        [sys.executable, "-m", "dist_soup", "train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
 
 
 @pytest.mark.timeout(200)
@@ -460,8 +542,20 @@ def test_cli_quickstart_with_deepspeed(tmp_path):
     assert deepspeed_train._prepare(cfg, ds, run_dir, resume=True)
     with pytest.raises(ConfigError, match="different config"):
         deepspeed_train._prepare(cfg, {**ds, "gradient_clipping": 2.0}, run_dir, resume=True)
-    more = _cli("--config", "q.yaml", "--deepspeed", ds_json, "--nproc", "2", "--run-dir", str(run_dir),
-                "--resume", "--steps", "6", cwd=tmp_path)
+    more = _cli(
+        "--config",
+        "q.yaml",
+        "--deepspeed",
+        ds_json,
+        "--nproc",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        "--resume",
+        "--steps",
+        "6",
+        cwd=tmp_path,
+    )
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
     assert "resumed from" in more.stdout
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6

@@ -4,6 +4,7 @@ Two tiny rows (torch DDP fp32 and dist_soup ``ew`` + QSGD 4-bit), a few steps, b
 network-namespace hosts when they can be made (root, iproute2), else two torchrun nodes on
 127.0.0.1 (``--loopback``). Checks the printed table, the JSON and the Markdown, not the timings.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,31 @@ def test_e2e_harness_two_tiny_rows(tmp_path):
     netns = _netns_available()
     prefix = f"dsbt{uuid.uuid4().hex[:8]}"
     out = tmp_path / "e2e"
-    cmd = [sys.executable, str(BENCH), "--quick", "--rows", ",".join(ROWS), "--steps", str(STEPS),
-           "--warmup", str(WARMUP), "--out", str(out), "--row-timeout", "90"]
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--quick",
+        "--rows",
+        ",".join(ROWS),
+        "--steps",
+        str(STEPS),
+        "--warmup",
+        str(WARMUP),
+        "--out",
+        str(out),
+        "--row-timeout",
+        "90",
+    ]
     cmd += ["--rate", "1gbit", "--prefix", prefix, "--subnet", "10.203.0"] if netns else ["--loopback"]
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=200)
     finally:
         if netns:
-            subprocess.run(["bash", str(ROOT / "launch" / "netns_hosts.sh"), "down", "--prefix", prefix],
-                           capture_output=True, timeout=30)
+            subprocess.run(
+                ["bash", str(ROOT / "launch" / "netns_hosts.sh"), "down", "--prefix", prefix],
+                capture_output=True,
+                timeout=30,
+            )
     assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     if netns:  # the harness removed its hosts itself
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

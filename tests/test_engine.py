@@ -1,4 +1,5 @@
 """SoupEngine: the soup step on one process and on real gloo processes."""
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,14 @@ def make(seed=0, **kw):
     torch.manual_seed(seed)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    opts = dict(jacobian_compressor="identity", update_compressor="identity", gram="plain", probe_every=4,
-                solve_every=1, selection={"rule": "threshold", "tau": 0.0})
+    opts = dict(
+        jacobian_compressor="identity",
+        update_compressor="identity",
+        gram="plain",
+        probe_every=4,
+        solve_every=1,
+        selection={"rule": "threshold", "tau": 0.0},
+    )
     opts.update(kw)
     return model, SoupEngine(model, opt, OBJ, "trunk", "vs", solver="mgda", **opts)
 
@@ -80,8 +87,14 @@ def test_solve_cadence_reuses_weights_between_solves():
 def test_default_selection_is_every_tensor_without_probes():
     torch.manual_seed(0)
     model = Net()
-    engine = SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.05), OBJ, "trunk",
-                        jacobian_compressor="identity", update_compressor="identity")
+    engine = SoupEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        OBJ,
+        "trunk",
+        jacobian_compressor="identity",
+        update_compressor="identity",
+    )
     x, y = data()
     res = [engine.step(losses_of(model, x, y)) for _ in range(26)]
     assert [r.step for r in res if r.solved] == [0, 25]
@@ -93,8 +106,10 @@ def test_weights_equal_mgda_on_the_true_gram_of_the_selection():
     model, engine = make(selection={"rule": "all"})
     x, y = data()
     losses = losses_of(model, x, y)
-    rows = [torch.stack([torch.autograd.grad(losses[k], p, retain_graph=True)[0].reshape(-1) for k in OBJ])
-            for p in model.trunk.parameters()]
+    rows = [
+        torch.stack([torch.autograd.grad(losses[k], p, retain_graph=True)[0].reshape(-1) for k in OBJ])
+        for p in model.trunk.parameters()
+    ]
     G = sum(r @ r.T for r in rows).double()
     expected = solvers.build("mgda").weights(G, torch.stack([losses[k].detach() for k in OBJ]))
     res = engine.step(losses)
@@ -112,11 +127,23 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="scalar"):
         engine.step({**losses, "a": torch.ones(3, requires_grad=True)})
     with pytest.raises(ValueError, match="owns no trainable parameters"):
-        SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), OBJ, nn.Sequential(),
-                   jacobian_compressor="identity", update_compressor="identity")
+        SoupEngine(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            OBJ,
+            nn.Sequential(),
+            jacobian_compressor="identity",
+            update_compressor="identity",
+        )
     with pytest.raises(ValueError, match="no submodule"):
-        SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), OBJ, "trunkk",
-                   jacobian_compressor="identity", update_compressor="identity")
+        SoupEngine(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            OBJ,
+            "trunkk",
+            jacobian_compressor="identity",
+            update_compressor="identity",
+        )
     with pytest.raises(ValueError, match="duplicate"):
         SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), ("a", "a"), "trunk")
     with pytest.raises(ValueError, match="'rule' must be one of threshold, top_m, budget, all; got None"):
@@ -209,8 +236,14 @@ def _invariance_worker(rank, world, steps, out_dir, codec, gram, mode):
     for _ in range(steps):
         res = engine.step(losses_of(model, xs, ys))
         weights.append([res.weights[k] for k in OBJ])
-    torch.save({"params": [p.detach() for p in model.parameters()], "weights": torch.tensor(weights),
-                "selected": res.selected}, f"{out_dir}/rank{rank}.pt")
+    torch.save(
+        {
+            "params": [p.detach() for p in model.parameters()],
+            "weights": torch.tensor(weights),
+            "selected": res.selected,
+        },
+        f"{out_dir}/rank{rank}.pt",
+    )
 
 
 def test_two_ranks_on_halves_equal_one_rank_on_the_batch(tmp_path):

@@ -1,5 +1,6 @@
 """The update exchange overlapped with the backward (comm.reducer), the Jacobian-free path of
 loss-based weightings, and the backward/step API, on real gloo processes."""
+
 from __future__ import annotations
 
 import copy
@@ -50,8 +51,15 @@ def losses(model, rank, step):
 
 
 def engine_for(model, codec, mode, solver="ew", **kw):
-    opts = dict(jacobian_compressor=codec, update_compressor=codec, mode=mode, overlap_mb=0.004, solve_every=1,
-                gram="plain", seed=3)
+    opts = dict(
+        jacobian_compressor=codec,
+        update_compressor=codec,
+        mode=mode,
+        overlap_mb=0.004,
+        solve_every=1,
+        gram="plain",
+        seed=3,
+    )
     if codec == "qsgd":
         opts.update(jacobian_options={"bits": 4}, update_options={"bits": 4})
     opts.update(kw)
@@ -182,9 +190,22 @@ def test_backward_with_user_optimizer_equals_step():
     a, b = Net(), None
     b = copy.deepcopy(a)
     ea = engine_for(a, "qsgd", "allgather", solver="mgda")
-    eb = SoupEngine(b, None, OBJ, "trunk", "vs", solver="mgda", jacobian_compressor="qsgd", update_compressor="qsgd",
-                    jacobian_options={"bits": 4}, update_options={"bits": 4}, overlap_mb=0.004, solve_every=1,
-                    gram="plain", seed=3)
+    eb = SoupEngine(
+        b,
+        None,
+        OBJ,
+        "trunk",
+        "vs",
+        solver="mgda",
+        jacobian_compressor="qsgd",
+        update_compressor="qsgd",
+        jacobian_options={"bits": 4},
+        update_options={"bits": 4},
+        overlap_mb=0.004,
+        solve_every=1,
+        gram="plain",
+        seed=3,
+    )
     opt_b = torch.optim.SGD(b.parameters(), lr=0.05)
     for step in range(3):
         ea.step(losses(a, 0, step))

@@ -4,6 +4,7 @@ The host faults run torchrun agents in network-namespace hosts (tests/netns_clus
 ``dsf``, subnet 10.201.0.0/24) and are skipped, with the reason, where namespaces cannot be
 made. The long repetitions (10 worker losses, 2 x 2 processes) are in benchmarks/faults_netns.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,15 +46,41 @@ def write_config(path: Path, **train) -> Path:
 
 
 def cli(*args, timeout=200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dist_soup", *map(str, args)], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dist_soup", *map(str, args)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def torchrun(cfg: Path, run: Path, *extra, nproc: int = 2) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
-         "-m", "dist_soup", "train", "--config", str(cfg), "--run-dir", str(run), *extra],
-        cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "--max-restarts",
+            "0",
+            "-m",
+            "dist_soup",
+            "train",
+            "--config",
+            str(cfg),
+            "--run-dir",
+            str(run),
+            *extra,
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def workers_of(agent: subprocess.Popen) -> dict[int, int]:
@@ -110,11 +137,18 @@ def test_fold_gives_each_new_rank_the_mean_residue():
     g = torch.Generator().manual_seed(0)
     old = [torch.randn(5, 3, generator=g) for _ in range(3)]
     mem = [torch.randn(7, generator=g) for _ in range(3)]
-    states = [_exchange_state(r, 3, {
-        "w": {"residue": old[r], "inner": {"step": 12}},
-        "c": {"step": 12 + r, "memory": mem[r]},
-        **({"only1": {"residue": torch.ones(2), "inner": {"step": 4}}} if r == 1 else {}),
-    }) for r in range(3)]
+    states = [
+        _exchange_state(
+            r,
+            3,
+            {
+                "w": {"residue": old[r], "inner": {"step": 12}},
+                "c": {"step": 12 + r, "memory": mem[r]},
+                **({"only1": {"residue": torch.ones(2), "inner": {"step": 4}}} if r == 1 else {}),
+            },
+        )
+        for r in range(3)
+    ]
     for new_world in (1, 2, 5):
         folded = [resize.fold_exchange(states, r, new_world) for r in range(new_world)]
         for r, f in enumerate(folded):
@@ -384,8 +418,10 @@ def test_lost_host_elastic_job_continues_on_the_survivor(tmp_path):
     cfg = write_config(tmp_path / "c.yaml")
     run = tmp_path / "run"
     with Cluster(subnet="10.201.0") as c:
-        agents = [c.start(h, cfg, run, nnodes="1:2", nproc=1, port=29521, max_restarts=1,
-                          env={"LAST_CALL_TIMEOUT": "3"}) for h in (1, 0)]
+        agents = [
+            c.start(h, cfg, run, nnodes="1:2", nproc=1, port=29521, max_restarts=1, env={"LAST_CALL_TIMEOUT": "3"})
+            for h in (1, 0)
+        ]
         wait_for_step(run, 12, 150, agents)
         assert summary_world(run) == 2
         t0 = time.monotonic()
@@ -432,8 +468,19 @@ def test_link_down_every_rank_exits_within_the_timeout_and_resume_continues(tmp_
     with Cluster(subnet="10.201.0") as c:
         # the cut-off agent's launcher ends it after JOIN_TIMEOUT + READ_TIMEOUT + AGENT_GRACE
         # seconds without a worker (torchrun itself can block in a store request for good)
-        agents = [c.start(h, cfg, run, nproc=1, port=29541, max_restarts=0, join_timeout=5,
-                          env={"READ_TIMEOUT": "10", "AGENT_GRACE": "1"}) for h in range(2)]
+        agents = [
+            c.start(
+                h,
+                cfg,
+                run,
+                nproc=1,
+                port=29541,
+                max_restarts=0,
+                join_timeout=5,
+                env={"READ_TIMEOUT": "10", "AGENT_GRACE": "1"},
+            )
+            for h in range(2)
+        ]
         wait_for_step(run, 12, 150, agents)
         t0 = time.monotonic()
         c.link(1, "down")

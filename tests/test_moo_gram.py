@@ -1,4 +1,5 @@
 """dist_soup.moo.gram: per-tensor Grams, the unbiased cross-worker estimate, PSD clipping."""
+
 import pytest
 import torch
 

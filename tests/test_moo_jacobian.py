@@ -1,4 +1,5 @@
 """dist_soup.moo.jacobian: batched == loop == one autograd.grad per loss; heads; fallback."""
+
 import pytest
 import torch
 from torch import nn

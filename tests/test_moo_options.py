@@ -1,5 +1,6 @@
 """Options that make the recipes usable on real run lengths (issue 9): penalty schedules in steps
 or fractions of the run, and MGDA's normalization modes and momentum on lambda."""
+
 import io
 
 import pytest
@@ -94,33 +95,47 @@ def test_recipe_reads_the_run_length():
     assert r.etas(60 / 7) == [1.0, pytest.approx(0.7), pytest.approx(0.7)]
     with pytest.raises(ValueError, match="steps_per_epoch must be an integer >= 1"):
         r.set_run_length(steps_per_epoch=0)
-    frac = Recipe.from_levels([
-        {"objectives": ["a"], "solver": "ew"},
-        {"objectives": ["b"], "solver": "ew", "eta": {"start": 0.0, "step": 2.0, "unit": "fraction"}},
-    ])
+    frac = Recipe.from_levels(
+        [
+            {"objectives": ["a"], "solver": "ew"},
+            {"objectives": ["b"], "solver": "ew", "eta": {"start": 0.0, "step": 2.0, "unit": "fraction"}},
+        ]
+    )
     frac.set_run_length(steps_per_epoch=10)
     with pytest.raises(ValueError, match="needs total_steps"):
         frac.etas(1.0)
     frac.set_run_length(total_steps=40)  # keeps steps_per_epoch
     assert frac.etas(1.0) == [1.0, pytest.approx(0.5)]  # step 10 of 40
     with pytest.raises(ValueError, match="level 1: eta: schedule unit 'week'"):
-        Recipe.from_levels([{"objectives": ["a"], "solver": "ew"},
-                            {"objectives": ["b"], "solver": "ew", "eta": {"unit": "week"}}])
+        Recipe.from_levels(
+            [{"objectives": ["a"], "solver": "ew"}, {"objectives": ["b"], "solver": "ew", "eta": {"unit": "week"}}]
+        )
 
 
 def test_config_schedule_reaches_the_recipe_through_train():
-    cfg = C.from_dict({"recipe": {"kind": "vm", "eta": {"start": 0.1, "step": 0.05, "cap": 1.0,
-                                                        "unit": "steps", "every": 10}},
-                       "solver": {"name": "ew"}, "train": {"steps": 300}})
+    cfg = C.from_dict(
+        {
+            "recipe": {"kind": "vm", "eta": {"start": 0.1, "step": 0.05, "cap": 1.0, "unit": "steps", "every": 10}},
+            "solver": {"name": "ew"},
+            "train": {"steps": 300},
+        }
+    )
     assert (cfg.recipe.eta.unit, cfg.recipe.eta.every) == ("steps", 10)
     r = builders.recipe_from_config(cfg, MSP, NAMES, GROUPS, steps_per_epoch=13)
     assert (r.steps_per_epoch, r.total_steps) == (13, 300)
     assert r.etas(25 / 13) == [1.0, pytest.approx(0.2), pytest.approx(0.2)]  # two stairs at step 25
     assert r.etas(299 / 13)[1] == 1.0
-    frac = C.from_dict({"recipe": {"kind": "vc", "eta": {"start": 0.0, "step": 1.0, "cap": None, "unit": "fraction"}},
-                        "solver": {"name": "ew"}, "train": {"steps": 80}})
+    frac = C.from_dict(
+        {
+            "recipe": {"kind": "vc", "eta": {"start": 0.0, "step": 1.0, "cap": None, "unit": "fraction"}},
+            "solver": {"name": "ew"},
+            "train": {"steps": 80},
+        }
+    )
     assert builders.recipe_from_config(frac, MSP, NAMES, GROUPS, steps_per_epoch=8).etas(20 / 8) == [
-        1.0, pytest.approx(0.25)]
+        1.0,
+        pytest.approx(0.25),
+    ]
     # An epoch schedule (the default) needs no run length and keeps its meaning.
     old = C.from_dict({"recipe": {"kind": "vm", "eta": {"start": 0.1, "step": 0.02, "cap": 1.5}}})
     assert (old.recipe.eta.unit, old.recipe.eta.every) == ("epochs", None)
@@ -129,21 +144,25 @@ def test_config_schedule_reaches_the_recipe_through_train():
 
 
 def test_config_schedule_from_set_overrides():
-    data = C.apply_overrides({"recipe": {"kind": "vm"}}, ["recipe.eta.unit=fraction", "recipe.eta.every=0.25"],
-                             on_note=lambda m: None)
+    data = C.apply_overrides(
+        {"recipe": {"kind": "vm"}}, ["recipe.eta.unit=fraction", "recipe.eta.every=0.25"], on_note=lambda m: None
+    )
     cfg = C.from_dict(data)
     assert (cfg.recipe.eta.unit, cfg.recipe.eta.every) == ("fraction", 0.25)
 
 
-@pytest.mark.parametrize("eta, message", [
-    ({"unit": "hours"}, "recipe.eta.unit: 'hours' is not allowed; use one of 'epochs', 'steps', 'fraction'"),
-    ({"unit": "steps", "every": 2.5}, "recipe.eta.every: 2.5 must be a whole number of steps"),
-    ({"unit": "fraction", "every": 2}, r"recipe.eta.every: 2.0 must be in \(0, 1\]"),
-    ({"every": 0}, "recipe.eta.every: 0.0 must be > 0"),
-    ({"start": -1}, "recipe.eta.start: -1.0 must be >= 0"),
-    ({"cap": -0.5}, "recipe.eta.cap: -0.5 must be >= 0"),
-    ({"per": "steps"}, "unknown key recipe.eta.per; allowed keys in recipe.eta: start, step, cap, unit, every"),
-])
+@pytest.mark.parametrize(
+    "eta, message",
+    [
+        ({"unit": "hours"}, "recipe.eta.unit: 'hours' is not allowed; use one of 'epochs', 'steps', 'fraction'"),
+        ({"unit": "steps", "every": 2.5}, "recipe.eta.every: 2.5 must be a whole number of steps"),
+        ({"unit": "fraction", "every": 2}, r"recipe.eta.every: 2.0 must be in \(0, 1\]"),
+        ({"every": 0}, "recipe.eta.every: 0.0 must be > 0"),
+        ({"start": -1}, "recipe.eta.start: -1.0 must be >= 0"),
+        ({"cap": -0.5}, "recipe.eta.cap: -0.5 must be >= 0"),
+        ({"per": "steps"}, "unknown key recipe.eta.per; allowed keys in recipe.eta: start, step, cap, unit, every"),
+    ],
+)
 def test_config_schedule_errors(eta, message):
     with pytest.raises(C.ConfigError, match=message):
         C.from_dict({"recipe": {"kind": "vm", "eta": eta}})
@@ -151,21 +170,43 @@ def test_config_schedule_errors(eta, message):
 
 def test_config_custom_levels_checked():
     with pytest.raises(C.ConfigError, match="recipe.levels: level 1: eta: schedule unit 'weeks' is not allowed"):
-        C.from_dict({"recipe": {"kind": "custom", "levels": [
-            {"objectives": ["a"], "solver": "mgda"},
-            {"objectives": ["b"], "solver": "ew", "eta": {"unit": "weeks"}}]}})
+        C.from_dict(
+            {
+                "recipe": {
+                    "kind": "custom",
+                    "levels": [
+                        {"objectives": ["a"], "solver": "mgda"},
+                        {"objectives": ["b"], "solver": "ew", "eta": {"unit": "weeks"}},
+                    ],
+                }
+            }
+        )
     with pytest.raises(C.ConfigError, match="recipe.levels: .*momentum must be a number in"):
-        C.from_dict({"recipe": {"kind": "custom", "levels": [
-            {"objectives": ["a", "b"], "solver": "mgda", "solver_options": {"momentum": 2}}]}})
+        C.from_dict(
+            {
+                "recipe": {
+                    "kind": "custom",
+                    "levels": [{"objectives": ["a", "b"], "solver": "mgda", "solver_options": {"momentum": 2}}],
+                }
+            }
+        )
 
 
 def test_deepspeed_section_refuses_fraction():
     with pytest.raises(C.ConfigError, match="dist_soup.recipe.eta.unit: 'fraction' needs the run's number of steps"):
         C.deepspeed_section({"recipe": {"kind": "vm", "order": ["a"], "eta": {"unit": "fraction"}}})
     with pytest.raises(C.ConfigError, match=r"dist_soup.recipe.levels\[1\].eta.unit: 'fraction'"):
-        C.deepspeed_section({"recipe": {"kind": "custom", "levels": [
-            {"objectives": ["a"], "solver": "ew"},
-            {"objectives": ["b"], "solver": "ew", "eta": {"unit": "fraction"}}]}})
+        C.deepspeed_section(
+            {
+                "recipe": {
+                    "kind": "custom",
+                    "levels": [
+                        {"objectives": ["a"], "solver": "ew"},
+                        {"objectives": ["b"], "solver": "ew", "eta": {"unit": "fraction"}},
+                    ],
+                }
+            }
+        )
     sec = C.deepspeed_section({"recipe": {"kind": "vm", "order": ["a"], "eta": {"unit": "steps"}}})
     assert sec.recipe.eta.unit == "steps"
     # no task here to name an order or a constraint: the section names its own groups
@@ -217,8 +258,10 @@ def test_mgda_option_errors():
             build("mgda", momentum=bad)
     with pytest.raises(ValueError, match="unknown options \\['beta'\\]; allowed: \\['normalization', 'momentum'\\]"):
         build("mgda", beta=0.9)
-    with pytest.raises(C.ConfigError, match="solver.options.beta: solver 'mgda' has no option 'beta'; "
-                                            "its options: normalization, momentum"):
+    with pytest.raises(
+        C.ConfigError,
+        match="solver.options.beta: solver 'mgda' has no option 'beta'; its options: normalization, momentum",
+    ):
         C.from_dict({"solver": {"name": "mgda", "options": {"beta": 0.9}}})
     with pytest.raises(C.ConfigError, match=r"solver.options: .*momentum.*\[0, 1\)"):
         C.from_dict({"solver": {"name": "mgda", "options": {"momentum": 1.5}}})
@@ -239,7 +282,11 @@ G_B = _gram([1.0, 1.0], [2.0, 0.0])
 def test_mgda_flips_and_momentum_smooths_hand_computed():
     plain = build("mgda")
     assert [plain.weights(g, torch.ones(2)).tolist() for g in (G_A, G_B, G_A, G_B)] == [
-        [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+        [0.0, 1.0],
+        [1.0, 0.0],
+        [0.0, 1.0],
+        [1.0, 0.0],
+    ]
     smooth = build("mgda", momentum=0.5)
     # mu_1 = (0, 1); mu_2 = (0, 0.5) + (0.5, 0) = (0.5, 0.5); mu_3 = (0.25, 0.25) + (0, 0.5);
     # mu_4 = (0.125, 0.375) + (0.5, 0).
@@ -279,8 +326,12 @@ def test_mgda_momentum_state_round_trip():
     gram = _gram([2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0])
     r1.weights(gram, torch.ones(4), NAMES, epoch=0)
     r2.load_state_dict(r1.state_dict())
-    torch.testing.assert_close(r1.weights(gram.flip(0, 1), torch.ones(4), NAMES, epoch=1)[0],
-                               r2.weights(gram.flip(0, 1), torch.ones(4), NAMES, epoch=1)[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        r1.weights(gram.flip(0, 1), torch.ones(4), NAMES, epoch=1)[0],
+        r2.weights(gram.flip(0, 1), torch.ones(4), NAMES, epoch=1)[0],
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_mgda_state_errors():
@@ -308,11 +359,22 @@ def test_train_with_step_schedule_and_mgda_momentum_resumes_exactly(tmp_path):
 
     data = json.loads(json.dumps(SMALL))
     data["task"]["options"]["objectives"] = ["left", "right", "sum"]
-    data["recipe"] = {"kind": "custom", "levels": [
-        {"objectives": ["left", "right"], "solver": "mgda",
-         "solver_options": {"normalization": "loss", "momentum": 0.8}},
-        {"objectives": ["sum"], "solver": "ew", "penalty": True,
-         "eta": {"start": 0.1, "step": 0.05, "every": 2, "unit": "steps"}}]}
+    data["recipe"] = {
+        "kind": "custom",
+        "levels": [
+            {
+                "objectives": ["left", "right"],
+                "solver": "mgda",
+                "solver_options": {"normalization": "loss", "momentum": 0.8},
+            },
+            {
+                "objectives": ["sum"],
+                "solver": "ew",
+                "penalty": True,
+                "eta": {"start": 0.1, "step": 0.05, "every": 2, "unit": "steps"},
+            },
+        ],
+    }
     data["train"]["steps"] = 8
     cfg = tmp_path / "options.yaml"
     cfg.write_text(yaml.safe_dump(data))

@@ -1,4 +1,5 @@
 """dist_soup.moo.recipe: schedules, the VS/VC/VM recipes and user levels on a planted Gram."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """dist_soup.moo.selection: conflict scores and the selection rules."""
+
 import math
 
 import pytest

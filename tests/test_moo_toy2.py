@@ -1,5 +1,6 @@
 """toy2 (CAGrad / Nash-MTL toy): the Task API, and MGDA reaching the Pareto front from the five
 standard starts with a plain torch loop over dist_soup.moo (no engine)."""
+
 import pytest
 import torch
 

@@ -5,6 +5,7 @@ veth link between them; the worker also checks that its ``eth0`` sent at least t
 Skipped, with the reason, where namespaces cannot be made (not root, no iproute2, no CAP_SYS_ADMIN).
 Run as a script (``python tests/test_netns.py RANK WORLD ADDR PORT``) it is one such worker.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,9 @@ def _worker(rank: int, world: int, addr: str, port: int) -> None:
     from dist_soup.process_group import init_process_group
 
     torch.set_num_threads(1)
-    init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
-                       timeout=datetime.timedelta(seconds=30))
+    init_process_group(
+        "gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
+    )
     try:
         x = _inputs(rank)
         exact = sum(_inputs(r) for r in range(world)) / world
@@ -76,18 +78,44 @@ def test_exchange_between_two_namespace_hosts():
     prefix = f"dst{uuid.uuid4().hex[:8]}"
     procs: list[subprocess.Popen] = []
     try:
-        subprocess.run(["bash", str(SCRIPT), "up", "--prefix", prefix, "--hosts", "2"],
-                       check=True, capture_output=True, text=True, timeout=20)
+        subprocess.run(
+            ["bash", str(SCRIPT), "up", "--prefix", prefix, "--hosts", "2"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         port = 29000 + os.getpid() % 2000
         # DIST_SOUP_COMPILE=0: eager codec kernels, so the test pays no torch.compile time.
-        env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0", OMP_NUM_THREADS="1", DIST_SOUP_COMPILE="0",
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ,
+            GLOO_SOCKET_IFNAME="eth0",
+            OMP_NUM_THREADS="1",
+            DIST_SOUP_COMPILE="0",
+            PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
         for rank in range(2):
-            procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", f"{prefix}_h{rank}", sys.executable, str(Path(__file__).resolve()),
-                 str(rank), "2", "10.200.0.1", str(port)],
-                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        f"{prefix}_h{rank}",
+                        sys.executable,
+                        str(Path(__file__).resolve()),
+                        str(rank),
+                        "2",
+                        "10.200.0.1",
+                        str(port),
+                    ],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         deadline = time.monotonic() + TIMEOUT_S
         outputs = []
         for rank, p in enumerate(procs):

@@ -1,5 +1,6 @@
 """process_group.init_process_group: destroy_process_group really ends the group, even when
 torch.optim pulls in torch._dynamo (and with it torch.distributed.nn) after the group exists."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,17 @@ def _worker(rank: int, world: int) -> None:
     init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(rank)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    engine = SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), ("a", "b"), "0", "vs", solver="ew",
-                        mode="allreduce", update_compressor="identity", jacobian_compressor="identity")
+    engine = SoupEngine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        ("a", "b"),
+        "0",
+        "vs",
+        solver="ew",
+        mode="allreduce",
+        update_compressor="identity",
+        jacobian_compressor="identity",
+    )
     out = model(torch.randn(16, 4))
     engine.step({"a": out[:, 0].pow(2).mean(), "b": out[:, 1].pow(2).mean()})
     assert any(n.startswith("pt_gloo") for n in _thread_names())  # the group's workers are running

@@ -1,4 +1,5 @@
 """dist_soup.moo.solvers against independent references (torchjd, grids, certificates)."""
+
 import math
 
 import numpy as np
@@ -364,8 +365,10 @@ def test_famo_learns_to_favour_the_slow_objective():
 
 def test_dwa_formula():
     s = build("dwa", T=2.0)
-    seq = [torch.tensor(v, dtype=torch.float64)
-           for v in ([1.0, 2.0, 3.0], [0.5, 2.0, 2.0], [0.4, 1.0, 2.0], [0.1, 1.0, 1.0])]
+    seq = [
+        torch.tensor(v, dtype=torch.float64)
+        for v in ([1.0, 2.0, 3.0], [0.5, 2.0, 2.0], [0.4, 1.0, 2.0], [0.1, 1.0, 1.0])
+    ]
     torch.testing.assert_close(s.weights(None, seq[0]), torch.ones(3))
     torch.testing.assert_close(s.weights(None, seq[1]), torch.ones(3))
     for t in (2, 3):

@@ -4,6 +4,7 @@ One tiny sweep (2 cells x 2 seeds: torch DDP fp32 and dist_soup ``ew`` + QSGD 4-
 of a tiny msp_synth, 2 processes per run, timing over 127.0.0.1) is run once for the module; the
 tests check its outputs, rerun it half-finished, and feed the runner and the config bad input.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,11 @@ pytestmark = pytest.mark.timeout(240)
 
 BASE = {
     # two objectives whose metrics are not 0 after a few steps (BLEU is), so Delta_m% is defined
-    "task": {"name": "msp_synth", "options": {"languages": 1, "hidden": 8, "layers": 1, "n_train": 256, "n_test": 32},
-             "objectives": ["asr_l0", "ssl"]},
+    "task": {
+        "name": "msp_synth",
+        "options": {"languages": 1, "hidden": 8, "layers": 1, "n_train": 256, "n_test": 32},
+        "objectives": ["asr_l0", "ssl"],
+    },
     "recipe": {"kind": "vs"},
     "solver": {"name": "ew"},
     "selection": {"rule": "all"},
@@ -43,10 +47,12 @@ SPEC = {
     "eval_every": 3,
     "nproc": 2,
     "seeds": [0, 1],
-    "grid": {"method": {
-        "ddp_fp32": ["train.engine=ddp"],
-        "qsgd4": {"compression.update": {"name": "qsgd", "options": {"bits": 4}}, "compression.mode": "allgather"},
-    }},
+    "grid": {
+        "method": {
+            "ddp_fp32": ["train.engine=ddp"],
+            "qsgd4": {"compression.update": {"name": "qsgd", "options": {"bits": 4}}, "compression.mode": "allgather"},
+        }
+    },
     "rates": ["uncapped"],
     "timing": {"steps": 4, "warmup": 1},
     "target": ["ddp_fp32"],
@@ -65,8 +71,14 @@ def write_spec(tmp: Path, spec: dict = SPEC, base: dict = BASE) -> Path:
 
 
 def run_sweep(spec: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(RUNNER), str(spec), "--out", str(out), "--loopback", "--eager", *extra],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=220)
+    return subprocess.run(
+        [sys.executable, str(RUNNER), str(spec), "--out", str(out), "--loopback", "--eager", *extra],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=220,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +114,10 @@ def test_tiny_sweep_end_to_end(done):
     assert by[("ddp_fp32", 0)]["bytes_per_step"] == dense == by[("qsgd4", 0)]["dense_bytes_per_step"] > 0
     assert by[("qsgd4", 0)]["bytes_per_step"] not in (0, dense)
     # the seed changes the run
-    assert by[("qsgd4", 0)]["objectives"] != by[("qsgd4", 1)]["objectives"] or \
-        by[("qsgd4", 0)]["evals"] != by[("qsgd4", 1)]["evals"]
+    assert (
+        by[("qsgd4", 0)]["objectives"] != by[("qsgd4", 1)]["objectives"]
+        or by[("qsgd4", 0)]["evals"] != by[("qsgd4", 1)]["evals"]
+    )
 
     md = (out / "results.md").read_text()
     assert "### Quality (mean ± std over seeds)" in md and "### Speed and time to target" in md
@@ -146,21 +160,26 @@ def test_half_finished_sweep_reruns_only_what_is_missing(done, tmp_path):
     assert json.loads(victim.read_text())["param_sha256"] == before  # deterministic from the seed
 
 
-@pytest.mark.parametrize("change, names", [
-    ({"grid": {"method": {"ddp_fp32": ["train.stpes=3"]}}},
-     "the overrides of cell ddp_fp32: config refused: unknown key train.stpes"),
-    ({"grid": {"method": {"ddp_fp32": ["train.engine=ddp", "ddp.hook=fp17"]}}}, "ddp.hook: 'fp17' is not allowed"),
-    ({"grid": {"method": {"a b": []}}}, "grid.method: value name 'a b'"),
-    ({"grid": {"method": {"a": "train.steps=3"}}}, "grid.method.a:"),
-    ({"grid": []}, "grid: must be a mapping"),
-    ({"seeds": [0, 0]}, "seeds: [0, 0] must be a non-empty list of distinct integers"),
-    ({"rates": ["1gbps"]}, "rates: ['1gbps'] must be a list of distinct link rates"),
-    ({"timing": {"steps": 4, "warmup": 4}}, "timing.warmup: 4 must be below timing.steps 4"),
-    ({"target": ["nope"]}, "target: ['nope'] are not cells of the grid"),
-    ({"stepz": 3}, "stepz: unknown key"),
-    ({"nproc": 1}, "nproc: 1 must be an integer >= 2"),
-    ({"steps": None}, "steps: None must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "change, names",
+    [
+        (
+            {"grid": {"method": {"ddp_fp32": ["train.stpes=3"]}}},
+            "the overrides of cell ddp_fp32: config refused: unknown key train.stpes",
+        ),
+        ({"grid": {"method": {"ddp_fp32": ["train.engine=ddp", "ddp.hook=fp17"]}}}, "ddp.hook: 'fp17' is not allowed"),
+        ({"grid": {"method": {"a b": []}}}, "grid.method: value name 'a b'"),
+        ({"grid": {"method": {"a": "train.steps=3"}}}, "grid.method.a:"),
+        ({"grid": []}, "grid: must be a mapping"),
+        ({"seeds": [0, 0]}, "seeds: [0, 0] must be a non-empty list of distinct integers"),
+        ({"rates": ["1gbps"]}, "rates: ['1gbps'] must be a list of distinct link rates"),
+        ({"timing": {"steps": 4, "warmup": 4}}, "timing.warmup: 4 must be below timing.steps 4"),
+        ({"target": ["nope"]}, "target: ['nope'] are not cells of the grid"),
+        ({"stepz": 3}, "stepz: unknown key"),
+        ({"nproc": 1}, "nproc: 1 must be an integer >= 2"),
+        ({"steps": None}, "steps: None must be an integer >= 1"),
+    ],
+)
 def test_malformed_spec_names_the_key(tmp_path, change, names):
     path = write_spec(tmp_path, {**SPEC, **change})
     with pytest.raises(sweep.SpecError) as exc:
@@ -177,15 +196,21 @@ def test_malformed_spec_from_the_command_line(tmp_path):
     assert r.returncode == 2 and "quick: --quick needs a quick: section" in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["train.engine=ddp", "ddp.hook=fp17"], "ddp.hook: 'fp17' is not allowed; use one of 'none', 'fp16', 'powersgd'"),
-    (["ddp.hook=fp16"], "ddp.hook: 'fp16' is only used with train.engine 'ddp' (engine is 'soup')"),
-    (["train.engine=ddp", "ddp.powersgd_rank=4"], "ddp.powersgd_rank: 4 is only used with ddp.hook 'powersgd'"),
-    (["train.engine=ddp", "ddp.hook=powersgd", "ddp.powersgd_rank=0"], "ddp.powersgd_rank: 0 must be > 0"),
-    (["train.engine=ddp", "ddp.hook=powersgd", "ddp.powersgd_start=1"], "ddp.powersgd_start: 1 must be >= 2"),
-    (["train.engine=dpp"], "train.engine: 'dpp' is not allowed; use one of 'soup', 'ddp'"),
-    (["ddp.rank=2"], "unknown key ddp.rank; allowed keys in ddp: hook, powersgd_rank, powersgd_start, bucket_mb"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (
+            ["train.engine=ddp", "ddp.hook=fp17"],
+            "ddp.hook: 'fp17' is not allowed; use one of 'none', 'fp16', 'powersgd'",
+        ),
+        (["ddp.hook=fp16"], "ddp.hook: 'fp16' is only used with train.engine 'ddp' (engine is 'soup')"),
+        (["train.engine=ddp", "ddp.powersgd_rank=4"], "ddp.powersgd_rank: 4 is only used with ddp.hook 'powersgd'"),
+        (["train.engine=ddp", "ddp.hook=powersgd", "ddp.powersgd_rank=0"], "ddp.powersgd_rank: 0 must be > 0"),
+        (["train.engine=ddp", "ddp.hook=powersgd", "ddp.powersgd_start=1"], "ddp.powersgd_start: 1 must be >= 2"),
+        (["train.engine=dpp"], "train.engine: 'dpp' is not allowed; use one of 'soup', 'ddp'"),
+        (["ddp.rank=2"], "unknown key ddp.rank; allowed keys in ddp: hook, powersgd_rank, powersgd_start, bucket_mb"),
+    ],
+)
 def test_bad_ddp_config_values_are_clear_errors(tmp_path, sets, message):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(BASE))
     with pytest.raises(config_mod.ConfigError) as exc:
@@ -197,9 +222,24 @@ def test_ddp_config_errors_from_the_command_line(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(BASE))
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "dist_soup", "train", "--config", str(tmp_path / "c.yaml"),
-                               "--run-dir", str(tmp_path / "run"), *args], cwd=ROOT, env=child_env(),
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dist_soup",
+                "train",
+                "--config",
+                str(tmp_path / "c.yaml"),
+                "--run-dir",
+                str(tmp_path / "run"),
+                *args,
+            ],
+            cwd=ROOT,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     r = cli("--nproc", "2", "--set", "train.engine=ddp", "--set", "ddp.hook=fp17")
     assert r.returncode == 2 and "ddp.hook: 'fp17' is not allowed" in r.stderr, r.stderr

@@ -1,4 +1,5 @@
 """Built-in tasks multidigits and msp_synth, and the task registry."""
+
 import math
 
 import numpy as np
@@ -9,8 +10,7 @@ from dist_soup import tasks
 from dist_soup.tasks import delta_m
 
 # Small data sets keep construction fast; the models are the defaults.
-SMALL = {"multidigits": {"n_train": 600, "n_test": 200},
-         "msp_synth": {"n_train": 600, "n_test": 120}}
+SMALL = {"multidigits": {"n_train": 600, "n_test": 200}, "msp_synth": {"n_train": 600, "n_test": 120}}
 
 
 @pytest.fixture(autouse=True)
@@ -48,17 +48,20 @@ def test_registry_unknown_option_lists_allowed():
     assert tasks.options("msp_synth")["languages"] == 3
 
 
-@pytest.mark.parametrize("name, opts, match", [
-    ("msp_synth", {"languages": 0}, "languages"),
-    ("msp_synth", {"kernel": 4}, "odd"),
-    ("msp_synth", {"min_dur": 1}, "min_dur"),
-    ("msp_synth", {"noise": float("nan")}, "noise"),
-    ("msp_synth", {"vocab": 2.5}, "vocab"),
-    ("multidigits", {"objectives": ["left", "middle"]}, "objectives"),
-    ("multidigits", {"objectives": ["left", "left"]}, "objectives"),
-    ("multidigits", {"objectives": []}, "objectives"),
-    ("multidigits", {"overlap": 9}, "overlap"),
-])
+@pytest.mark.parametrize(
+    "name, opts, match",
+    [
+        ("msp_synth", {"languages": 0}, "languages"),
+        ("msp_synth", {"kernel": 4}, "odd"),
+        ("msp_synth", {"min_dur": 1}, "min_dur"),
+        ("msp_synth", {"noise": float("nan")}, "noise"),
+        ("msp_synth", {"vocab": 2.5}, "vocab"),
+        ("multidigits", {"objectives": ["left", "middle"]}, "objectives"),
+        ("multidigits", {"objectives": ["left", "left"]}, "objectives"),
+        ("multidigits", {"objectives": []}, "objectives"),
+        ("multidigits", {"overlap": 9}, "overlap"),
+    ],
+)
 def test_bad_option_values_are_clear_errors(name, opts, match):
     with pytest.raises(ValueError, match=match):
         tasks.build(name, **opts)
@@ -155,11 +158,13 @@ def test_losses_are_finite_scalars_and_depend_on_the_shared_trunk(name):
 @pytest.mark.parametrize("name", ["multidigits", "msp_synth"])
 def test_batch_rejects_bad_indices(name):
     task = _make(name)
-    for bad, match in [(torch.tensor([0, task.train_size()]), "lie in"),
-                       (torch.tensor([-1]), "lie in"),
-                       (torch.tensor([0.5]), "integer"),
-                       (torch.zeros(0, dtype=torch.long), "non-empty"),
-                       (torch.zeros(2, 2, dtype=torch.long), "1-D")]:
+    for bad, match in [
+        (torch.tensor([0, task.train_size()]), "lie in"),
+        (torch.tensor([-1]), "lie in"),
+        (torch.tensor([0.5]), "integer"),
+        (torch.zeros(0, dtype=torch.long), "non-empty"),
+        (torch.zeros(2, 2, dtype=torch.long), "1-D"),
+    ]:
         with pytest.raises(ValueError, match=match):
             task.batch(bad)
 
@@ -188,7 +193,12 @@ def test_stored_baselines_cover_the_objectives(name):
 def test_baselines_apply_only_to_default_data_and_model_options():
     assert tasks.build("msp_synth", n_train=10, n_test=10).baselines == {}  # other data
     assert tasks.build("msp_synth", seed=5, eval_batch=7).baselines.keys() == {
-        "asr_l0", "asr_l1", "asr_l2", "st", "ssl"}
+        "asr_l0",
+        "asr_l1",
+        "asr_l2",
+        "st",
+        "ssl",
+    }
     two = tasks.build("msp_synth", languages=2)  # the quickstart's task
     assert list(two.baselines) == ["asr_l0", "asr_l1", "st", "ssl"]
     assert two.baselines != tasks.build("msp_synth").baselines
@@ -290,9 +300,12 @@ def test_msp_synth_objectives_groups_metrics():
     assert task.groups == {"asr": ("asr_l0", "asr_l1", "asr_l2"), "st": ("st",), "ssl": ("ssl",)}
     assert task.shared == "encoder"
     assert {k: (m.name, m.higher_is_better) for k, m in task.metrics.items()} == {
-        "asr_l0": ("token_error_rate", False), "asr_l1": ("token_error_rate", False),
-        "asr_l2": ("token_error_rate", False), "st": ("bleu", True),
-        "ssl": ("contrastive_accuracy", True)}
+        "asr_l0": ("token_error_rate", False),
+        "asr_l1": ("token_error_rate", False),
+        "asr_l2": ("token_error_rate", False),
+        "st": ("bleu", True),
+        "ssl": ("contrastive_accuracy", True),
+    }
 
 
 def test_msp_synth_batch_shapes_and_masking():
@@ -312,9 +325,9 @@ def test_msp_synth_batch_shapes_and_masking():
     assert (b.lengths >= 2 * b.src_lengths).all() and (b.lengths <= 4 * b.src_lengths).all()
     assert (b.tgt_lengths <= b.src_lengths).all()
     for i in range(n):
-        src = b.src[i, :b.src_lengths[i]].tolist()
-        assert all(1 <= v <= task.vocab for v in src) and not b.src[i, b.src_lengths[i]:].any()
-        assert b.tgt[i, :b.tgt_lengths[i]].tolist() == task.translate(int(b.lang[i]), src)
+        src = b.src[i, : b.src_lengths[i]].tolist()
+        assert all(1 <= v <= task.vocab for v in src) and not b.src[i, b.src_lengths[i] :].any()
+        assert b.tgt[i, : b.tgt_lengths[i]].tolist() == task.translate(int(b.lang[i]), src)
     # The mask is a function of the indices: reproducible, and another batch gets another one.
     assert torch.equal(task.batch(idx).mask, b.mask)
     assert not torch.equal(task.batch(idx + 1).mask[:5], b.mask[:5])

@@ -1,4 +1,5 @@
 """Sequence metrics of dist_soup.tasks.metrics checked on hand-worked examples."""
+
 import functools
 import math
 
@@ -8,16 +9,19 @@ import torch
 from dist_soup.tasks.metrics import bleu, ctc_greedy_decode, edit_distance, token_error_rate
 
 
-@pytest.mark.parametrize("ref, hyp, d", [
-    ([], [], 0),
-    ([1, 2, 3], [], 3),
-    ([], [4, 5], 2),
-    ([1, 2, 3], [1, 2, 3], 0),
-    # "kitten" -> "sitting": k->s, e->i, insert g.
-    ([11, 9, 20, 20, 5, 14], [19, 9, 20, 20, 9, 14, 7], 3),
-    ([1, 2, 3, 4], [2, 3, 4, 5], 2),  # delete 1, insert 5
-    ([1, 2], [2, 1], 2),
-])
+@pytest.mark.parametrize(
+    "ref, hyp, d",
+    [
+        ([], [], 0),
+        ([1, 2, 3], [], 3),
+        ([], [4, 5], 2),
+        ([1, 2, 3], [1, 2, 3], 0),
+        # "kitten" -> "sitting": k->s, e->i, insert g.
+        ([11, 9, 20, 20, 5, 14], [19, 9, 20, 20, 9, 14, 7], 3),
+        ([1, 2, 3, 4], [2, 3, 4, 5], 2),  # delete 1, insert 5
+        ([1, 2], [2, 1], 2),
+    ],
+)
 def test_edit_distance_hand_cases(ref, hyp, d):
     assert edit_distance(ref, hyp) == d
     assert edit_distance(hyp, ref) == d  # symmetric with unit costs
@@ -84,11 +88,13 @@ def _one_hot_path(path, classes):
 
 def test_ctc_greedy_collapses_repeats_then_removes_blanks():
     # Paths: "a a - a b b" -> [a, a, b]; "- - c c -" -> [c]; all blanks -> [].
-    logits = torch.stack([
-        _one_hot_path([1, 1, 0, 1, 2, 2], 4),
-        _one_hot_path([0, 0, 3, 3, 0, 0], 4),
-        _one_hot_path([0, 0, 0, 0, 0, 0], 4),
-    ])
+    logits = torch.stack(
+        [
+            _one_hot_path([1, 1, 0, 1, 2, 2], 4),
+            _one_hot_path([0, 0, 3, 3, 0, 0], 4),
+            _one_hot_path([0, 0, 0, 0, 0, 0], 4),
+        ]
+    )
     assert ctc_greedy_decode(logits) == [[1, 1, 2], [3], []]
     # Frames beyond an example's length are ignored.
     assert ctc_greedy_decode(logits, torch.tensor([3, 6, 0])) == [[1], [3], []]

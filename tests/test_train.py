@@ -1,4 +1,5 @@
 """The training front end end to end: CLI, run dir, resume, launchers, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ SMALL = {
     "recipe": {"kind": "vs"},
     "solver": {"name": "mgda"},
     "selection": {"rule": "threshold", "probe_every": 5},
-    "compression": {"jacobian": {"name": "qsgd", "options": {"bits": 4}},
-                    "update": {"name": "qsgd", "options": {"bits": 4}}},
+    "compression": {
+        "jacobian": {"name": "qsgd", "options": {"bits": 4}},
+        "update": {"name": "qsgd", "options": {"bits": 4}},
+    },
     "optimizer": {"name": "adam", "lr": 0.01},
     "train": {"steps": 40, "batch_size": 16, "solve_every": 2},
     "checkpoint": {"every": 5, "keep": 2},
@@ -41,8 +44,14 @@ def write_config(tmp_path: Path, data: dict = SMALL, name: str = "small.yaml") -
 
 
 def cli(*args, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dist_soup", *map(str, args)], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dist_soup", *map(str, args)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def summary(run: Path) -> dict:
@@ -122,10 +131,34 @@ def test_two_torchrun_nodes_on_one_machine(tmp_path):
     port = free_port()
     procs = [
         subprocess.Popen(
-            [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
-             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "twonodes",
-             "-m", "dist_soup", "train", "--config", str(cfg), "--run-dir", str(run)],
-            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                str(BIN / "torchrun"),
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(node),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "twonodes",
+                "-m",
+                "dist_soup",
+                "train",
+                "--config",
+                str(cfg),
+                "--run-dir",
+                str(run),
+            ],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for node in range(2)
     ]
     outs = [p.communicate(timeout=240)[0] for p in procs]
@@ -139,9 +172,29 @@ def test_killed_rank_restarts_from_the_last_checkpoint(tmp_path):
     cfg = write_config(tmp_path, data)
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
-         "-m", "dist_soup", "train", "--config", str(cfg), "--run-dir", str(run), "--resume"],
-        cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            "-m",
+            "dist_soup",
+            "train",
+            "--config",
+            str(cfg),
+            "--run-dir",
+            str(run),
+            "--resume",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 180
     killed = None
@@ -151,8 +204,9 @@ def test_killed_rank_restarts_from_the_last_checkpoint(tmp_path):
             steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()] if metrics.exists() else []
             if steps and steps[-1] >= 12:
                 # SIGKILL one worker (a child of torchrun running our run dir), as a crash would
-                ps = subprocess.run(["pgrep", "-f", "--", f"--run-dir {run}"],
-                                    capture_output=True, text=True).stdout.split()
+                ps = subprocess.run(
+                    ["pgrep", "-f", "--", f"--run-dir {run}"], capture_output=True, text=True
+                ).stdout.split()
                 workers = [int(p) for p in ps if int(p) != proc.pid]
                 assert workers, "no worker process found"
                 killed = max(workers)
@@ -176,9 +230,26 @@ def test_mpirun_two_ranks(tmp_path):
         pytest.skip(f"no mpirun next to {sys.executable}: pip install 'dist_soup[mpi]'")
     cfg = write_config(tmp_path)
     run = tmp_path / "run"
-    out = subprocess.run([str(mpirun), "-n", "2", sys.executable, "-m", "dist_soup", "train", "--config", str(cfg),
-                          "--run-dir", str(run)], cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                         timeout=240)
+    out = subprocess.run(
+        [
+            str(mpirun),
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "dist_soup",
+            "train",
+            "--config",
+            str(cfg),
+            "--run-dir",
+            str(run),
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     s = summary(run)
     assert s["world_size"] == 2 and s["steps"] == 40 and s["comm"]["bytes_sent"] > 0
@@ -189,11 +260,34 @@ def test_ranks_with_different_configs_fail_together(tmp_path):
     port = free_port()
     procs = [
         subprocess.Popen(
-            [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mismatch",
-             "-m", "dist_soup", "train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"),
-             "--set", f"optimizer.lr={lr}"],
-            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                str(BIN / "torchrun"),
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "mismatch",
+                "-m",
+                "dist_soup",
+                "train",
+                "--config",
+                str(cfg),
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--set",
+                f"optimizer.lr={lr}",
+            ],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for lr in (0.01, 0.02)
     ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -213,11 +307,24 @@ def test_final_table_shows_the_ew_reference(capsys):
     assert got["ew_reference"] == ref and got["delta_m_vs_ew"] == pytest.approx(-5.0)
     assert report.ew_reference(task, {"left": 0.5}, ("left",)) == {}  # one objective: nothing to weigh
     assert report.ew_reference(tasks.build("multidigits", hidden=32), {}, ("left", "right")) == {}
-    objectives = {k: {"first_loss": 2.3, "final_loss": 0.3, "metric": "accuracy", "value": 0.9,
-                      "higher_is_better": True} for k in ("left", "right")}
-    print_summary({"objectives": objectives, "comm": {"bytes_sent": 10, "dense_bytes": 80, "ratio": 8.0},
-                   "world_size": 2, "steps": 200, "steps_per_s": 10.0, "time_s": 20.0, "delta_m": 1.0,
-                   "selected": [], **got}, "runs/x")
+    objectives = {
+        k: {"first_loss": 2.3, "final_loss": 0.3, "metric": "accuracy", "value": 0.9, "higher_is_better": True}
+        for k in ("left", "right")
+    }
+    print_summary(
+        {
+            "objectives": objectives,
+            "comm": {"bytes_sent": 10, "dense_bytes": 80, "ratio": 8.0},
+            "world_size": 2,
+            "steps": 200,
+            "steps_per_s": 10.0,
+            "time_s": 20.0,
+            "delta_m": 1.0,
+            "selected": [],
+            **got,
+        },
+        "runs/x",
+    )
     out = capsys.readouterr().out
     assert "ew ref" in out.splitlines()[2] and f"{ref['right']:.4f}" in out
     assert "Delta_m vs ew ref: -5.0%" in out

@@ -4,6 +4,7 @@ three collective modes, bucketing, configuration agreement and byte accounting.
 ``Exchange(compressor, mode, **options).mean(name, tensor)`` is the entry point; comm knows
 codecs (``dist_soup.compress``) but nothing of objectives.
 """
+
 from .agreement import NonFiniteError
 from .exchange import Exchange, ExchangeHandle
 from .modes import DecodeError

@@ -15,6 +15,7 @@ shape change, non-finite values) still takes part, so the others learn of it and
 instead of waiting in the next collective. Codec options are hashed into a fixed number of slots
 (by option name), so a missing option changes the word of its slot.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +30,6 @@ from .transport import Transport
 PROTOCOL = 1
 OPTION_SLOTS = 8
 _MASK62 = (1 << 62) - 1
-
 
 
 class NonFiniteError(ValueError):
@@ -56,8 +56,15 @@ class Setting:
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
 
 
-def exchange_settings(codec: str, options: dict[str, Any], seed: int, mode: str,
-                      world_size: int, bucket_mb: float, chunk_mb: float | None = None) -> list[Setting]:
+def exchange_settings(
+    codec: str,
+    options: dict[str, Any],
+    seed: int,
+    mode: str,
+    world_size: int,
+    bucket_mb: float,
+    chunk_mb: float | None = None,
+) -> list[Setting]:
     """The settings fixed at construction, as words (one per setting, options in slots).
     ``chunk_mb`` None: tensors are never cut into pieces."""
     chunk = repr(float(chunk_mb)) if chunk_mb else "None"
@@ -101,8 +108,15 @@ def tensor_settings(specs: Sequence[TensorSpec]) -> list[Setting]:
 N_STATUS = 3
 
 
-def agree(transport: Transport, settings: Sequence[Setting] | None, specs: Sequence[TensorSpec], *,
-          n_settings: int, local_error: Exception | None = None, nonfinite: int | None = None) -> tuple[int, int]:
+def agree(
+    transport: Transport,
+    settings: Sequence[Setting] | None,
+    specs: Sequence[TensorSpec],
+    *,
+    n_settings: int,
+    local_error: Exception | None = None,
+    nonfinite: int | None = None,
+) -> tuple[int, int]:
     """Run the control collective of one exchange call; raise on every rank if anything is off.
 
     ``settings`` is None when this rank could not even describe its call (``local_error`` says
@@ -110,13 +124,20 @@ def agree(transport: Transport, settings: Sequence[Setting] | None, specs: Seque
     in ``specs`` of the first tensor holding inf or NaN on this rank. Returns (bytes handed to
     collectives, number of collectives).
     """
-    return agree_async(transport, settings, specs, n_settings=n_settings, local_error=local_error,
-                       nonfinite=nonfinite)()
+    return agree_async(
+        transport, settings, specs, n_settings=n_settings, local_error=local_error, nonfinite=nonfinite
+    )()
 
 
-def agree_async(transport: Transport, settings: Sequence[Setting] | None, specs: Sequence[TensorSpec], *,
-                n_settings: int, local_error: Exception | None = None,
-                nonfinite: int | None = None) -> Callable[[], tuple[int, int]]:
+def agree_async(
+    transport: Transport,
+    settings: Sequence[Setting] | None,
+    specs: Sequence[TensorSpec],
+    *,
+    n_settings: int,
+    local_error: Exception | None = None,
+    nonfinite: int | None = None,
+) -> Callable[[], tuple[int, int]]:
     """:func:`agree` in two halves: launch the control collective now; the returned function
     waits for it and raises or returns like :func:`agree`. Work that needs no collective (the
     encoding of a first bucket) can run in between, hiding the control round trip."""
@@ -134,9 +155,15 @@ def agree_async(transport: Transport, settings: Sequence[Setting] | None, specs:
     return lambda: _check(transport, work.wait(), settings, specs, n_settings, local_error, nonfinite)
 
 
-def _check(transport: Transport, ctl: torch.Tensor, settings: Sequence[Setting] | None,
-           specs: Sequence[TensorSpec], n_settings: int, local_error: Exception | None,
-           nonfinite: int | None) -> tuple[int, int]:
+def _check(
+    transport: Transport,
+    ctl: torch.Tensor,
+    settings: Sequence[Setting] | None,
+    specs: Sequence[TensorSpec],
+    n_settings: int,
+    local_error: Exception | None,
+    nonfinite: int | None,
+) -> tuple[int, int]:
     rank = transport.rank
     nbytes, ncoll = ctl.numel() * 8, 1
     got = ctl.cpu().tolist()
@@ -183,8 +210,9 @@ def _name_tensor(transport: Transport, specs: Sequence[TensorSpec]) -> None:
     n = len(specs)
     names = [word("name:" + s[0]) for s in specs]
     kinds = [word(f"shape:{tuple(s[1])}:{s[2]}") for s in specs]
-    ctl = torch.tensor(names + kinds + [-w for w in names] + [-w for w in kinds],
-                       dtype=torch.int64, device=transport.device)
+    ctl = torch.tensor(
+        names + kinds + [-w for w in names] + [-w for w in kinds], dtype=torch.int64, device=transport.device
+    )
     transport.all_reduce_(ctl, "max")
     got = ctl.cpu().tolist()
     hi, lo = got[: 2 * n], [-x for x in got[2 * n :]]
@@ -192,8 +220,11 @@ def _name_tensor(transport: Transport, specs: Sequence[TensorSpec]) -> None:
         name_differs = hi[i] != lo[i]
         kind_differs = hi[n + i] != lo[n + i]
         if name_differs or kind_differs:
-            what = "name" if name_differs and not kind_differs else (
-                "shape/dtype" if kind_differs and not name_differs else "name and shape/dtype")
+            what = (
+                "name"
+                if name_differs and not kind_differs
+                else ("shape/dtype" if kind_differs and not name_differs else "name and shape/dtype")
+            )
             name, shape, dtype = specs[i]
             raise ValueError(
                 f"exchange configuration differs across ranks: tensor #{i} {what} differs; this rank "

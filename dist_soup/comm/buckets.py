@@ -14,6 +14,7 @@ consecutive pieces of its flat vector, ``k = ceil(bytes / chunk_bytes)``, named
 the exchange encodes piece j+1 while piece j is on the wire and decodes piece j while j+1 is.
 The cut depends only on the size, so it is the same on every rank and in every call.
 """
+
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
@@ -67,8 +68,11 @@ def pieces(name: str, numel: int, element_size: int, chunk_bytes: int | None) ->
     return [(f"{name}#{j}", off, n) for j, (off, n) in enumerate(chunk_bounds(numel, min(k, numel)))]
 
 
-def plan(specs: Sequence[tuple[str, tuple[int, ...], torch.dtype, torch.device]], bucket_bytes: int,
-         solo: Collection[str] = ()) -> list[Bucket]:
+def plan(
+    specs: Sequence[tuple[str, tuple[int, ...], torch.dtype, torch.device]],
+    bucket_bytes: int,
+    solo: Collection[str] = (),
+) -> list[Bucket]:
     """Cut ``specs`` (name, shape, dtype, device), all with at least one value, into buckets;
     the tensors named in ``solo`` (pieces) get a bucket each."""
     groups: dict[tuple[torch.dtype, torch.device], list[tuple[str, tuple[int, ...], int]]] = {}
@@ -98,8 +102,9 @@ def plan(specs: Sequence[tuple[str, tuple[int, ...], torch.dtype, torch.device]]
     return buckets
 
 
-def _bucket(index: int, items: list[tuple[str, tuple[int, ...], int]], dtype: torch.dtype,
-            device: torch.device) -> Bucket:
+def _bucket(
+    index: int, items: list[tuple[str, tuple[int, ...], int]], dtype: torch.dtype, device: torch.device
+) -> Bucket:
     entries, off = [], 0
     for name, shape, numel in items:
         entries.append(Entry(name, shape, numel, off))

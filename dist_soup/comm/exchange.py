@@ -33,6 +33,7 @@ A single process (no initialised torch.distributed, or ``transport="local"``) is
 every collective is the identity, but tensors are still encoded and decoded, so the compression
 error is the same as with P ranks.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,20 +77,35 @@ class Exchange:
     (None or 0: never).
     """
 
-    def __init__(self, compressor: str, mode: str = "allgather", *, group: Any = None,
-                 transport: Transport | str | None = None, bucket_mb: float = 25.0,
-                 chunk_mb: float | None = 4.0, **codec_options: Any) -> None:
+    def __init__(
+        self,
+        compressor: str,
+        mode: str = "allgather",
+        *,
+        group: Any = None,
+        transport: Transport | str | None = None,
+        bucket_mb: float = 25.0,
+        chunk_mb: float | None = 4.0,
+        **codec_options: Any,
+    ) -> None:
         if not isinstance(compressor, str):
             raise TypeError(f"compressor must be a codec name (str), got {type(compressor).__name__}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not (
-                math.isfinite(bucket_mb) and bucket_mb > 0):
+        if (
+            isinstance(bucket_mb, bool)
+            or not isinstance(bucket_mb, (int, float))
+            or not (math.isfinite(bucket_mb) and bucket_mb > 0)
+        ):
             raise ValueError(f"bucket_mb must be a positive finite number of megabytes, got {bucket_mb!r}")
-        if chunk_mb is not None and (isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float)) or not (
-                math.isfinite(chunk_mb) and chunk_mb >= 0)):
-            raise ValueError(f"chunk_mb must be None, 0 (no pieces) or a positive finite number of megabytes, "
-                             f"got {chunk_mb!r}")
+        if chunk_mb is not None and (
+            isinstance(chunk_mb, bool)
+            or not isinstance(chunk_mb, (int, float))
+            or not (math.isfinite(chunk_mb) and chunk_mb >= 0)
+        ):
+            raise ValueError(
+                f"chunk_mb must be None, 0 (no pieces) or a positive finite number of megabytes, got {chunk_mb!r}"
+            )
         bad = [k for k in _RESERVED if k in codec_options]
         if bad:
             raise ValueError(f"codec options {bad} are set by the exchange (each rank and stream gets its own)")
@@ -124,8 +140,9 @@ class Exchange:
         self._journal: dict | None = None  # see _journaling
         self._agreed: set[tuple] = set()  # layouts every rank's control step has accepted
         self._agreed_names: dict[tuple[str, ...], tuple] = {}  # their tensor names -> layout
-        self._settings = exchange_settings(compressor, self.options, seed, mode,
-                                           self.transport.world_size, self.bucket_mb, self.chunk_mb)
+        self._settings = exchange_settings(
+            compressor, self.options, seed, mode, self.transport.world_size, self.bucket_mb, self.chunk_mb
+        )
         self._n_settings = len(self._settings) + len(tensor_settings([]))
         self._mode = MODES[mode](self.transport, self.stats, self._stream, self._server)
 
@@ -170,8 +187,13 @@ class Exchange:
         every rank, with ``tensor``'s shape and dtype."""
         return self.mean_many({name: tensor})[name]
 
-    def mean_many(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False,
-                        out: Mapping[str, torch.Tensor] | None = None) -> Any:
+    def mean_many(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        return_local: bool = False,
+        out: Mapping[str, torch.Tensor] | None = None,
+    ) -> Any:
         """Means of many named tensors, fused into buckets of about ``bucket_mb``.
 
         Returns ``{name: mean}``, or ``(means, locals)`` with ``return_local``, where
@@ -182,9 +204,14 @@ class Exchange:
         """
         return self.mean_many_async(tensors, return_local=return_local, out=out).wait()
 
-    def mean_many_async(self, tensors: Mapping[str, torch.Tensor], *, return_local: bool = False,
-                              out: Mapping[str, torch.Tensor] | None = None,
-                              journal: dict | None = None) -> ExchangeHandle:
+    def mean_many_async(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        return_local: bool = False,
+        out: Mapping[str, torch.Tensor] | None = None,
+        journal: dict | None = None,
+    ) -> ExchangeHandle:
         """Like :meth:`mean_many`, returning once the collectives are launched;
         ``handle.wait()`` returns the same result (``out`` is written during ``wait()``).
 
@@ -215,14 +242,12 @@ class Exchange:
             tensors = {n: torch.zeros(s, dtype=d, device=dev) for n, s, d, dev in layout}
             specs, outs, status = [(n, s, d) for n, s, d, _ in layout], {}, REJECTED
         else:
-            layout = tuple((n, s, d, tensors[n].device) for n, s, d in specs
-                           if math.prod(s) > 0 and not passthrough)
+            layout = tuple((n, s, d, tensors[n].device) for n, s, d in specs if math.prod(s) > 0 and not passthrough)
         # A layout that every rank has agreed on in an earlier call needs no control collective:
         # each rank's status word (non-finite, rejected or fine) travels with its payloads where
         # the mode carries it, else in a tiny all-reduce launched with them and waited for (first)
         # in wait(), so that nothing waits for it before the payloads leave.
-        fast = (self.transport.world_size > 1 and layout in self._agreed
-                and (error is None or status == REJECTED))
+        fast = self.transport.world_size > 1 and layout in self._agreed and (error is None or status == REJECTED)
         ctl0 = time.perf_counter()
         if fast:
             if status is None:
@@ -230,8 +255,9 @@ class Exchange:
             check = lambda: (0, 0)  # noqa: E731
         elif self.transport.world_size > 1:
             # The control collective travels while this rank encodes its first bucket.
-            check = agree_async(self.transport, settings, specs, n_settings=self._n_settings,
-                                local_error=error, nonfinite=nonfinite)
+            check = agree_async(
+                self.transport, settings, specs, n_settings=self._n_settings, local_error=error, nonfinite=nonfinite
+            )
         else:
             agree_locally(error, nonfinite, specs)
             check = lambda: (0, 0)  # noqa: E731
@@ -283,16 +309,26 @@ class Exchange:
         status_work = None
         if fast and not self._mode.carries_status:
             me = self.transport.rank + 1
-            word = torch.tensor([me if status and status != REJECTED else 0, status if status != REJECTED else 0,
-                                 me if status == REJECTED else 0], dtype=torch.int64, device=self.transport.device)
+            word = torch.tensor(
+                [
+                    me if status and status != REJECTED else 0,
+                    status if status != REJECTED else 0,
+                    me if status == REJECTED else 0,
+                ],
+                dtype=torch.int64,
+                device=self.transport.device,
+            )
             status_work = self.transport.all_reduce_async_(word, "max")
             self.stats.overhead_bytes += 24
             self.stats.collectives += 1
 
         def prepare(b: Bucket) -> Prepared:
             return self._mode.prepare(
-                b, [inputs[e.name] if e.name in inputs else tensors[e.name].detach() for e in b.entries],
-                return_local, **extra)
+                b,
+                [inputs[e.name] if e.name in inputs else tensors[e.name].detach() for e in b.entries],
+                return_local,
+                **extra,
+            )
 
         if fast and journal is None:
             journal = {}  # a call that may learn of a non-finite input only in wait() must be undoable
@@ -325,8 +361,21 @@ class Exchange:
                 p.abandon()
             self._inflight -= names
             raise
-        return ExchangeHandle(self, tensors, specs, buckets, works, return_local, passthrough, cuts, names, outs,
-                              journal, error, status_work)
+        return ExchangeHandle(
+            self,
+            tensors,
+            specs,
+            buckets,
+            works,
+            return_local,
+            passthrough,
+            cuts,
+            names,
+            outs,
+            journal,
+            error,
+            status_work,
+        )
 
     def _plan(self, layout: tuple) -> tuple[list[Bucket], dict[str, list[tuple[str, int, int]]]]:
         """Buckets of a call's layout, and the pieces of every tensor cut into pieces."""
@@ -348,8 +397,10 @@ class Exchange:
         given = {n for n, _, _, _ in layout}
         clash = [p for cut in cuts.values() for p, _, _ in cut if p in given]
         if clash:
-            raise ValueError(f"tensor name {clash[0]!r} is also the name of a piece of a larger tensor "
-                             f"(pieces are named name#j); rename it")
+            raise ValueError(
+                f"tensor name {clash[0]!r} is also the name of a piece of a larger tensor "
+                f"(pieces are named name#j); rename it"
+            )
         for p, shape, dtype, _ in specs:
             self._known.setdefault(p, (shape, dtype))
         solo = {p for cut in cuts.values() for p, _, _ in cut}
@@ -365,9 +416,7 @@ class Exchange:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
             if t.dtype not in FLOAT_DTYPES:
-                raise ValueError(
-                    f"tensor {name!r} has dtype {t.dtype}; allowed: {', '.join(map(str, FLOAT_DTYPES))}"
-                )
+                raise ValueError(f"tensor {name!r} has dtype {t.dtype}; allowed: {', '.join(map(str, FLOAT_DTYPES))}")
             if name in self._inflight:
                 raise ValueError(
                     f"tensor {name!r} is still in flight in an earlier mean_many_async call; "
@@ -413,9 +462,11 @@ class Exchange:
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return (f"Exchange({self.compressor!r}, mode={self.mode!r}, bucket_mb={self.bucket_mb}, "
-                f"chunk_mb={self.chunk_mb}, "
-                f"seed={self.seed}{opts}, transport={self.transport!r})")
+        return (
+            f"Exchange({self.compressor!r}, mode={self.mode!r}, bucket_mb={self.bucket_mb}, "
+            f"chunk_mb={self.chunk_mb}, "
+            f"seed={self.seed}{opts}, transport={self.transport!r})"
+        )
 
 
 def _into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -436,8 +487,10 @@ def _check_out(out: Mapping[str, torch.Tensor] | None, tensors: Mapping[str, tor
         t = tensors[name]
         if not isinstance(o, torch.Tensor) or (o.shape, o.dtype, o.device) != (t.shape, t.dtype, t.device):
             got = (tuple(o.shape), o.dtype, o.device) if isinstance(o, torch.Tensor) else type(o).__name__
-            raise ValueError(f"out[{name!r}] must be a tensor of shape {tuple(t.shape)}, dtype {t.dtype} and "
-                             f"device {t.device} (like the input), got {got}")
+            raise ValueError(
+                f"out[{name!r}] must be a tensor of shape {tuple(t.shape)}, dtype {t.dtype} and "
+                f"device {t.device} (like the input), got {got}"
+            )
         if not o.is_contiguous():
             raise ValueError(f"out[{name!r}] must be contiguous")
     return dict(out)
@@ -470,12 +523,22 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
 class ExchangeHandle:
     """An exchange in flight; ``wait()`` returns what :meth:`Exchange.mean_many` returns."""
 
-    def __init__(self, exchange: Exchange, tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec],
-                 buckets: list[Bucket], works: list[BucketWork], return_local: bool,
-                 passthrough: bool = False, cuts: Mapping[str, list[tuple[str, int, int]]] | None = None,
-                 streams: set[str] | None = None, out: Mapping[str, torch.Tensor] | None = None,
-                 journal: dict | None = None, local_error: Exception | None = None,
-                 status_work: Any = None) -> None:
+    def __init__(
+        self,
+        exchange: Exchange,
+        tensors: Mapping[str, torch.Tensor],
+        specs: list[TensorSpec],
+        buckets: list[Bucket],
+        works: list[BucketWork],
+        return_local: bool,
+        passthrough: bool = False,
+        cuts: Mapping[str, list[tuple[str, int, int]]] | None = None,
+        streams: set[str] | None = None,
+        out: Mapping[str, torch.Tensor] | None = None,
+        journal: dict | None = None,
+        local_error: Exception | None = None,
+        status_work: Any = None,
+    ) -> None:
         self._exchange = exchange
         self._status_work = status_work  # the ranks' status words, when they travel on their own
         self._journal = journal
@@ -501,13 +564,17 @@ class ExchangeHandle:
             return self._local_error
         rejected = [r for r, s in enumerate(statuses) if s == REJECTED]
         if rejected:
-            return ValueError(f"rank {rejected[0]} rejected its input to this exchange call (its own error says "
-                              f"why); rank {rank} stops too, and no residue changed")
+            return ValueError(
+                f"rank {rejected[0]} rejected its input to this exchange call (its own error says "
+                f"why); rank {rank} stops too, and no residue changed"
+            )
         r = next(r for r, s in enumerate(statuses) if s)
         i = statuses[r] - 1
         name = self._names[i] if 0 <= i < len(self._names) else f"#{i}"
-        return NonFiniteError(f"tensor {name!r} holds non-finite values (inf or NaN) on rank {r}; every rank "
-                              "drops this exchange call and no residue changed")
+        return NonFiniteError(
+            f"tensor {name!r} holds non-finite values (inf or NaN) on rank {r}; every rank "
+            "drops this exchange call and no residue changed"
+        )
 
     def _target(self, name: str, means: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """Where the mean of bucket entry ``name`` finally lives, when that memory exists already."""

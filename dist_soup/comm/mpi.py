@@ -9,6 +9,7 @@ travel as 16-bit integers and are reduced by user-defined operations that reinte
 Run under ``mpirun -n P python script.py``; ``pip install mpi4py mpich`` gives a working
 ``mpirun`` with no system packages.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ def _half_op(MPI: Any, dtype: torch.dtype, op: str) -> Any:
     """A commutative MPI op that reduces 16-bit buffers as ``dtype`` values."""
     key = (dtype, op)
     if key not in _half_ops:
+
         def reduce(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
             x = torch.frombuffer(inbuf, dtype=dtype)
             y = torch.frombuffer(inoutbuf, dtype=dtype)
@@ -48,8 +50,7 @@ class MPITransport(Transport):
             from mpi4py import MPI
         except ImportError as exc:  # keep the reason: a missing libmpi looks the same
             raise ValueError(
-                f"transport='mpi' needs mpi4py and an MPI library ({exc}); "
-                "install them with `pip install mpi4py mpich`"
+                f"transport='mpi' needs mpi4py and an MPI library ({exc}); install them with `pip install mpi4py mpich`"
             ) from None
         self._MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
@@ -125,9 +126,7 @@ class MPITransport(Transport):
         src = self._staged(t)
         out = torch.empty(sum(counts), dtype=t.dtype)
         typ = self._mpi_type(t.dtype)
-        req = self.comm.Iallgatherv(
-            [self._array(src), typ], [self._array(out), (counts, self._displs(counts)), typ]
-        )
+        req = self.comm.Iallgatherv([self._array(src), typ], [self._array(out), (counts, self._displs(counts)), typ])
         return Work([req.Wait], lambda: split_counts(out, counts))
 
     def all_to_all_v_async(self, t, send_counts, recv_counts):

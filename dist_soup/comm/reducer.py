@@ -20,6 +20,7 @@ payloads (status words). The reducer then waits for everything launched, puts ba
 stream those calls touched (the exchange's journal) and reports the step as failed on every
 rank: no residue absorbs a NaN, and no rank steps while another skips.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,10 +43,19 @@ class GradientReducer:
             exchange cuts it into pipelined pieces of its ``chunk_mb``).
     """
 
-    def __init__(self, params: Sequence[tuple[str, torch.nn.Parameter]], exchange: Exchange, *,
-                 bucket_mb: float = 4.0, prefix: str = "U/") -> None:
-        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not (
-                math.isfinite(bucket_mb) and bucket_mb > 0):
+    def __init__(
+        self,
+        params: Sequence[tuple[str, torch.nn.Parameter]],
+        exchange: Exchange,
+        *,
+        bucket_mb: float = 4.0,
+        prefix: str = "U/",
+    ) -> None:
+        if (
+            isinstance(bucket_mb, bool)
+            or not isinstance(bucket_mb, (int, float))
+            or not (math.isfinite(bucket_mb) and bucket_mb > 0)
+        ):
             raise ValueError(f"bucket_mb must be a positive finite number of megabytes, got {bucket_mb!r}")
         self.params = list(params)
         if len({n for n, _ in self.params}) != len(self.params):

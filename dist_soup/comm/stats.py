@@ -21,6 +21,7 @@ With a single rank nothing leaves the process, so every byte count but ``dense_b
 These are logical bytes: how a back end routes them (a ring all-reduce moves about
 ``2 (P-1)/P`` times a tensor per rank) is the back end's business.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields

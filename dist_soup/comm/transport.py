@@ -25,6 +25,7 @@ and back (NCCL needs CUDA tensors; gloo and MPI take CPU ones). ``reduce_dtype(d
 dtype the back end actually reduces in (gloo has no int16 reduction, so int16 travels as int32);
 callers that count bytes convert first so that what they count is what travels.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -34,7 +35,6 @@ from typing import Any
 import torch
 
 OPS = ("sum", "max", "min")
-
 
 
 def copy_back(buf: torch.Tensor, t: torch.Tensor):
@@ -48,12 +48,14 @@ def copy_back(buf: torch.Tensor, t: torch.Tensor):
 
     return finish
 
+
 class Work:
     """Handle of an operation in flight; ``wait()`` blocks and returns its result (once computed,
     the result is cached, so ``wait()`` may be called again)."""
 
-    def __init__(self, waits: Sequence[Callable[[], Any]] = (), finish: Callable[[], Any] | None = None,
-                 result: Any = None) -> None:
+    def __init__(
+        self, waits: Sequence[Callable[[], Any]] = (), finish: Callable[[], Any] | None = None, result: Any = None
+    ) -> None:
         self._waits = list(waits)
         self._finish = finish
         self._result = result
@@ -131,8 +133,9 @@ class Transport(ABC):
     def all_gather_v(self, t: torch.Tensor, counts: Sequence[int]) -> list[torch.Tensor]:
         return self.all_gather_v_async(t, counts).wait()
 
-    def all_to_all_v(self, t: torch.Tensor, send_counts: Sequence[int],
-                     recv_counts: Sequence[int]) -> list[torch.Tensor]:
+    def all_to_all_v(
+        self, t: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]
+    ) -> list[torch.Tensor]:
         return self.all_to_all_v_async(t, send_counts, recv_counts).wait()
 
     def _check_counts(self, t: torch.Tensor, counts: Sequence[int], what: str) -> None:
@@ -250,8 +253,12 @@ class TorchTransport(Transport):
         src = self._staged(t)
         out = torch.empty(sum(recv_counts), dtype=t.dtype, device=self.device)
         work = self._dist.all_to_all_single(
-            out, src, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
-            group=self.group, async_op=True,
+            out,
+            src,
+            output_split_sizes=list(recv_counts),
+            input_split_sizes=list(send_counts),
+            group=self.group,
+            async_op=True,
         )
         return Work([work.wait], lambda: split_counts(out, recv_counts))
 
@@ -285,6 +292,4 @@ def make_transport(transport: Transport | str | None, group: Any = None) -> Tran
         return MPITransport(group)
     if transport == "local":
         return LocalTransport()
-    raise ValueError(
-        f"transport must be None, 'torch', 'mpi', 'local' or a Transport instance, got {transport!r}"
-    )
+    raise ValueError(f"transport must be None, 'torch', 'mpi', 'local' or a Transport instance, got {transport!r}")

@@ -5,6 +5,7 @@ and ``payload.Payload`` for the wire format. Layers, each importing only those b
 ``payload`` (the wire format and codec ids), ``base`` and ``feedback`` (the stream contract and
 the error-feedback memory), the codecs (``cast``, ``qsgd``, ``adacomp``, ``sparse``), ``registry``.
 """
+
 from .adacomp import AdaComp
 from .base import Compressor, LinearCodec
 from .cast import BF16, FP16, Identity

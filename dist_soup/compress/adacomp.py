@@ -33,6 +33,7 @@ i.e. about 35x fewer bytes than fp32; dense bins (about 6-10 of 500) give 150-25
 gradients send more values in some steps (up to 15 of 500 in a small CNN's dense layer while
 its loss falls fastest), where the Rice form keeps the dense ratio above 120x.
 """
+
 from __future__ import annotations
 
 import math
@@ -131,8 +132,16 @@ class AdaComp(Compressor):
     name = "adacomp"
     builtin_feedback = True
 
-    def __init__(self, bin_size: int | None = None, values: str = "ternary", index_coding: str = "auto",
-                 *, seed: int = 0, rank: int = 0, stream: int = 0) -> None:
+    def __init__(
+        self,
+        bin_size: int | None = None,
+        values: str = "ternary",
+        index_coding: str = "auto",
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        stream: int = 0,
+    ) -> None:
         super().__init__(seed=seed, rank=rank, stream=stream)
         if bin_size is not None:  # None: 50 for conv kernels, 500 otherwise
             check_int("adacomp bin_size", bin_size, 2, 1 << 16)
@@ -172,8 +181,9 @@ class AdaComp(Compressor):
             r = self._alloc(nb * L, flat.device)
             self._shape = shape
         elif self._shape != shape:
-            raise ValueError(f"adacomp stream saw shape {self._shape} before and now {shape}; "
-                             "use one stream per tensor")
+            raise ValueError(
+                f"adacomp stream saw shape {self._shape} before and now {shape}; use one stream per tensor"
+            )
         # All work happens in buffers the stream keeps (fresh large tensors cost page faults that
         # can exceed the arithmetic). Their tails past n stay zero, so no padding copies.
         G, H, mask = self._G, self._H, self._mask
@@ -319,4 +329,3 @@ def validate(p: Payload) -> None:
         p.expect("adacomp", 6, [(torch.uint8, nbytes), (torch.float16, nnz)])
         if not bool(torch.isfinite(p.parts[1]).all()):
             raise ValueError("adacomp payload values must be finite")
-

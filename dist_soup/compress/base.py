@@ -9,6 +9,7 @@ Randomness is counter-based: a stream built with ``seed``, ``rank`` and ``stream
 ``step``-th call, from a key derived from ``(seed, rank, stream, step)``; the same run gives the
 same bits, and resuming from a ``state_dict`` continues the same sequence.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -4,6 +4,7 @@ All three are linear: a sum of encodings decodes to the sum of the inputs (up to
 of the cast), so they also serve ``mode="allreduce"``. Like torch's fp16 DDP hook, the cast
 codecs divide by the world size *before* casting, so a sum of P values cannot overflow fp16.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -63,4 +64,3 @@ class BF16(_Cast):
 
     name = "bf16"
     wire_dtype = torch.bfloat16
-

@@ -19,6 +19,7 @@ raises ``ValueError`` before the residue is touched.
 The memory is its own piece, :class:`Residue`: this wrapper keeps one, and so do the codecs
 whose feedback is part of the codec (topk's built-in residue, cltk's low-pass memory).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

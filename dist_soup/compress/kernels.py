@@ -20,6 +20,7 @@ signed overflow occurs on any backend.
 Environment: ``DIST_SOUP_COMPILE=0`` forces the eager path everywhere (tests use it so they do
 not pay compile time); ``backend="eager"`` on a codec does the same for one stream.
 """
+
 from __future__ import annotations
 
 import functools
@@ -97,8 +98,9 @@ def _index(nb: int, d: int, key: torch.Tensor, device: torch.device) -> torch.Te
     return torch.arange(nb, dtype=torch.int64, device=device)[:, None] * d + key[2]
 
 
-def qsgd_encode(xb: torch.Tensor, key: torch.Tensor, *, bits: int, d: int,
-                norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+def qsgd_encode(
+    xb: torch.Tensor, key: torch.Tensor, *, bits: int, d: int, norm: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole buckets (nb, d) -> (fp32 scale per bucket, packed codes ``sign*level + s``: nb*d*bits/8 bytes)."""
     s = (1 << (bits - 1)) - 1
     per = 8 // bits
@@ -144,8 +146,9 @@ def qsgd_decode_mean(*parts: torch.Tensor, bits: int, d: int, dtype: torch.dtype
     return (acc / (len(parts) // 2)).to(dtype)
 
 
-def qsgd_levels(xb: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, *, s: int, d: int,
-                out: torch.dtype) -> torch.Tensor:
+def qsgd_levels(
+    xb: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, *, s: int, d: int, out: torch.dtype
+) -> torch.Tensor:
     """Signed integer levels of whole buckets (nb, d) against given (shared) bucket scales."""
     xb = xb.to(torch.float32)
     index = _index(xb.shape[0], d, key, xb.device) + torch.arange(d, dtype=torch.int64, device=xb.device)
@@ -176,8 +179,9 @@ def _warn_once(exc: BaseException) -> None:
         )
 
 
-def run(fn: Callable[..., Any], args: tuple, static: dict[str, Any], backend: str = "auto",
-        numel: int | None = None) -> Any:
+def run(
+    fn: Callable[..., Any], args: tuple, static: dict[str, Any], backend: str = "auto", numel: int | None = None
+) -> Any:
     """Run kernel ``fn(*args, **static)``: compiled and cached per static config, or eagerly.
 
     ``backend``: "eager" never compiles; "compiled" and "auto" compile (falling back to eager,
@@ -187,9 +191,7 @@ def run(fn: Callable[..., Any], args: tuple, static: dict[str, Any], backend: st
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     eager = (
-        backend == "eager"
-        or not compile_enabled()
-        or (backend == "auto" and numel is not None and numel < EAGER_BELOW)
+        backend == "eager" or not compile_enabled() or (backend == "auto" and numel is not None and numel < EAGER_BELOW)
     )
     ckey = (fn.__name__, tuple(sorted(static.items())), args[0].device.type)
     if eager or ckey in _failed:

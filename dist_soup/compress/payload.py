@@ -25,6 +25,7 @@ Layout (little-endian, every field 8-byte aligned so parts can be viewed without
 
 ``nbytes`` is the exact length of that buffer: what a collective sends for this tensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,9 +101,7 @@ class Payload:
     @property
     def nbytes(self) -> int:
         """Exact number of bytes that travel for this payload (header included)."""
-        return self._header_len() + sum(
-            _pad8(p.numel() * p.element_size()) for p in self.parts
-        )
+        return self._header_len() + sum(_pad8(p.numel() * p.element_size()) for p in self.parts)
 
     def _header(self) -> torch.Tensor:
         head = bytearray(MAGIC)
@@ -114,7 +113,12 @@ class Payload:
                 len(self.shape),
                 len(self.meta),
                 len(self.parts),
-                0, 0, 0, 0, 0, 0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
             ]
         )
         ints = [*self.shape, *self.meta]
@@ -127,8 +131,7 @@ class Payload:
         """Serialise into ``out``, a contiguous CPU uint8 tensor of exactly ``nbytes``."""
         if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != self.nbytes:
             raise ValueError(
-                f"write_into needs a 1-D uint8 tensor of {self.nbytes} bytes, "
-                f"got {tuple(out.shape)} {out.dtype}"
+                f"write_into needs a 1-D uint8 tensor of {self.nbytes} bytes, got {tuple(out.shape)} {out.dtype}"
             )
         head = self._header()
         out[: head.numel()].copy_(head)
@@ -201,9 +204,7 @@ class Payload:
                 raise ValueError(f"payload part {i} declares {pnumel} values")
             size = pnumel * torch.empty(0, dtype=pdtype).element_size()
             if off + _pad8(size) > n:
-                raise ValueError(
-                    f"payload truncated: part {i} needs bytes {off}..{off + _pad8(size)}, buffer has {n}"
-                )
+                raise ValueError(f"payload truncated: part {i} needs bytes {off}..{off + _pad8(size)}, buffer has {n}")
             parts.append(buf[off : off + size].view(pdtype))
             off += _pad8(size)
         if off != n:

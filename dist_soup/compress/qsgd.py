@@ -33,6 +33,7 @@ offers its bucket scales, the collective takes their elementwise max, each rank 
 against it (still unbiased: ``|v_i| <= shared n``), the integer levels are summed in the
 smallest integer type that holds ``P * s``, and ``decode_sum`` returns ``total * n / (s P)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -343,7 +344,9 @@ class QSGD(LinearCodec):
             validate(p)
         first = payloads[0] if payloads else None
         fused = (
-            first is not None and len(payloads) > 1 and first.meta[0] == WIRE_FORMATS["dense"]
+            first is not None
+            and len(payloads) > 1
+            and first.meta[0] == WIRE_FORMATS["dense"]
             and all(p.meta == first.meta and p.shape == first.shape and p.dtype == first.dtype for p in payloads)
         )
         if not fused:
@@ -373,8 +376,9 @@ class QSGD(LinearCodec):
             raise ValueError("qsgd encode_sum needs the agreed (all-reduced max) bucket scales")
         nb = -(-flat.numel() // self.bucket_size)
         if agreed.shape != (nb,) or agreed.dtype != torch.float32:
-            raise ValueError(f"qsgd agreed scales must be float32 of shape ({nb},), "
-                             f"got {tuple(agreed.shape)} {agreed.dtype}")
+            raise ValueError(
+                f"qsgd agreed scales must be float32 of shape ({nb},), got {tuple(agreed.shape)} {agreed.dtype}"
+            )
         static: dict[str, Any] = dict(s=self.s, d=self.bucket_size, out=sum_dtype(world_size, self.s, self.wire_int16))
         key = self.next_key()
         main, tail, nf = self._split(flat)
@@ -439,4 +443,3 @@ def validate(p: Payload) -> None:
     scale = p.parts[0]
     if nb and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
         raise ValueError("qsgd payload scales must be finite and >= 0")
-

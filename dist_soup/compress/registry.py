@@ -1,4 +1,5 @@
 """The codecs by name, and ``build``."""
+
 from __future__ import annotations
 
 import inspect
@@ -35,8 +36,11 @@ def option_names(name: str) -> list[str]:
     """The options a user may give ``build(name, ...)``: the codec constructor's own parameters,
     in order, then ``error_feedback``; not the :data:`STREAM_ARGS` (seed, rank, stream)."""
     params = inspect.signature(codec_class(name).__init__).parameters.values()
-    own = [p.name for p in params if p.name != "self" and p.name not in STREAM_ARGS
-           and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    own = [
+        p.name
+        for p in params
+        if p.name != "self" and p.name not in STREAM_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     return own + ["error_feedback"]
 
 
@@ -52,8 +56,9 @@ def build(name: str, **options: Any) -> Compressor:
         stream = cls(**options)
     except TypeError as exc:
         unknown = sorted(set(options) - set(option_names(name)) - set(STREAM_ARGS))
-        raise ValueError(f"bad options {unknown or sorted(options)} for compressor {name!r}: {exc}; "
-                         f"allowed: {option_names(name)}") from None
+        raise ValueError(
+            f"bad options {unknown or sorted(options)} for compressor {name!r}: {exc}; allowed: {option_names(name)}"
+        ) from None
     if error_feedback:
         stream = ErrorFeedback(stream)
     return stream

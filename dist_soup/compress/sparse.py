@@ -21,6 +21,7 @@ Each keeps k of the n values of a tensor, ``k = k`` if given, else ``max(1, roun
 The step counters must advance identically on every rank (one call per step): randomk's
 positions and cltk's leader come from them.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -69,8 +70,9 @@ def _check_pairs(name: str, p: Payload) -> None:
 
 
 class _Sparse(Compressor):
-    def __init__(self, ratio: float | None = 0.01, k: int | None = None,
-                 *, seed: int = 0, rank: int = 0, stream: int = 0):
+    def __init__(
+        self, ratio: float | None = 0.01, k: int | None = None, *, seed: int = 0, rank: int = 0, stream: int = 0
+    ):
         super().__init__(seed=seed, rank=rank, stream=stream)
         if k is not None:
             check_int(f"{self.name} k", k, 1)
@@ -100,8 +102,16 @@ class TopK(_Sparse):
     name = "topk"
     fixed_size = True  # k values and k positions of a width set by the tensor's size
 
-    def __init__(self, ratio: float | None = 0.01, k: int | None = None, feedback: bool = True,
-                 *, seed: int = 0, rank: int = 0, stream: int = 0):
+    def __init__(
+        self,
+        ratio: float | None = 0.01,
+        k: int | None = None,
+        feedback: bool = True,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        stream: int = 0,
+    ):
         super().__init__(ratio, k, seed=seed, rank=rank, stream=stream)
         self.builtin_feedback = bool(feedback)
         self.memory = Residue(self.name) if feedback else None
@@ -137,8 +147,16 @@ class RandomK(_Sparse, LinearCodec):
     name = "randomk"
     fixed_size = True
 
-    def __init__(self, ratio: float | None = 0.01, k: int | None = None, rescale: bool = False,
-                 *, seed: int = 0, rank: int = 0, stream: int = 0):
+    def __init__(
+        self,
+        ratio: float | None = 0.01,
+        k: int | None = None,
+        rescale: bool = False,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        stream: int = 0,
+    ):
         super().__init__(ratio, k, seed=seed, rank=rank, stream=stream)
         self.rescale = bool(rescale)
         self._last: tuple[int, torch.Tensor, float] | None = None
@@ -234,8 +252,16 @@ class CLTK(_Sparse, LinearCodec):
     name = "cltk"
     builtin_feedback = True
 
-    def __init__(self, ratio: float | None = 0.01, k: int | None = None, beta: float = 0.1,
-                 *, seed: int = 0, rank: int = 0, stream: int = 0):
+    def __init__(
+        self,
+        ratio: float | None = 0.01,
+        k: int | None = None,
+        beta: float = 0.1,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        stream: int = 0,
+    ):
         super().__init__(ratio, k, seed=seed, rank=rank, stream=stream)
         self.beta = check_fraction("cltk beta", beta)
         self._memory = Residue(self.name)

@@ -36,6 +36,7 @@ DDP itself issues collectives during
 backward when ``find_unused_parameters`` or ``static_graph`` is on; those could interleave with
 the thread's in a different order on different ranks, so such models use the synchronous path.
 """
+
 # No ``from __future__ import annotations``: DDP checks the hook's annotations at registration
 # and compares them with the real ``dist.GradBucket`` and ``Future[Tensor]`` objects.
 import threading
@@ -164,7 +165,8 @@ def register(
     if not isinstance(prefix, str) or not prefix:
         raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
     if chunk_mb is not None and (
-            isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float)) or not 0 < chunk_mb < float("inf")):
+        isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float)) or not 0 < chunk_mb < float("inf")
+    ):
         raise ValueError(f"chunk_mb must be None or a positive number of megabytes, got {chunk_mb!r}")
     if group is None:
         group = ddp_model.process_group

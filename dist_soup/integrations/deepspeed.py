@@ -62,6 +62,7 @@ ranks whose configs differ) raises :class:`~dist_soup.config.ConfigError` on eve
 DeepSpeed's engine is built: each rank checks its own input, then one all-gather of a fixed-size
 uint8 record (status, config digests, message) lets every rank raise the same error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -146,38 +147,56 @@ def check_deepspeed_config(ds: dict) -> None:
         raise ConfigError(
             f"zero_optimization.stage: {stage} is not supported by dist_soup's DeepSpeed plugin (supported: "
             f"stage {supported}); ZeRO 1/2 reduce gradients inside the ZeRO optimizer with no seam for a "
-            "compressed reduce-scatter. Use stage 0, or plain DeepSpeed for ZeRO 1/2")
+            "compressed reduce-scatter. Use stage 0, or plain DeepSpeed for ZeRO 1/2"
+        )
     if stage == 3:
-        raise ConfigError(f"zero_optimization.stage: 3 (partitioned parameters) is not supported by dist_soup's "
-                          f"DeepSpeed plugin (supported: stage {supported})")
+        raise ConfigError(
+            f"zero_optimization.stage: 3 (partitioned parameters) is not supported by dist_soup's "
+            f"DeepSpeed plugin (supported: stage {supported})"
+        )
     if stage != 0:
         raise ConfigError(f"zero_optimization.stage: {stage!r} is not a ZeRO stage (supported: stage {supported})")
-    for key, why in (("fp16", "fp16 loss scaling is not supported; use bf16 or fp32"),
-                     ("amp", "apex amp is not supported; use bf16 or fp32")):
+    for key, why in (
+        ("fp16", "fp16 loss scaling is not supported; use bf16 or fp32"),
+        ("amp", "apex amp is not supported; use bf16 or fp32"),
+    ):
         if _enabled(ds, key):
             raise ConfigError(f"{key}.enabled: {why} with dist_soup's DeepSpeed plugin")
     opt = ds.get("optimizer")
     if isinstance(opt, dict):
         kind = str(opt.get("type", "")).lower()
         if kind in _SELF_COMMUNICATING:
-            raise ConfigError(f"optimizer.type: {opt.get('type')!r} communicates compressed momentum itself, which "
-                              "dist_soup's plugin cannot drive; use Adam/AdamW (\"torch_adam\": true on CPU), SGD, "
-                              "Lamb, Lion, ... with a dist_soup codec instead")
-    for key, default in (("communication_data_type", None), ("prescale_gradients", False),
-                         ("gradient_predivide_factor", 1.0)):
+            raise ConfigError(
+                f"optimizer.type: {opt.get('type')!r} communicates compressed momentum itself, which "
+                'dist_soup\'s plugin cannot drive; use Adam/AdamW ("torch_adam": true on CPU), SGD, '
+                "Lamb, Lion, ... with a dist_soup codec instead"
+            )
+    for key, default in (
+        ("communication_data_type", None),
+        ("prescale_gradients", False),
+        ("gradient_predivide_factor", 1.0),
+    ):
         if key in ds and ds[key] != default:
-            raise ConfigError(f"{key}: {ds[key]!r} shapes DeepSpeed's own all-reduce, which dist_soup replaces "
-                              f"(the codec in {SECTION}.compression decides what travels); leave it out")
+            raise ConfigError(
+                f"{key}: {ds[key]!r} shapes DeepSpeed's own all-reduce, which dist_soup replaces "
+                f"(the codec in {SECTION}.compression decides what travels); leave it out"
+            )
     if ds.get("managed_gradient_accumulation", True) is False:
-        raise ConfigError("managed_gradient_accumulation: false is not supported; dist_soup exchanges at "
-                          "DeepSpeed's accumulation boundary (gradient_accumulation_steps)")
+        raise ConfigError(
+            "managed_gradient_accumulation: false is not supported; dist_soup exchanges at "
+            "DeepSpeed's accumulation boundary (gradient_accumulation_steps)"
+        )
     compile_cfg = ds.get("compile")
     if isinstance(compile_cfg, dict) and compile_cfg.get("deepcompile"):
-        raise ConfigError("compile.deepcompile: DeepCompile reduces gradients in its compiled graph; not supported "
-                          "with dist_soup's plugin")
+        raise ConfigError(
+            "compile.deepcompile: DeepCompile reduces gradients in its compiled graph; not supported "
+            "with dist_soup's plugin"
+        )
     tp = ds.get("tensor_parallel")
-    for key, size in (("sequence_parallel_size", ds.get("sequence_parallel_size", 1)),
-                      ("tensor_parallel.autotp_size", tp.get("autotp_size", 1) if isinstance(tp, dict) else 1)):
+    for key, size in (
+        ("sequence_parallel_size", ds.get("sequence_parallel_size", 1)),
+        ("tensor_parallel.autotp_size", tp.get("autotp_size", 1) if isinstance(tp, dict) else 1),
+    ):
         if isinstance(size, int) and size > 1:
             raise ConfigError(f"{key}: {size}; dist_soup's plugin runs pure data parallelism (size 1 only)")
 
@@ -199,7 +218,7 @@ def _agree(message: str | None, section_digest: bytes, config_digest: bytes) -> 
         if message:
             raise ConfigError(message)
         return
-    text = (message or "").encode("utf-8")[: _MESSAGE_BYTES]
+    text = (message or "").encode("utf-8")[:_MESSAGE_BYTES]
     record = torch.zeros(1 + 16 + 2 + _MESSAGE_BYTES, dtype=torch.uint8)
     record[0] = 1 if message else 0
     record[1:9] = torch.frombuffer(bytearray(section_digest), dtype=torch.uint8)
@@ -223,12 +242,15 @@ def _agree(message: str | None, section_digest: bytes, config_digest: bytes) -> 
     mine = rows[rank]
     for r, row in enumerate(rows):
         if not torch.equal(row[1:9], mine[1:9]):
-            raise ConfigError(f"the \"{SECTION}\" sections of ranks {rank} and {r} differ (digests "
-                              f"{bytes(mine[1:9].tolist()).hex()} and {bytes(row[1:9].tolist()).hex()}); start every "
-                              "rank with the same DeepSpeed config")
+            raise ConfigError(
+                f'the "{SECTION}" sections of ranks {rank} and {r} differ (digests '
+                f"{bytes(mine[1:9].tolist()).hex()} and {bytes(row[1:9].tolist()).hex()}); start every "
+                "rank with the same DeepSpeed config"
+            )
         if not torch.equal(row[9:17], mine[9:17]):
-            raise ConfigError(f"the DeepSpeed configs of ranks {rank} and {r} differ; start every rank with the same "
-                              "config")
+            raise ConfigError(
+                f"the DeepSpeed configs of ranks {rank} and {r} differ; start every rank with the same config"
+            )
 
 
 def _ensure_distributed(bound: inspect.BoundArguments) -> None:
@@ -289,8 +311,10 @@ class _SoupEngineMixin:
             return dict(loss)
         if isinstance(loss, torch.Tensor):
             if len(names) > 1:
-                raise ValueError(f"backward: this engine trains {len(names)} objectives {list(names)}; pass "
-                                 "engine.backward({name: loss, ...})")
+                raise ValueError(
+                    f"backward: this engine trains {len(names)} objectives {list(names)}; pass "
+                    "engine.backward({name: loss, ...})"
+                )
             return {names[0]: loss}
         raise TypeError(f"backward: expected a loss tensor or a dict name -> loss, got {type(loss).__name__}")
 
@@ -305,8 +329,10 @@ class _SoupEngineMixin:
         losses = self._soup_losses(loss)
         gas = self.gradient_accumulation_steps()
         scale = 1.0 / gas if scale_wrt_gas else 1.0
-        feed = {k: _ScaleGrad.apply(v, scale) if scale != 1.0 and isinstance(v, torch.Tensor) else v
-                for k, v in losses.items()}
+        feed = {
+            k: _ScaleGrad.apply(v, scale) if scale != 1.0 and isinstance(v, torch.Tensor) else v
+            for k, v in losses.items()
+        }
         local = self.inside_no_sync_ctxt or not self.is_gradient_accumulation_boundary()
         self._start_timers(self.engine_timers.backward_timers)
         try:
@@ -328,8 +354,10 @@ class _SoupEngineMixin:
         boundary = self.is_gradient_accumulation_boundary() and not self.inside_no_sync_ctxt
         if boundary and not self._soup_exchanged:
             if any(p.grad is not None for _, p in self.soup.params):
-                raise RuntimeError("step(): the gradients did not go through engine.backward(loss), so they were "
-                                   "never averaged over the ranks; call engine.backward(loss) (not loss.backward())")
+                raise RuntimeError(
+                    "step(): the gradients did not go through engine.backward(loss), so they were "
+                    "never averaged over the ranks; call engine.backward(loss) (not loss.backward())"
+                )
         if boundary:
             self._soup_exchanged = False
         if boundary and self._soup_skip:
@@ -344,12 +372,22 @@ class _SoupEngineMixin:
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
         path = Path(save_dir) / tag / _RANK_FILE.format(rank=self.soup.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_save({"format": _FORMAT, "rank": self.soup.rank, "world_size": self.soup.world_size,
-                          "objectives": list(self.soup.objectives), "soup": self.soup.state_dict(),
-                          "skip": bool(self._soup_skip), "rng": _rng_state()}, path)
+        ckpt.atomic_save(
+            {
+                "format": _FORMAT,
+                "rank": self.soup.rank,
+                "world_size": self.soup.world_size,
+                "objectives": list(self.soup.objectives),
+                "soup": self.soup.state_dict(),
+                "skip": bool(self._soup_skip),
+                "rng": _rng_state(),
+            },
+            path,
+        )
         dist.barrier()
-        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest,
-                                       **kwargs)
+        return super().save_checkpoint(
+            save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest, **kwargs
+        )
 
     def load_checkpoint(self, load_dir, tag=None, *args, **kwargs):
         """DeepSpeed's load, then this rank's soup state from the same checkpoint."""
@@ -366,11 +404,15 @@ class _SoupEngineMixin:
                 if not isinstance(state, dict) or state.get("format") != _FORMAT:
                     raise ValueError(f"checkpoint file {str(path)!r} is not a dist_soup plugin checkpoint")
                 if state.get("world_size") != self.soup.world_size:
-                    raise ValueError(f"checkpoint {str(path.parent)!r} was saved by {state.get('world_size')} ranks, "
-                                     f"this run has {self.soup.world_size}")
+                    raise ValueError(
+                        f"checkpoint {str(path.parent)!r} was saved by {state.get('world_size')} ranks, "
+                        f"this run has {self.soup.world_size}"
+                    )
                 if state.get("objectives") != list(self.soup.objectives):
-                    raise ValueError(f"checkpoint {str(path.parent)!r} trained objectives {state.get('objectives')}, "
-                                     f"this engine {list(self.soup.objectives)}")
+                    raise ValueError(
+                        f"checkpoint {str(path.parent)!r} trained objectives {state.get('objectives')}, "
+                        f"this engine {list(self.soup.objectives)}"
+                    )
             except ValueError as exc:
                 message = str(exc)
         _agree(message, b"\0" * 8, b"\0" * 8)
@@ -463,8 +505,9 @@ def _check_model(model, section: DeepSpeedSection, client_optimizer, bound) -> N
     if client_optimizer is not None and not callable(client_optimizer):
         name = type(client_optimizer).__name__.lower()
         if any(k in name for k in _SELF_COMMUNICATING):
-            raise ConfigError(f"optimizer: {type(client_optimizer).__name__} communicates itself; dist_soup's plugin "
-                              "cannot drive it")
+            raise ConfigError(
+                f"optimizer: {type(client_optimizer).__name__} communicates itself; dist_soup's plugin cannot drive it"
+            )
 
 
 def _recipe(section: DeepSpeedSection, objectives: tuple[str, ...]):
@@ -515,8 +558,9 @@ def initialize(*args, **kwargs):
         recipe = _recipe(section, objectives)
     except (ConfigError, ValueError, TypeError) as exc:
         message = str(exc)
-    _agree(message, _digest(config_mod.to_dict(section) if dataclasses.is_dataclass(section) else {}),
-           _digest(ds_config))
+    _agree(
+        message, _digest(config_mod.to_dict(section) if dataclasses.is_dataclass(section) else {}), _digest(ds_config)
+    )
 
     engine, optimizer, dataloader, scheduler = deepspeed.initialize(**given, config=ds_config)
     if engine.zero_optimization_stage() not in SUPPORTED_STAGES:  # e.g. set by a DeepSpeed default
@@ -528,8 +572,16 @@ def initialize(*args, **kwargs):
         gas = engine.gradient_accumulation_steps()
         steps_per_epoch = max(1, len(dataloader) // gas) if dataloader is not None else 1
     recipe.set_run_length(steps_per_epoch=steps_per_epoch)  # for eta schedules in steps
-    soup = SoupEngine(engine.module, None, objectives, section.shared, recipe, steps_per_epoch=steps_per_epoch,
-                      transport="torch", **config_mod.engine_options(section.as_config()))
+    soup = SoupEngine(
+        engine.module,
+        None,
+        objectives,
+        section.shared,
+        recipe,
+        steps_per_epoch=steps_per_epoch,
+        transport="torch",
+        **config_mod.engine_options(section.as_config()),
+    )
     engine.__class__ = _soup_class(type(engine))
     engine.enable_backward_allreduce = False  # the soup engine averages the gradients
     engine.soup = soup

@@ -13,6 +13,7 @@ The run dir is the same as ``dist-soup train``'s (``config.yaml``, ``metrics.jso
 ``summary.json``), plus ``deepspeed.json`` (the DeepSpeed config as run) and DeepSpeed's
 checkpoints in ``deepspeed/`` (``--resume`` continues from its ``latest``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,12 +44,16 @@ def default_extensions_dir() -> str:
 def _deepspeed_config(cfg: Config, path) -> dict:
     ds = ds_soup.load_config(path)
     if ds_soup.SECTION in ds:
-        raise ConfigError(f"--deepspeed {str(path)!r}: remove its \"{ds_soup.SECTION}\" section; with dist-soup train "
-                          "the section comes from --config (compression, recipe, solver, selection, train)")
+        raise ConfigError(
+            f'--deepspeed {str(path)!r}: remove its "{ds_soup.SECTION}" section; with dist-soup train '
+            "the section comes from --config (compression, recipe, solver, selection, train)"
+        )
     micro = ds.setdefault("train_micro_batch_size_per_gpu", cfg.train.batch_size)
     if micro != cfg.train.batch_size:
-        raise ConfigError(f"--deepspeed: train_micro_batch_size_per_gpu {micro!r} differs from train.batch_size "
-                          f"{cfg.train.batch_size} of --config; give one of them (e.g. --set train.batch_size={micro})")
+        raise ConfigError(
+            f"--deepspeed: train_micro_batch_size_per_gpu {micro!r} differs from train.batch_size "
+            f"{cfg.train.batch_size} of --config; give one of them (e.g. --set train.batch_size={micro})"
+        )
     ds.setdefault("steps_per_print", 10**9)  # dist-soup's own progress lines instead
     return ds
 
@@ -58,11 +63,19 @@ def _section(cfg: Config, task, objectives, groups, steps_per_epoch: int) -> dic
     # The section has no task: its recipe names the groups themselves.
     recipe = dataclasses.asdict(builders.with_task_groups(cfg.recipe, task))
     return {
-        "compression": d["compression"], "objectives": list(objectives), "shared": task.shared,
-        "groups": {g: list(ks) for g, ks in groups.items()}, "recipe": recipe, "solver": d["solver"],
-        "selection": d["selection"], "solve_every": cfg.train.solve_every, "gram": cfg.train.gram,
-        "nonfinite": cfg.train.nonfinite, "reuse_jacobian": cfg.train.reuse_jacobian,
-        "steps_per_epoch": steps_per_epoch, "seed": cfg.seed,
+        "compression": d["compression"],
+        "objectives": list(objectives),
+        "shared": task.shared,
+        "groups": {g: list(ks) for g, ks in groups.items()},
+        "recipe": recipe,
+        "solver": d["solver"],
+        "selection": d["selection"],
+        "solve_every": cfg.train.solve_every,
+        "gram": cfg.train.gram,
+        "nonfinite": cfg.train.nonfinite,
+        "reuse_jacobian": cfg.train.reuse_jacobian,
+        "steps_per_epoch": steps_per_epoch,
+        "seed": cfg.seed,
     }
 
 
@@ -74,8 +87,13 @@ def run(cfg: Config, run_dir: Path, deepspeed_config, *, resume: bool = False, l
     if kind == "mpi":
         raise ConfigError("--deepspeed runs under torchrun, DeepSpeed's launcher or --nproc, not mpirun")
     if kind == "local":  # one process: DeepSpeed still wants a process group
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(process_group.free_port()))
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(process_group.free_port()),
+        )
     os.environ.setdefault("LOCAL_RANK", "0")
     if not torch.cuda.is_available():
         os.environ.setdefault("DIST_SOUP_BACKEND", "gloo")
@@ -103,16 +121,23 @@ def _prepare(cfg: Config, ds: dict, run_dir: Path, resume: bool) -> bool:
         try:
             old = config_mod.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
             old_ds = json.loads((run_dir / "deepspeed.json").read_text())
-            same = (config_mod.fingerprint(train_mod.without_steps(old))
-                    == config_mod.fingerprint(train_mod.without_steps(cfg)) and old_ds == ds)
+            same = (
+                config_mod.fingerprint(train_mod.without_steps(old))
+                == config_mod.fingerprint(train_mod.without_steps(cfg))
+                and old_ds == ds
+            )
         except Exception:
             pass
         if not same:
-            raise ConfigError(f"run dir {str(run_dir)!r} holds a checkpoint of a run with a different config or "
-                              "DeepSpeed config; use another --run-dir (nothing was overwritten)")
+            raise ConfigError(
+                f"run dir {str(run_dir)!r} holds a checkpoint of a run with a different config or "
+                "DeepSpeed config; use another --run-dir (nothing was overwritten)"
+            )
         if not resume:
-            raise ConfigError(f"run dir {str(run_dir)!r} already holds checkpoints ({latest.read_text().strip()}); "
-                              "pass --resume to continue it or choose another --run-dir (nothing was overwritten)")
+            raise ConfigError(
+                f"run dir {str(run_dir)!r} already holds checkpoints ({latest.read_text().strip()}); "
+                "pass --resume to continue it or choose another --run-dir (nothing was overwritten)"
+            )
     return have and resume
 
 
@@ -135,7 +160,8 @@ def _run(cfg: Config, run_dir: Path, deepspeed_config, resume: bool, rank: int, 
     own_schedule = own_optimizer and "scheduler" not in ds
     client = builders.build_optimizer(cfg, model) if own_optimizer else None
     engine, optimizer, _, _ = ds_soup.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=client, config=ds)
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=client, config=ds
+    )
     soup = engine.soup
     transport = soup.transport
     builders.agree_on_config(transport, cfg)
@@ -165,8 +191,11 @@ def _run(cfg: Config, run_dir: Path, deepspeed_config, resume: bool, rank: int, 
         report.truncate_metrics(metrics_path, start)
 
     def save(step: int) -> None:
-        engine.save_checkpoint(str(ckdir), tag=f"step{step:08d}",
-                               client_state={"dist_soup_step": step, "dist_soup_first_losses": first_losses})
+        engine.save_checkpoint(
+            str(ckdir),
+            tag=f"step{step:08d}",
+            client_state={"dist_soup_step": step, "dist_soup_first_losses": first_losses},
+        )
         if rank == 0:
             _prune(ckdir, cfg.checkpoint.keep)
         transport.barrier()
@@ -213,13 +242,16 @@ def _run(cfg: Config, run_dir: Path, deepspeed_config, resume: bool, rank: int, 
         transport.all_reduce_(counts, "sum")
     summary = None
     if rank == 0:
-        summary = report.write_summary(run_dir, cfg, task, engine.module, soup, objectives, first_losses, last_res,
-                                           counts, start, elapsed)
+        summary = report.write_summary(
+            run_dir, cfg, task, engine.module, soup, objectives, first_losses, last_res, counts, start, elapsed
+        )
         summary["deepspeed"] = {
-            "zero_stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(),
+            "zero_stage": engine.zero_optimization_stage(),
+            "bf16": engine.bfloat16_enabled(),
             "gradient_accumulation_steps": gas,
             "train_micro_batch_size_per_gpu": engine.train_micro_batch_size_per_gpu(),
-            "optimizer": type(engine.basic_optimizer).__name__, "global_steps": engine.global_steps,
+            "optimizer": type(engine.basic_optimizer).__name__,
+            "global_steps": engine.global_steps,
             "skipped_steps": engine.skipped_steps,
         }
         checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

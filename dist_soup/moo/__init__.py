@@ -5,6 +5,7 @@ Submodules: ``jacobian`` (``jacobian.jacobian``), ``gram``, ``selection``, ``sol
 ``recipe``. The function ``jacobian`` is not re-exported here, so that
 ``dist_soup.moo.jacobian`` stays the module.
 """
+
 from . import gram, jacobian, recipe, selection, solvers
 from .gram import check_finite, cross_gram, local_grams, psd_clip
 from .recipe import Level, Recipe, Schedule, build_recipe

@@ -15,6 +15,7 @@ true Gram ``E[J] E[J]^T``:
   ``E[G_cross] = E[J] E[J]^T`` exactly (the double-sampling idea of MoDo). It can be indefinite:
   :func:`psd_clip` projects it onto the PSD cone for solvers that need it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -50,9 +51,7 @@ def local_grams(rows: Sequence[Tensor], *, dtype: torch.dtype | None = None) -> 
     out = []
     for l, r in enumerate(rows):
         if r.dim() == 0 or r.shape[0] != k or k == 0:
-            raise ValueError(
-                f"rows[{l}] has shape {tuple(r.shape)}; every entry must be (K, ...) with the same K >= 1"
-            )
+            raise ValueError(f"rows[{l}] has shape {tuple(r.shape)}; every entry must be (K, ...) with the same K >= 1")
         work = dtype or torch.promote_types(r.dtype, torch.float32)
         flat = r.reshape(k, -1).to(work)
         out.append((flat @ flat.T).to(torch.float64))

@@ -10,6 +10,7 @@ Some backward formulas have no batching rule; the batched call then raises. The 
 back to one ``autograd.grad`` per objective and remembers it (module state, see
 :func:`fallback_reason`), so later calls go straight to the loop instead of failing again.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -89,9 +90,7 @@ def _loop(stacked: Tensor, params: list[Tensor], retain_graph: bool) -> list[Ten
     for i in range(k):
         # The last objective may release the graph when the caller does not need it any more.
         keep = retain_graph or i < k - 1
-        grads = torch.autograd.grad(
-            stacked[i], params, retain_graph=keep, allow_unused=True, materialize_grads=True
-        )
+        grads = torch.autograd.grad(stacked[i], params, retain_graph=keep, allow_unused=True, materialize_grads=True)
         for row, g in zip(rows, grads):
             row[i].copy_(g)
     return rows

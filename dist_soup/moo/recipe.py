@@ -25,6 +25,7 @@ The engine tells the recipe where the run is by one number, the (fractional) epo
 length to read that number: :meth:`Recipe.set_run_length` gives it ``steps_per_epoch`` (the
 engine's) and ``total_steps`` (``train.steps``), and ``dist_soup.train`` calls it.
 """
+
 from __future__ import annotations
 
 import math
@@ -312,8 +313,13 @@ class Recipe:
             info["etas"].append(eta)
             info["lambdas"].append(lam)
             info["levels"].append(
-                {"objectives": level.objectives, "solver": level.solver, "eta": eta, "lambda": lam,
-                 "penalty": level.penalty}
+                {
+                    "objectives": level.objectives,
+                    "solver": level.solver,
+                    "eta": eta,
+                    "lambda": lam,
+                    "penalty": level.penalty,
+                }
             )
         return w.to(dtype=torch.float32, device=losses.device), info
 
@@ -407,16 +413,20 @@ def build_recipe(
         if constraint is None:
             raise ValueError("recipe 'vc' needs constraint: the name of the group of constraint objectives")
         if not groups.get(constraint):
-            raise ValueError(f"recipe 'vc' needs a non-empty group {constraint!r} (the constraint objectives); "
-                             f"groups: {sorted(groups)}")
+            raise ValueError(
+                f"recipe 'vc' needs a non-empty group {constraint!r} (the constraint objectives); "
+                f"groups: {sorted(groups)}"
+            )
         penalty = tuple(o for o in objectives if o in set(groups[constraint]))
         sup = tuple(o for o in objectives if o not in set(penalty))
         if not sup:
             raise ValueError(f"recipe 'vc' needs supervised objectives outside group {constraint!r}")
         return Recipe([Level(sup, solver, opts, Schedule(1.0)), Level(penalty, "ew", {}, ramp, penalty=True)])
     if order is None or isinstance(order, str) or not all(isinstance(g, str) for g in order):
-        raise ValueError(f"recipe 'vm' needs order: the group names, one level each, first level first (e.g. "
-                         f"['asr', 'st', 'ssl']), got {order!r}")
+        raise ValueError(
+            f"recipe 'vm' needs order: the group names, one level each, first level first (e.g. "
+            f"['asr', 'st', 'ssl']), got {order!r}"
+        )
     order = tuple(order)
     levels: list[Level] = []
     covered: set[str] = set()

@@ -6,6 +6,7 @@ pairs, ``c_l = (2 / (K (K-1))) sum_{i<j} cos_l(i, j)``: near -1 the objectives p
 in opposite directions, near +1 they agree. The multi-objective solve runs on the tensors with
 the lowest scores.
 """
+
 from __future__ import annotations
 
 import math

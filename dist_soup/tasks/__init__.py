@@ -8,6 +8,7 @@ listing what is allowed. Task modules are imported on first use, so importing
 Built-in: ``toy2`` (module dist_soup.tasks.toy2), ``multidigits``
 (dist_soup.tasks.multidigits.MultiDigits), ``msp_synth`` (dist_soup.tasks.msp_synth.MSPSynth).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -55,12 +56,19 @@ def task_class(name: str) -> type[Task]:
     entry = _REGISTRY[name]
     if isinstance(entry, str):
         module = importlib.import_module(entry)
-        found = [obj for obj in vars(module).values()
-                 if isinstance(obj, type) and issubclass(obj, Task) and obj.__module__ == entry
-                 and getattr(obj, "name", None) == name]
+        found = [
+            obj
+            for obj in vars(module).values()
+            if isinstance(obj, type)
+            and issubclass(obj, Task)
+            and obj.__module__ == entry
+            and getattr(obj, "name", None) == name
+        ]
         if len(found) != 1:
-            raise ImportError(f"module {entry} should define exactly one Task subclass with "
-                              f"name = {name!r}, found {[c.__name__ for c in found]}")
+            raise ImportError(
+                f"module {entry} should define exactly one Task subclass with "
+                f"name = {name!r}, found {[c.__name__ for c in found]}"
+            )
         entry = _REGISTRY[name] = found[0]
     return entry
 
@@ -68,8 +76,11 @@ def task_class(name: str) -> type[Task]:
 def _options(cls: type) -> dict[str, Any]:
     """Keyword options of ``cls.__init__`` with their defaults."""
     params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
-    return {p.name: p.default for p in params.values()
-            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {
+        p.name: p.default
+        for p in params.values()
+        if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
 
 
 def options(name: str) -> dict[str, Any]:
@@ -90,12 +101,15 @@ def build(name: str, **opts: Any) -> Task:
 
 # Option checks shared by the task modules: a clear ValueError naming the option and the range.
 
+
 def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"option {name!r} must be an int, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"option {name!r} must be in [{lo if lo is not None else '-inf'}, "
-                         f"{hi if hi is not None else 'inf'}], got {value}")
+        raise ValueError(
+            f"option {name!r} must be in [{lo if lo is not None else '-inf'}, "
+            f"{hi if hi is not None else 'inf'}], got {value}"
+        )
     return value
 
 
@@ -103,8 +117,10 @@ def _check_real(name: str, value: Any, lo: float | None = None, hi: float | None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"option {name!r} must be a finite number, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"option {name!r} must be in [{lo if lo is not None else '-inf'}, "
-                         f"{hi if hi is not None else 'inf'}], got {value}")
+        raise ValueError(
+            f"option {name!r} must be in [{lo if lo is not None else '-inf'}, "
+            f"{hi if hi is not None else 'inf'}], got {value}"
+        )
     return float(value)
 
 
@@ -112,12 +128,12 @@ def _check_indices(indices: Any, size: int) -> torch.Tensor:
     """A 1-D int64 CPU tensor of example ids in [0, size)."""
     idx = torch.as_tensor(indices)
     if idx.dim() != 1 or idx.numel() == 0 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        raise ValueError(f"batch indices must be a non-empty 1-D integer tensor, got dtype "
-                         f"{idx.dtype} shape {tuple(idx.shape)}")
+        raise ValueError(
+            f"batch indices must be a non-empty 1-D integer tensor, got dtype {idx.dtype} shape {tuple(idx.shape)}"
+        )
     idx = idx.to(device="cpu", dtype=torch.long)
     if int(idx.min()) < 0 or int(idx.max()) >= size:
-        raise ValueError(f"batch indices must lie in [0, {size}), got min {int(idx.min())} "
-                         f"max {int(idx.max())}")
+        raise ValueError(f"batch indices must lie in [0, {size}), got min {int(idx.min())} max {int(idx.max())}")
     return idx
 
 
@@ -127,8 +143,7 @@ def _changed_options(task: Task) -> set[str]:
     return {k for k, v in _options(type(task)).items() if getattr(task, k) != v}
 
 
-def _lookup_baselines(task: Task, table: dict[tuple, dict[str, float]],
-                      ignore: set[str]) -> dict[str, float]:
+def _lookup_baselines(task: Task, table: dict[tuple, dict[str, float]], ignore: set[str]) -> dict[str, float]:
     """The stored single-task baselines of ``task``'s objectives, or {} when none were measured.
 
     ``table`` maps the options that differ from their defaults, as sorted ``(name, value)``

@@ -4,6 +4,7 @@ The training loop (``dist_soup.train``) owns sampling: it draws example indices 
 seeded, rank-sharded permutation and asks the task for ``batch(indices)``, so a task holds no
 loader state and resume only needs the sampler position.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -64,8 +65,9 @@ class Task(ABC):
         """The metric of every objective on held-out data, keyed by objective name."""
 
 
-def delta_m(metrics: dict[str, float], baselines: dict[str, float], task: Task,
-            objectives: tuple[str, ...] | None = None) -> float:
+def delta_m(
+    metrics: dict[str, float], baselines: dict[str, float], task: Task, objectives: tuple[str, ...] | None = None
+) -> float:
     """Delta_m% = (100/K) sum_k (-1)^{delta_k} (M_k - B_k) / B_k over ``objectives``
     (default: all of the task's).
 

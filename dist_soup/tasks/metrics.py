@@ -16,6 +16,7 @@ All functions work on token ids (plain Python ints), so they apply to any vocabu
 * ``ctc_greedy_decode(logits, lengths)``: best-path decoding: argmax per frame, merge repeated
   labels, drop blanks.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ import torch
 
 def _check_pairs(refs: Sequence[Sequence[int]], hyps: Sequence[Sequence[int]], what: str) -> None:
     if len(refs) != len(hyps):
-        raise ValueError(f"{what}: refs and hyps must have the same number of sequences, "
-                         f"got {len(refs)} refs and {len(hyps)} hyps")
+        raise ValueError(
+            f"{what}: refs and hyps must have the same number of sequences, got {len(refs)} refs and {len(hyps)} hyps"
+        )
 
 
 def edit_distance(ref: Sequence[int], hyp: Sequence[int]) -> int:
@@ -44,9 +46,11 @@ def edit_distance(ref: Sequence[int], hyp: Sequence[int]) -> int:
     for i, r in enumerate(ref, start=1):
         cur = [i] + [0] * len(hyp)
         for j, h in enumerate(hyp, start=1):
-            cur[j] = min(prev[j] + 1,  # delete r
-                         cur[j - 1] + 1,  # insert h
-                         prev[j - 1] + (r != h))  # substitute (or match)
+            cur[j] = min(
+                prev[j] + 1,  # delete r
+                cur[j - 1] + 1,  # insert h
+                prev[j - 1] + (r != h),
+            )  # substitute (or match)
         prev = cur
     return prev[-1]
 
@@ -62,11 +66,10 @@ def token_error_rate(refs: Sequence[Sequence[int]], hyps: Sequence[Sequence[int]
 
 
 def _ngrams(seq: Sequence[int], n: int) -> Counter:
-    return Counter(tuple(seq[i:i + n]) for i in range(len(seq) - n + 1))
+    return Counter(tuple(seq[i : i + n]) for i in range(len(seq) - n + 1))
 
 
-def bleu(refs: Sequence[Sequence[int]], hyps: Sequence[Sequence[int]], max_n: int = 4,
-         smooth: bool = False) -> float:
+def bleu(refs: Sequence[Sequence[int]], hyps: Sequence[Sequence[int]], max_n: int = 4, smooth: bool = False) -> float:
     """Corpus BLEU-``max_n`` with one reference per hypothesis, on a 0..100 scale."""
     _check_pairs(refs, hyps, "bleu")
     if not isinstance(max_n, int) or max_n < 1:
@@ -99,8 +102,9 @@ def bleu(refs: Sequence[Sequence[int]], hyps: Sequence[Sequence[int]], max_n: in
     return 100.0 * bp * math.exp(log_p / max_n)
 
 
-def ctc_greedy_decode(logits: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None = None,
-                      blank: int = 0) -> list[list[int]]:
+def ctc_greedy_decode(
+    logits: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None = None, blank: int = 0
+) -> list[list[int]]:
     """Best-path CTC decoding of batch-first scores ``logits`` (B, T, C).
 
     Frame t of example b counts only if ``t < lengths[b]`` (all frames when ``lengths`` is None).

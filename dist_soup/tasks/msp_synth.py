@@ -49,6 +49,7 @@ H -> target_vocab+1 (its own context for the reordering); ``heads["ssl"]`` conv1
 linear H -> F (its own context to fill in masked frames). ``model(features)`` returns all outputs
 (log-probabilities for the CTC heads, the projection for ssl) in one forward call.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -125,8 +126,8 @@ class ConvEncoder(nn.Module):
         super().__init__()
         self.inp = nn.Conv1d(features, hidden, kernel, padding=kernel // 2)
         self.blocks = nn.ModuleList(
-            nn.Conv1d(hidden, hidden, kernel, padding=(kernel // 2) * 2 ** i, dilation=2 ** i)
-            for i in range(layers))
+            nn.Conv1d(hidden, hidden, kernel, padding=(kernel // 2) * 2**i, dilation=2**i) for i in range(layers)
+        )
         self.norm = nn.LayerNorm(hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,8 +152,9 @@ class ConvHead(nn.Module):
 class SpeechNet(nn.Module):
     """Shared ``encoder`` plus ``heads``; ``forward(features)`` returns every objective's output."""
 
-    def __init__(self, languages: int, vocab: int, target_vocab: int, features: int, hidden: int,
-                 layers: int, kernel: int):
+    def __init__(
+        self, languages: int, vocab: int, target_vocab: int, features: int, hidden: int, layers: int, kernel: int
+    ):
         super().__init__()
         self.encoder = ConvEncoder(features, hidden, layers, kernel)
         heads: dict[str, nn.Module] = {f"asr_l{i}": nn.Linear(hidden, vocab + 1) for i in range(languages)}
@@ -169,15 +171,18 @@ class SpeechNet(nn.Module):
         return out
 
 
-def _ctc(log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
-         target_lengths: torch.Tensor) -> torch.Tensor:
+def _ctc(
+    log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor
+) -> torch.Tensor:
     """Mean over examples of CTC loss / target length (blank 0)."""
-    return F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=0,
-                      reduction="mean", zero_infinity=True)
+    return F.ctc_loss(
+        log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=0, reduction="mean", zero_infinity=True
+    )
 
 
-def _contrastive_logits(z: torch.Tensor, clean: torch.Tensor, lengths: torch.Tensor,
-                        temperature: float) -> torch.Tensor:
+def _contrastive_logits(
+    z: torch.Tensor, clean: torch.Tensor, lengths: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """(B, T, T) scores cos(z_t, c_t') / temperature, -inf for padded t'."""
     sim = torch.einsum("btf,bsf->bts", F.normalize(z, dim=-1), F.normalize(clean, dim=-1))
     valid = torch.arange(clean.shape[1], device=clean.device).unsqueeze(0) < lengths.unsqueeze(1)
@@ -218,13 +223,32 @@ class MSPSynth(Task):
         ``EW_REFERENCE`` (stored for ``languages=2``; empty for other options)."""
         return _lookup_baselines(self, EW_REFERENCE, {"seed", "eval_batch"})
 
-    def __init__(self, *, seed: int = 0, languages: int = 3, vocab: int = 10, target_vocab: int = 16,
-                 features: int = 20, min_tokens: int = 4, max_tokens: int = 8, min_dur: int = 2,
-                 max_dur: int = 4, noise: float = 0.8, speaker: float = 0.5,
-                 drop_fraction: float = 0.1, modifier_fraction: float = 0.3, n_train: int = 6000,
-                 n_test: int = 600, mask_prob: float = 0.08, mask_span: int = 2,
-                 temperature: float = 0.3, hidden: int = 64, layers: int = 2, kernel: int = 5,
-                 eval_batch: int = 600):
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        languages: int = 3,
+        vocab: int = 10,
+        target_vocab: int = 16,
+        features: int = 20,
+        min_tokens: int = 4,
+        max_tokens: int = 8,
+        min_dur: int = 2,
+        max_dur: int = 4,
+        noise: float = 0.8,
+        speaker: float = 0.5,
+        drop_fraction: float = 0.1,
+        modifier_fraction: float = 0.3,
+        n_train: int = 6000,
+        n_test: int = 600,
+        mask_prob: float = 0.08,
+        mask_span: int = 2,
+        temperature: float = 0.3,
+        hidden: int = 64,
+        layers: int = 2,
+        kernel: int = 5,
+        eval_batch: int = 600,
+    ):
         self.seed = _check_int("seed", seed, 0)
         self.languages = _check_int("languages", languages, 1, 26)
         self.vocab = _check_int("vocab", vocab, 2)
@@ -280,7 +304,7 @@ class MSPSynth(Task):
         for lang in range(L):
             perm = rng.permutation(np.arange(1, V + 1))
             self.word_class[lang, perm[:n_drop]] = 2
-            self.word_class[lang, perm[n_drop:n_drop + n_mod]] = 1
+            self.word_class[lang, perm[n_drop : n_drop + n_mod]] = 1
             self.lexicon[lang, 1:] = rng.integers(1, self.target_vocab + 1, size=V)
             self.lexicon[lang, self.word_class[lang] == 2] = 0
 
@@ -320,17 +344,26 @@ class MSPSynth(Task):
             pos = np.concatenate([(np.arange(d) + 0.5) / d for d in dur])[:, None]
             proto = self.prototypes[lang[i], seq]
             offset = self.speaker * rng.standard_normal(self.features)
-            frames[i, :t] = ((1.0 - pos) * proto[:, 0] + pos * proto[:, 1] + offset
-                             + self.noise * rng.standard_normal((t, self.features)))
+            frames[i, :t] = (
+                (1.0 - pos) * proto[:, 0]
+                + pos * proto[:, 1]
+                + offset
+                + self.noise * rng.standard_normal((t, self.features))
+            )
             lengths[i] = t
-            src[i, :len(toks)] = toks
+            src[i, : len(toks)] = toks
             out = self.translate(int(lang[i]), toks.tolist())
-            tgt[i, :len(out)] = out
+            tgt[i, : len(out)] = out
             tgt_len[i] = len(out)
-        return {"frames": torch.from_numpy(frames), "lengths": torch.from_numpy(lengths),
-                "lang": torch.from_numpy(lang.astype(np.int64)), "src": torch.from_numpy(src),
-                "src_lengths": torch.from_numpy(src_len.astype(np.int64)),
-                "tgt": torch.from_numpy(tgt), "tgt_lengths": torch.from_numpy(tgt_len)}
+        return {
+            "frames": torch.from_numpy(frames),
+            "lengths": torch.from_numpy(lengths),
+            "lang": torch.from_numpy(lang.astype(np.int64)),
+            "src": torch.from_numpy(src),
+            "src_lengths": torch.from_numpy(src_len.astype(np.int64)),
+            "tgt": torch.from_numpy(tgt),
+            "tgt_lengths": torch.from_numpy(tgt_len),
+        }
 
     def _draw_mask(self, rng: np.random.Generator, lengths: torch.Tensor) -> torch.Tensor:
         """Span mask (B, T): starts with prob mask_prob, each covering mask_span frames."""
@@ -342,8 +375,7 @@ class MSPSynth(Task):
         mask = torch.from_numpy(mask)
         return mask & (torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1))
 
-    def _gather(self, split: dict[str, torch.Tensor], idx: torch.Tensor,
-                mask: torch.Tensor) -> SpeechBatch:
+    def _gather(self, split: dict[str, torch.Tensor], idx: torch.Tensor, mask: torch.Tensor) -> SpeechBatch:
         lengths = split["lengths"][idx]
         t = int(lengths.max())
         s = max(int(split["src_lengths"][idx].max()), 1)
@@ -351,16 +383,26 @@ class MSPSynth(Task):
         clean = split["frames"][idx, :t]
         mask = mask[:, :t]
         features = clean.masked_fill(mask.unsqueeze(-1), 0.0)
-        return SpeechBatch(features=features, clean=clean, lengths=lengths, mask=mask,
-                           lang=split["lang"][idx], src=split["src"][idx, :s],
-                           src_lengths=split["src_lengths"][idx], tgt=split["tgt"][idx, :u],
-                           tgt_lengths=split["tgt_lengths"][idx])
+        return SpeechBatch(
+            features=features,
+            clean=clean,
+            lengths=lengths,
+            mask=mask,
+            lang=split["lang"][idx],
+            src=split["src"][idx, :s],
+            src_lengths=split["src_lengths"][idx],
+            tgt=split["tgt"][idx, :u],
+            tgt_lengths=split["tgt_lengths"][idx],
+        )
 
     # ----------------------------------------------------------------- Task interface
     def build_model(self, seed: int) -> SpeechNet:
-        return _seeded_init(seed, lambda: SpeechNet(self.languages, self.vocab, self.target_vocab,
-                                                    self.features, self.hidden, self.layers,
-                                                    self.kernel))
+        return _seeded_init(
+            seed,
+            lambda: SpeechNet(
+                self.languages, self.vocab, self.target_vocab, self.features, self.hidden, self.layers, self.kernel
+            ),
+        )
 
     def train_size(self) -> int:
         return self.n_train
@@ -379,8 +421,7 @@ class MSPSynth(Task):
             lp = out[f"asr_{name}"]
             sel = batch.lang == i
             if bool(sel.any()):
-                losses[f"asr_{name}"] = _ctc(lp[sel], batch.lengths[sel], batch.src[sel],
-                                             batch.src_lengths[sel])
+                losses[f"asr_{name}"] = _ctc(lp[sel], batch.lengths[sel], batch.src[sel], batch.src_lengths[sel])
             else:  # no example of this language: zero, but still a function of the parameters
                 losses[f"asr_{name}"] = 0.0 * lp.sum()
         losses["st"] = _ctc(out["st"], batch.lengths, batch.tgt, batch.tgt_lengths)
@@ -416,9 +457,9 @@ class MSPSynth(Task):
                         continue
                     dec = ctc_greedy_decode(out[f"asr_{name}"][sel], b.lengths[sel])
                     hyps[i] += dec
-                    refs[i] += [b.src[j, :b.src_lengths[j]].tolist() for j in sel]
+                    refs[i] += [b.src[j, : b.src_lengths[j]].tolist() for j in sel]
                 st_hyps += ctc_greedy_decode(out["st"], b.lengths)
-                st_refs += [b.tgt[j, :b.tgt_lengths[j]].tolist() for j in range(len(b))]
+                st_refs += [b.tgt[j, : b.tgt_lengths[j]].tolist() for j in range(len(b))]
                 z = model(b.features)["ssl"]  # SSL is scored on the masked input
                 logits = _contrastive_logits(z, b.clean, b.lengths, self.temperature)
                 bi, ti = b.mask.nonzero(as_tuple=True)

@@ -17,6 +17,7 @@ conv3x3 stride 2 (c->2c) ReLU, flatten, linear -> ``hidden`` ReLU; ``heads[name]
 layer per objective. ``model(x)`` returns a dict of logits, so one forward call serves all
 objectives (as DDP requires).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,10 +77,13 @@ class DigitsNet(nn.Module):
         super().__init__()
         half = (width + 1) // 2  # columns after the stride-2 conv (padding 1, kernel 3)
         self.trunk = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1),
+            nn.ReLU(),
             nn.Flatten(),
-            nn.Linear(2 * channels * 4 * half, hidden), nn.ReLU(),
+            nn.Linear(2 * channels * 4 * half, hidden),
+            nn.ReLU(),
         )
         self.heads = nn.ModuleDict({k: nn.Linear(hidden, _CLASSES[k]) for k in objectives})
 
@@ -117,19 +121,31 @@ class MultiDigits(Task):
         ``EW_REFERENCE`` (stored for the default options, objectives included)."""
         return _lookup_baselines(self, EW_REFERENCE, {"seed", "eval_batch"})
 
-    def __init__(self, *, seed: int = 0, objectives: tuple[str, ...] | list[str] = _DIGIT_OBJECTIVES,
-                 n_train: int = 6000, n_test: int = 1000, overlap: int = 3, noise: float = 0.1,
-                 test_fraction: float = 0.3, channels: int = 8, hidden: int = 64,
-                 eval_batch: int = 1000):
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        objectives: tuple[str, ...] | list[str] = _DIGIT_OBJECTIVES,
+        n_train: int = 6000,
+        n_test: int = 1000,
+        overlap: int = 3,
+        noise: float = 0.1,
+        test_fraction: float = 0.3,
+        channels: int = 8,
+        hidden: int = 64,
+        eval_batch: int = 1000,
+    ):
         self.seed = _check_int("seed", seed, 0)
         objectives = tuple(objectives) if isinstance(objectives, (list, tuple)) else objectives
         if not isinstance(objectives, tuple) or not objectives:
-            raise ValueError(f"multidigits: objectives must be a non-empty list of names from "
-                             f"{sorted(_CLASSES)}, got {objectives!r}")
+            raise ValueError(
+                f"multidigits: objectives must be a non-empty list of names from {sorted(_CLASSES)}, got {objectives!r}"
+            )
         bad = [k for k in objectives if k not in _CLASSES]
         if bad or len(set(objectives)) != len(objectives):
-            raise ValueError(f"multidigits: objectives must be distinct names from {sorted(_CLASSES)}, "
-                             f"got {list(objectives)}")
+            raise ValueError(
+                f"multidigits: objectives must be distinct names from {sorted(_CLASSES)}, got {list(objectives)}"
+            )
         self.objectives = objectives
         digits = tuple(k for k in objectives if k in _DIGIT_OBJECTIVES)
         derived = tuple(k for k in objectives if k not in _DIGIT_OBJECTIVES)
@@ -157,8 +173,9 @@ class MultiDigits(Task):
         self._train = self._make(rng, images, labels, train_pool, self.n_train)
         self._test = self._make(rng, images, labels, test_pool, self.n_test)
 
-    def _make(self, rng: np.random.Generator, images: np.ndarray, labels: np.ndarray,
-              pool: np.ndarray, n: int) -> DigitsBatch:
+    def _make(
+        self, rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, pool: np.ndarray, n: int
+    ) -> DigitsBatch:
         a = rng.choice(pool, size=n)
         b = rng.choice(pool, size=n)
         canvas = np.zeros((n, 8, self.width), dtype=np.float32)
@@ -173,8 +190,7 @@ class MultiDigits(Task):
         return DigitsBatch(torch.from_numpy(canvas).unsqueeze(1), torch.from_numpy(targets))
 
     def build_model(self, seed: int) -> DigitsNet:
-        return _seeded_init(seed, lambda: DigitsNet(self.width, self.objectives, self.channels,
-                                                   self.hidden))
+        return _seeded_init(seed, lambda: DigitsNet(self.width, self.objectives, self.channels, self.hidden))
 
     def train_size(self) -> int:
         return self.n_train
@@ -195,8 +211,9 @@ class MultiDigits(Task):
         correct = torch.zeros(len(self.objectives), dtype=torch.long)
         try:
             for lo in range(0, self.n_test, self.eval_batch):
-                part = DigitsBatch(self._test.x[lo:lo + self.eval_batch],
-                                   self._test.targets[lo:lo + self.eval_batch]).to(device)
+                part = DigitsBatch(
+                    self._test.x[lo : lo + self.eval_batch], self._test.targets[lo : lo + self.eval_batch]
+                ).to(device)
                 out = model(part.x)
                 for i, k in enumerate(self.objectives):
                     correct[i] += int((out[k].argmax(dim=1) == part.targets[:, i]).sum())

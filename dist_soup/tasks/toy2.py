@@ -12,6 +12,7 @@ points are (-8.5, 7.5), (0, 0), (9, 9), (-7.5, -0.5), (9, -1). In the upper half
 valleys pull methods to one end or the other; the lower half is a pair of quadratic bowls.
 ``scale`` multiplies f1 only (Nash-MTL's imbalanced variant), ``scale_both`` both losses.
 """
+
 from __future__ import annotations
 
 from typing import Any

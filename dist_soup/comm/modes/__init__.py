@@ -37,6 +37,7 @@ decoded; ``allgather`` decodes this rank's own payload from its local bytes befo
 ``finish(out)`` may form a mean directly in memory the caller supplies (the exchange's
 ``out=``, or the slice of a tensor cut into pieces), saving the copy.
 """
+
 from __future__ import annotations
 
 from .allgather import AllGather
@@ -46,5 +47,17 @@ from .two_phase import TwoPhase
 
 MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (AllGather, AllReduce, TwoPhase)}
 
-__all__ = ["MODES", "REJECTED", "STATUS_BYTES", "AllGather", "AllReduce", "BucketWork", "DecodeError", "Mode",
-           "Prepared", "RemoteNonFinite", "TwoPhase", "decode_payload"]
+__all__ = [
+    "MODES",
+    "REJECTED",
+    "STATUS_BYTES",
+    "AllGather",
+    "AllReduce",
+    "BucketWork",
+    "DecodeError",
+    "Mode",
+    "Prepared",
+    "RemoteNonFinite",
+    "TwoPhase",
+    "decode_payload",
+]

@@ -1,4 +1,5 @@
 """``allgather``: every rank's payloads to every rank, decoded and averaged in rank order."""
+
 from __future__ import annotations
 
 import torch
@@ -48,14 +49,26 @@ class AllGather(Mode):
             counts = [sum(r) + extra for r in rows]
             work = self.transport.all_gather_v_async(self.to_wire(buf), counts)
         rank, P = self.transport.rank, self.transport.world_size
-        self.count(sent=counts[rank] - extra, received=sum(counts) - counts[rank] - (P - 1) * extra,
-                   overhead=self.gather_padding(counts) + P * extra, collectives=1)
+        self.count(
+            sent=counts[rank] - extra,
+            received=sum(counts) - counts[rank] - (P - 1) * extra,
+            overhead=self.gather_padding(counts) + P * extra,
+            collectives=1,
+        )
         return _AllGatherWork(self, bucket, rows, buf, work, want_local, trailed)
 
 
 class _AllGatherWork(BucketWork):
-    def __init__(self, mode: AllGather, bucket: Bucket, rows: list[list[int]], buf: torch.Tensor, work: Work,
-                 want_local: bool, trailed: bool = False):
+    def __init__(
+        self,
+        mode: AllGather,
+        bucket: Bucket,
+        rows: list[list[int]],
+        buf: torch.Tensor,
+        work: Work,
+        want_local: bool,
+        trailed: bool = False,
+    ):
         self.mode, self.bucket, self.rows, self.work, self.want_local = mode, bucket, rows, work, want_local
         self.trailed = trailed
         self.buf = buf  # this rank's own packed payloads, the bytes it sent
@@ -65,8 +78,10 @@ class _AllGatherWork(BucketWork):
 
     def _decode_row(self, sender: int, buf: torch.Tensor) -> list[torch.Tensor]:
         m, b = self.mode, self.bucket
-        return [decode_payload(m.stream(e.name), part, sender=sender, name=e.name, shape=e.shape, dtype=b.dtype)
-                for e, part in zip(b.entries, cut(buf, self.rows[sender]))]
+        return [
+            decode_payload(m.stream(e.name), part, sender=sender, name=e.name, shape=e.shape, dtype=b.dtype)
+            for e, part in zip(b.entries, cut(buf, self.rows[sender]))
+        ]
 
     def _received(self) -> list[torch.Tensor]:
         with self.mode.timed("comm_s"):
@@ -87,8 +102,12 @@ class _AllGatherWork(BucketWork):
             pieces = self._received()
             with m.timed("decode_s"):
                 rows = [cut(p, self.rows[r]) for r, p in enumerate(pieces)]
-                means = [decode_mean(m.stream(e.name), [row[i] for row in rows], name=e.name, shape=e.shape,
-                                     dtype=b.dtype).to(b.device) for i, e in enumerate(b.entries)]
+                means = [
+                    decode_mean(
+                        m.stream(e.name), [row[i] for row in rows], name=e.name, shape=e.shape, dtype=b.dtype
+                    ).to(b.device)
+                    for i, e in enumerate(b.entries)
+                ]
             return means, None
         return self._finish_with_locals(out)
 

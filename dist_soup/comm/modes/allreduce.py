@@ -1,4 +1,5 @@
 """``allreduce``: linear codecs encode against agreed values and their wire tensors are summed."""
+
 from __future__ import annotations
 
 import warnings
@@ -32,8 +33,14 @@ class AllReduce(Mode):
         with self.timed("encode_s"):
             wires = [s.encode_sum(t, a, P) for s, t, a in zip(streams, tensors, agreed)]
             # Own decode first: the SUM below may run in place on a wire.
-            mine = ([s.decode_local(w, a, P).reshape(e.shape).to(bucket.dtype).to(bucket.device)
-                     for s, w, a, e in zip(streams, wires, agreed, bucket.entries)] if want_local else None)
+            mine = (
+                [
+                    s.decode_local(w, a, P).reshape(e.shape).to(bucket.dtype).to(bucket.device)
+                    for s, w, a, e in zip(streams, wires, agreed, bucket.entries)
+                ]
+                if want_local
+                else None
+            )
             groups: dict[torch.dtype, list[int]] = {}
             for i, w in enumerate(wires):
                 groups.setdefault(w.dtype, []).append(i)
@@ -65,12 +72,14 @@ class AllReduce(Mode):
                     f"({self.transport!r}), as wide as the {bucket.dtype} input: no compression at all. "
                     "Use mode='allgather' or 'two_phase', or fewer levels (e.g. bits=4 for qsgd), or "
                     "wire_int16=True on NCCL (gloo cannot sum int16)",
-                    RuntimeWarning, stacklevel=outside_level(),
+                    RuntimeWarning,
+                    stacklevel=outside_level(),
                 )
                 return
 
-    def _agree_async(self, streams: Sequence[LinearCodec], asks: Sequence[tuple[torch.Tensor, str] | None]
-                     ) -> tuple[Callable[[], list[torch.Tensor | None]], list[Work]]:
+    def _agree_async(
+        self, streams: Sequence[LinearCodec], asks: Sequence[tuple[torch.Tensor, str] | None]
+    ) -> tuple[Callable[[], list[torch.Tensor | None]], list[Work]]:
         """Launch the reductions or broadcasts of the codecs' agreement tensors, fused per
         (op, dtype, leader); returns (a function that waits and gives the agreed tensors, the
         operations launched)."""

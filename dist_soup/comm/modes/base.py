@@ -1,5 +1,6 @@
 """What the three collectives share: the bucket work and its preparation, the mode's
 accounting, packing payloads into one buffer and decoding what a rank received."""
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,9 @@ def _parse(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Pay
     return payload
 
 
-def decode_payload(stream: Compressor, buf: torch.Tensor, *, sender: int, name: str,
-                   shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def decode_payload(
+    stream: Compressor, buf: torch.Tensor, *, sender: int, name: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
     """Decode one received payload, or raise :class:`DecodeError` naming the sender and the tensor."""
     try:
         out = stream.decompress(_parse(buf, shape, dtype))
@@ -77,8 +79,9 @@ def decode_payload(stream: Compressor, buf: torch.Tensor, *, sender: int, name: 
     return out
 
 
-def decode_mean(stream: Compressor, bufs: Sequence[torch.Tensor], *, name: str,
-                shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def decode_mean(
+    stream: Compressor, bufs: Sequence[torch.Tensor], *, name: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
     """The mean of the payloads ``bufs[r]`` received from ranks ``r = 0, 1, ...``, in rank order
     (``Compressor.decompress_mean``: one pass where the codec fuses it), or :class:`DecodeError`
     naming the first sender whose payload does not decode."""
@@ -166,8 +169,13 @@ class Mode(ABC):
     #: ranks have agreed on needs no control collective of its own.
     carries_status: ClassVar[bool] = False
 
-    def __init__(self, transport: Transport, stats: ExchangeStats,
-                 stream: Callable[[str], Compressor], server: Callable[[str], Compressor]) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        stats: ExchangeStats,
+        stream: Callable[[str], Compressor],
+        server: Callable[[str], Compressor],
+    ) -> None:
         self.transport = transport
         self.stats = stats
         self.stream = stream
@@ -210,8 +218,7 @@ class Mode(ABC):
         """All-gather one int64 list per rank (same length everywhere); a control collective."""
         t = torch.tensor(list(sizes), dtype=torch.int64, device=self.transport.device)
         rows = self.transport.all_gather_v(t, [t.numel()] * self.transport.world_size)
-        self.count(overhead=t.numel() * 8 + self.gather_padding([t.numel()] * self.transport.world_size),
-                   collectives=1)
+        self.count(overhead=t.numel() * 8 + self.gather_padding([t.numel()] * self.transport.world_size), collectives=1)
         return [r.cpu().tolist() for r in rows]
 
 

@@ -1,5 +1,6 @@
 """``two_phase``: a compressed reduce-scatter to chunk owners, then an all-gather of their
 compressed chunk means (each owner keeps a server residue)."""
+
 from __future__ import annotations
 
 import torch
@@ -58,9 +59,13 @@ class _TwoPhaseWork(BucketWork):
             if n:
                 key = f"{b.key}/chunk{rank}"
                 try:
-                    chunk_mean = decode_mean(m.stream(key), pieces, name=f"{key} (bucket of "
-                                             f"{', '.join(b.names[:3])}{', ...' if len(b.names) > 3 else ''})",
-                                             shape=(n,), dtype=b.dtype)
+                    chunk_mean = decode_mean(
+                        m.stream(key),
+                        pieces,
+                        name=f"{key} (bucket of {', '.join(b.names[:3])}{', ...' if len(b.names) > 3 else ''})",
+                        shape=(n,),
+                        dtype=b.dtype,
+                    )
                 except DecodeError as exc:
                     failure, failed_sender = exc, exc.sender
         with m.timed("encode_s"):
@@ -80,8 +85,9 @@ class _TwoPhaseWork(BucketWork):
         self.buf = buf  # kept alive while the gather may read it (MPI reads in the background)
         with m.timed("comm_s"):
             self.gather = m.transport.all_gather_v_async(m.to_wire(buf), counts)
-        m.count(sent=counts[rank], received=sum(counts) - counts[rank],
-                overhead=m.gather_padding(counts), collectives=1)
+        m.count(
+            sent=counts[rank], received=sum(counts) - counts[rank], overhead=m.gather_padding(counts), collectives=1
+        )
 
     def finish(self, out=None) -> Result:
         self.advance()
@@ -93,17 +99,21 @@ class _TwoPhaseWork(BucketWork):
             server = m.server(f"{b.key}/server")
             chunks = [
                 decode_payload(server, gathered[r], sender=r, name=f"{b.key}/server", shape=(ln,), dtype=b.dtype)
-                if ln else torch.empty(0, dtype=b.dtype)
+                if ln
+                else torch.empty(0, dtype=b.dtype)
                 for r, (_, ln) in enumerate(self.bounds)
             ]
             # Locals first: a payload may be a view of the input, which ``out`` may alias.
             mine = None
             if self.want_local:
-                own = torch.cat([
-                    m.stream(f"{b.key}/chunk{j}").decompress(p).reshape(-1).to(b.dtype) if p is not None
-                    else torch.empty(0, dtype=b.dtype)
-                    for j, p in enumerate(self.payloads)
-                ]).to(b.device)
+                own = torch.cat(
+                    [
+                        m.stream(f"{b.key}/chunk{j}").decompress(p).reshape(-1).to(b.dtype)
+                        if p is not None
+                        else torch.empty(0, dtype=b.dtype)
+                        for j, p in enumerate(self.payloads)
+                    ]
+                ).to(b.device)
                 mine = [own[e.offset : e.offset + e.numel].reshape(e.shape).clone() for e in b.entries]
             target = out[0] if out is not None and len(b.entries) == 1 else None
             if target is not None and target.device == chunks[0].device:

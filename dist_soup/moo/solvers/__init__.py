@@ -17,6 +17,7 @@ famo      fast adaptive weighting from loss decreases                 no     no
 dwa       dynamic weight average (T)                                  no     no
 ========  =========================================================  =====  =====
 """
+
 from __future__ import annotations
 
 import inspect
@@ -33,8 +34,19 @@ from .scalar import EW
 from .upgrad import UPGrad
 
 __all__ = [
-    "Solver", "build", "names", "option_names",
-    "EW", "MGDA", "MoDo", "CAGrad", "PCGrad", "UPGrad", "NashMTL", "FAMO", "DWA",
+    "Solver",
+    "build",
+    "names",
+    "option_names",
+    "EW",
+    "MGDA",
+    "MoDo",
+    "CAGrad",
+    "PCGrad",
+    "UPGrad",
+    "NashMTL",
+    "FAMO",
+    "DWA",
 ]
 
 _REGISTRY: dict[str, type[Solver]] = {
@@ -66,7 +78,5 @@ def build(name: str, **options: Any) -> Solver:
     allowed = list(option_names(name))
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(
-            f"solver {name!r} got unknown options {unknown}; allowed: {allowed if allowed else 'none'}"
-        )
+        raise ValueError(f"solver {name!r} got unknown options {unknown}; allowed: {allowed if allowed else 'none'}")
     return cls(**options)

@@ -12,6 +12,7 @@ A PSD but singular Q (K larger than the rank of J, a zero Gram) has a unique opt
 ``J^T x`` but possibly many optimal x; a ridge of ``ridge * mean(diag Q)`` makes the problem
 strictly convex and picks one, perturbing the objective by that relative amount only.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ A solver maps ``(G, L)`` (``G = J J^T``, K x K; ``L`` the K current losses) to w
 calls (warm starts, logits, loss history) lives in the object and round-trips through
 ``state_dict`` / ``load_state_dict``.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

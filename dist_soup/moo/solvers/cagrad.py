@@ -1,4 +1,5 @@
 """CAGrad: the conflict-averse direction, as weights on the objective gradients."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """Loss-based weightings that need no Jacobian: FAMO and DWA."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,4 +1,5 @@
 """MGDA: the exact minimum-norm point of the convex hull of the (normalized) objective gradients."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -88,9 +89,7 @@ class MGDA(Solver):
 
     def __init__(self, normalization: str = "none", momentum: float = 0.0) -> None:
         if normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"mgda: unknown normalization {normalization!r}; allowed: {', '.join(NORMALIZATIONS)}"
-            )
+            raise ValueError(f"mgda: unknown normalization {normalization!r}; allowed: {', '.join(NORMALIZATIONS)}")
         if (
             isinstance(momentum, bool)
             or not isinstance(momentum, (int, float))
@@ -115,9 +114,7 @@ class MGDA(Solver):
         if self.normalization == "l2":
             return norms
         if np.any(losses <= 0):
-            raise ValueError(
-                f"mgda: normalization {self.normalization!r} needs positive losses, got {losses.tolist()}"
-            )
+            raise ValueError(f"mgda: normalization {self.normalization!r} needs positive losses, got {losses.tolist()}")
         return losses.copy() if self.normalization == "loss" else losses * norms
 
     def _solve(self, gram: np.ndarray | None, losses: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
 """MoDo: one projected-gradient step on the MGDA objective per call, warm-started."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """Nash-MTL: the Nash bargaining solution among the objective gradients."""
+
 from __future__ import annotations
 
 from typing import Any

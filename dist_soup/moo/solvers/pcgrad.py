@@ -1,4 +1,5 @@
 """PCGrad: gradient surgery, expressed as weights from the Gram."""
+
 from __future__ import annotations
 
 from typing import Any

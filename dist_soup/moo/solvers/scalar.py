@@ -1,4 +1,5 @@
 """Unitary scalarization: the plain sum of the losses."""
+
 from __future__ import annotations
 
 import numpy as np

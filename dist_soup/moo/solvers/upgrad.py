@@ -1,4 +1,5 @@
 """UPGrad: average of each gradient projected onto the dual cone of all gradients."""
+
 from __future__ import annotations
 
 from typing import Any
