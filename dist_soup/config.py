@@ -598,11 +598,19 @@ def dump(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+#: Bump when a default of this schema changes what a run does: the fingerprint hashes only the
+#: values that differ from the defaults, so an old config would otherwise keep its fingerprint
+#: and mean something else (a resume or a finished sweep cell would be taken for the new one).
+DEFAULTS_VERSION = 1
+
+
 def fingerprint(cfg: Config) -> str:
     """sha256 of the canonical JSON of the resolved config's values that differ from the
-    defaults: a key added to the schema later, at a default that keeps the old behaviour, leaves
-    every earlier config's fingerprint (and so resumes and finished sweep cells) as it was."""
-    return hashlib.sha256(json.dumps(_changed(cfg, Config()), sort_keys=True).encode()).hexdigest()
+    defaults, and of :data:`DEFAULTS_VERSION`: a key added to the schema later, at a default that
+    keeps the old behaviour, leaves every earlier config's fingerprint (and so resumes and
+    finished sweep cells) as it was; a changed default bumps the version and changes them all."""
+    blob = {"defaults": DEFAULTS_VERSION, "changed": _changed(cfg, Config())}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def _changed(obj: Any, default: Any) -> dict:

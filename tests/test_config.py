@@ -94,6 +94,13 @@ def test_fingerprint_ignores_keys_left_at_their_defaults():
     assert C.fingerprint(a) != C.fingerprint(C.from_dict({}))
 
 
+def test_fingerprint_follows_the_defaults_version(monkeypatch):
+    cfg = C.from_dict({"seed": 3})
+    before = C.fingerprint(cfg)
+    monkeypatch.setattr(C, "DEFAULTS_VERSION", C.DEFAULTS_VERSION + 1)  # a default changed meaning
+    assert C.fingerprint(cfg) != before
+
+
 def test_learning_rate_schedules():
     from dist_soup.builders import lr_factor
 
