@@ -108,27 +108,6 @@ def tensor_settings(specs: Sequence[TensorSpec]) -> list[Setting]:
 N_STATUS = 3
 
 
-def agree(
-    transport: Transport,
-    settings: Sequence[Setting] | None,
-    specs: Sequence[TensorSpec],
-    *,
-    n_settings: int,
-    local_error: Exception | None = None,
-    nonfinite: int | None = None,
-) -> tuple[int, int]:
-    """Run the control collective of one exchange call; raise on every rank if anything is off.
-
-    ``settings`` is None when this rank could not even describe its call (``local_error`` says
-    why); it then sends zeros, and the status word tells the others. ``nonfinite`` is the index
-    in ``specs`` of the first tensor holding inf or NaN on this rank. Returns (bytes handed to
-    collectives, number of collectives).
-    """
-    return agree_async(
-        transport, settings, specs, n_settings=n_settings, local_error=local_error, nonfinite=nonfinite
-    )()
-
-
 def agree_async(
     transport: Transport,
     settings: Sequence[Setting] | None,
@@ -138,9 +117,15 @@ def agree_async(
     local_error: Exception | None = None,
     nonfinite: int | None = None,
 ) -> Callable[[], tuple[int, int]]:
-    """:func:`agree` in two halves: launch the control collective now; the returned function
-    waits for it and raises or returns like :func:`agree`. Work that needs no collective (the
-    encoding of a first bucket) can run in between, hiding the control round trip."""
+    """Launch the control collective of one exchange call now; the returned function waits for
+    it, raises on every rank if anything is off, and returns (bytes handed to collectives,
+    number of collectives). Work that needs no collective (the encoding of a first bucket) can
+    run in between, hiding the control round trip.
+
+    ``settings`` is None when this rank could not even describe its call (``local_error`` says
+    why); it then sends zeros, and the status word tells the others. ``nonfinite`` is the index
+    in ``specs`` of the first tensor holding inf or NaN on this rank.
+    """
     rank = transport.rank
     words = [s.word for s in settings] if settings is not None else [0] * n_settings
     if len(words) != n_settings:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ...compress.base import acc_dtype
 from ..buckets import Bucket
 from ..transport import Work
 from .base import (
@@ -19,7 +18,6 @@ from .base import (
     decode_payload,
     owned,
     pack,
-    shares_memory,
 )
 
 
@@ -94,62 +92,22 @@ class _AllGatherWork(BucketWork):
 
     def finish(self, out=None) -> Result:
         m, b = self.mode, self.bucket
-        P = m.transport.world_size
-        if P > 1 and not self.want_local:
-            # The mean only: every rank decodes the received bytes of every rank (its own
-            # included), one tensor at a time, in one pass where the codec fuses decoding and
-            # summing (QSGD); the same operations on every rank give the same bits.
-            pieces = self._received()
+        mine = None
+        if self.want_local:
+            # What this rank contributed, decoded from the bytes it sent while the gather travels.
             with m.timed("decode_s"):
-                rows = [cut(p, self.rows[r]) for r, p in enumerate(pieces)]
-                means = [
-                    decode_mean(
-                        m.stream(e.name), [row[i] for row in rows], name=e.name, shape=e.shape, dtype=b.dtype
-                    ).to(b.device)
-                    for i, e in enumerate(b.entries)
-                ]
-            return means, None
-        return self._finish_with_locals(out)
-
-    def _finish_with_locals(self, out=None) -> Result:
-        m, b = self.mode, self.bucket
-        P, rank = m.transport.world_size, m.transport.rank
-        # This rank's own payloads decode from the local bytes while the gather is in flight.
-        with m.timed("decode_s"):
-            own = self._decode_row(rank, self.buf)
+                mine = [owned(d, [self.buf]).to(b.device) for d in self._decode_row(m.transport.rank, self.buf)]
         pieces = self._received()
         with m.timed("decode_s"):
-            if P > 1 and not torch.equal(pieces[rank], self.buf):
-                # What the others received differs from what was sent: decode the received
-                # bytes like every other rank does, so all ranks raise (or agree) alike.
-                own = self._decode_row(rank, pieces[rank])
-            buffers = [*pieces, self.buf]
-            acc_type = acc_dtype(b.dtype)
-            acc: list[torch.Tensor] = []
-            first: list[torch.Tensor] = []
-            for r in range(P):  # rank order on every rank: the same float sums everywhere
-                row = own if r == rank else self._decode_row(r, pieces[r])
-                if r == 0 and P > 1:
-                    first = row
-                    continue
-                for i, d in enumerate(row):
-                    if r > 1:
-                        acc[i].add_(d)
-                        continue
-                    o = out[i] if out is not None else None
-                    if o is not None and not (o.dtype == acc_type and o.device == d.device):
-                        o = None
-                    if r == 1:
-                        # d0 + d1 formed straight in the caller's memory (or a new tensor).
-                        d0 = first[i].to(acc_type)
-                        acc.append(torch.add(d0, d, out=o.view(d.shape)) if o is not None else torch.add(d0, d))
-                    elif o is not None:  # a group of one
-                        acc.append(o.view(d.shape).copy_(d))
-                    else:
-                        # The only term is the mean: no copy unless it is a view of a receive
-                        # buffer, this rank's returned local, or of another dtype.
-                        reuse = d.dtype == acc_type and not self.want_local and not shares_memory(d, buffers)
-                        acc.append(d if reuse else d.to(acc_type, copy=True))
-            means = [(a.div_(P) if P > 1 else a).to(b.dtype).to(b.device) for a in acc]
-            mine = [owned(d, buffers).to(b.device) for d in own] if self.want_local else None
+            # Every rank decodes the received bytes of every rank (its own included), one tensor at
+            # a time, in rank order and in one pass where the codec fuses decoding and summing
+            # (QSGD): the same operations on every rank give the same bits, and a payload damaged
+            # on the way makes every rank raise alike.
+            rows = [cut(p, self.rows[r]) for r, p in enumerate(pieces)]
+            means = [
+                decode_mean(m.stream(e.name), [row[i] for row in rows], name=e.name, shape=e.shape, dtype=b.dtype).to(
+                    b.device
+                )
+                for i, e in enumerate(b.entries)
+            ]
         return means, mine
