@@ -294,11 +294,16 @@ def test_decompress_mean_is_the_sum_of_decodes(bits, dtype):
         got = c.decompress_mean(ps)
         assert got.dtype == dtype and got.shape == x.shape
         assert torch.equal(got, want)
+        # formed in the caller's memory (the gradient), the same bits
+        out = torch.full_like(x, float("nan"))
+        assert c.decompress_mean(ps, out).data_ptr() == out.data_ptr()
+        assert torch.equal(out, want)
     # small tensors (raw) and mixed formats take the generic path, same result
     small = [build("qsgd", bits=bits, rank=r).compress(x[:100] * (r + 1)) for r in range(2)]
-    assert torch.equal(
-        c.decompress_mean(small), ((c.decompress(small[0]).float() + c.decompress(small[1])) / 2).to(dtype)
-    )
+    want = ((c.decompress(small[0]).float() + c.decompress(small[1])) / 2).to(dtype)
+    assert torch.equal(c.decompress_mean(small), want)
+    out = torch.empty(100, dtype=dtype)
+    assert torch.equal(c.decompress_mean(small, out), want) and torch.equal(out, want)
 
 
 def test_decompress_mean_refuses_a_malformed_payload():
@@ -310,6 +315,12 @@ def test_decompress_mean_refuses_a_malformed_payload():
         c.decompress_mean([good, bad])
     with pytest.raises(ValueError, match="at least one"):
         c.decompress_mean([])
+    # an ``out`` that cannot hold the mean is refused before anything is written
+    for wrong in (torch.zeros(2047), torch.zeros(2048, dtype=torch.float64), torch.zeros(4096)[::2]):
+        before = wrong.clone()
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            c.decompress_mean([good, good], wrong)
+        assert torch.equal(wrong, before)
 
 
 def test_compiled_matches_eager(monkeypatch):
@@ -333,4 +344,6 @@ def test_compiled_matches_eager(monkeypatch):
     # the fused mean of several payloads (the allgather's decode) gives the eager bits
     ps = [build("qsgd", bits=4, seed=9, rank=r).compress(x * (r + 1)) for r in range(3)]
     assert torch.equal(a.decompress_mean(ps), b.decompress_mean(ps))
+    out = torch.empty_like(x)
+    assert torch.equal(b.decompress_mean(ps, out), a.decompress_mean(ps))
     assert not kernels._failed, "compilation fell back to eager"

@@ -240,8 +240,11 @@ class TorchTransport(Transport):
         self._check_counts(t, counts, "all_gather_v")
         # torch's all_gather wants equal sizes: pad every piece to the longest.
         width = max(counts)
-        src = torch.zeros(width, dtype=t.dtype, device=self.device)
-        src[: t.numel()].copy_(t)
+        if t.numel() == width:  # nothing to pad (fixed-size payloads): send t itself
+            src = self._staged(t)
+        else:
+            src = torch.zeros(width, dtype=t.dtype, device=self.device)
+            src[: t.numel()].copy_(t)
         out = torch.empty(width * self.world_size, dtype=t.dtype, device=self.device)
         gather = getattr(self._dist, "all_gather_single", None) or self._dist.all_gather_into_tensor
         work = gather(out, src, group=self.group, async_op=True)

@@ -31,6 +31,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_out(out: torch.Tensor, payload: Payload) -> None:
+    """``out`` can hold the decode of ``payload`` in place (same dtype and number of values, contiguous)."""
+    if out.dtype != payload.dtype or out.numel() != payload.numel or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {payload.dtype} tensor of {payload.numel} values, got "
+            f"{out.dtype} of {out.numel()} values{'' if out.is_contiguous() else ', not contiguous'}"
+        )
+
+
 def flat_input(codec: str, g: torch.Tensor) -> torch.Tensor:
     """``g`` detached and flattened; ``TypeError`` or ``ValueError`` unless a floating tensor."""
     if not isinstance(g, torch.Tensor):
@@ -102,13 +111,15 @@ class Compressor(ABC):
     def decompress(self, payload: Payload) -> torch.Tensor:
         """See the class docstring."""
 
-    def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
+    def decompress_mean(self, payloads: Sequence[Payload], out: torch.Tensor | None = None) -> torch.Tensor:
         """The mean of the decodes of ``payloads`` (all of one tensor): summed in list order in
         :func:`acc_dtype`, divided by their count, cast to the payloads' dtype.
 
         Every rank of a collective averages the same payloads in the same order and must get
         the same bits, so a codec that fuses this (QSGD decodes and sums in one pass) performs
-        the same float operations as this loop.
+        the same float operations as this loop. ``out`` (contiguous, the payloads' dtype, as many
+        values) receives the mean and is returned, reshaped to the payloads' shape: a codec that
+        fuses writes there directly, which spares a fresh result and its copy.
         """
         if not payloads:
             raise ValueError("decompress_mean needs at least one payload")
@@ -117,7 +128,11 @@ class Compressor(ABC):
             d = self.decompress(p)
             acc = d.to(acc_dtype(d.dtype), copy=True) if acc is None else acc.add_(d)
         assert acc is not None
-        return acc.div_(len(payloads)).to(payloads[0].dtype)
+        mean = acc.div_(len(payloads)).to(payloads[0].dtype)
+        if out is None:
+            return mean
+        check_out(out, payloads[0])
+        return out.view(-1).copy_(mean.view(-1)).view(payloads[0].shape)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}

@@ -137,8 +137,8 @@ class ErrorFeedback(Compressor):
     def decompress(self, payload: Payload) -> torch.Tensor:
         return self.inner.decompress(payload)
 
-    def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
-        return self.inner.decompress_mean(payloads)
+    def decompress_mean(self, payloads: Sequence[Payload], out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.decompress_mean(payloads, out)
 
     def state_dict(self) -> dict[str, Any]:
         return {"residue": self.memory.state(), "inner": self.inner.state_dict()}

@@ -38,8 +38,9 @@ _C2 = 0x68E31DA5
 _INV24 = 1.0 / (1 << 24)
 
 # Below this many values a compiled call is not worth its guards (and sizes 0/1 would be
-# specialised by dynamo, costing a recompilation): run eagerly, same result.
-EAGER_BELOW = 1 << 14
+# specialised by dynamo, costing a recompilation): run eagerly, same result. Above it a compiled
+# call beats the eager ops (a few of them per value group) already at a few thousand values.
+EAGER_BELOW = 1 << 11
 
 BACKENDS = ("auto", "compiled", "eager")
 
@@ -144,6 +145,15 @@ def qsgd_decode_mean(*parts: torch.Tensor, bits: int, d: int, dtype: torch.dtype
         acc = v if acc is None else acc + v
     assert acc is not None
     return (acc / (len(parts) // 2)).to(dtype)
+
+
+def qsgd_decode_mean_into(
+    out: torch.Tensor, *parts: torch.Tensor, bits: int, d: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`qsgd_decode_mean` written into ``out`` (its first ``out.numel()`` values), the same
+    bits: compiled, the mean is formed in ``out``'s memory with no intermediate tensor."""
+    mean = qsgd_decode_mean(*parts, bits=bits, d=d, dtype=dtype)
+    return out.view(-1).copy_(mean[: out.numel()])
 
 
 def qsgd_levels(

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from . import kernels
-from .base import FLOATS, LinearCodec, check_choice, check_int, flat_input
+from .base import FLOATS, LinearCodec, check_choice, check_int, check_out, flat_input
 from .kernels import pack_bits, unpack_bits
 from .payload import CODEC_IDS, Payload
 
@@ -339,7 +339,7 @@ class QSGD(LinearCodec):
         out = (q.view(-1, d) * (scale / s)[:, None]).view(-1)[:n]
         return out.to(payload.dtype).reshape(payload.shape)
 
-    def decompress_mean(self, payloads: Sequence[Payload]) -> torch.Tensor:
+    def decompress_mean(self, payloads: Sequence[Payload], out: torch.Tensor | None = None) -> torch.Tensor:
         for p in payloads:
             validate(p)
         first = payloads[0] if payloads else None
@@ -350,13 +350,17 @@ class QSGD(LinearCodec):
             and all(p.meta == first.meta and p.shape == first.shape and p.dtype == first.dtype for p in payloads)
         )
         if not fused:
-            return super().decompress_mean(payloads)
+            return super().decompress_mean(payloads, out)
         assert first is not None
         bits, d = first.meta[1], first.meta[2]
         args = tuple(part for p in payloads for part in p.parts)
         static = dict(bits=bits, d=d, dtype=first.dtype)
-        out = kernels.run(kernels.qsgd_decode_mean, args, static, self.backend, first.numel)
-        return out[: first.numel].view(first.shape)
+        if out is None:
+            mean = kernels.run(kernels.qsgd_decode_mean, args, static, self.backend, first.numel)
+            return mean[: first.numel].view(first.shape)
+        check_out(out, first)
+        kernels.run(kernels.qsgd_decode_mean_into, (out.view(-1), *args), static, self.backend, first.numel)
+        return out.view(first.shape)
 
     # --- LinearCodec (shared scale) --------------------------------------------------------
     def agreement(self, g: torch.Tensor, rank: int, world_size: int):

@@ -103,11 +103,18 @@ class _AllGatherWork(BucketWork):
             # a time, in rank order and in one pass where the codec fuses decoding and summing
             # (QSGD): the same operations on every rank give the same bits, and a payload damaged
             # on the way makes every rank raise alike.
+            # A mean formed where the caller wants it (``out``: the gradient) needs no copy.
             rows = [cut(p, self.rows[r]) for r, p in enumerate(pieces)]
+            targets = out if out is not None else [None] * len(b.entries)
             means = [
-                decode_mean(m.stream(e.name), [row[i] for row in rows], name=e.name, shape=e.shape, dtype=b.dtype).to(
-                    b.device
-                )
-                for i, e in enumerate(b.entries)
+                decode_mean(
+                    m.stream(e.name),
+                    [row[i] for row in rows],
+                    name=e.name,
+                    shape=e.shape,
+                    dtype=b.dtype,
+                    out=t if t is not None and t.device == pieces[0].device else None,
+                ).to(b.device)
+                for i, (e, t) in enumerate(zip(b.entries, targets))
             ]
         return means, mine

@@ -80,13 +80,20 @@ def decode_payload(
 
 
 def decode_mean(
-    stream: Compressor, bufs: Sequence[torch.Tensor], *, name: str, shape: tuple[int, ...], dtype: torch.dtype
+    stream: Compressor,
+    bufs: Sequence[torch.Tensor],
+    *,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The mean of the payloads ``bufs[r]`` received from ranks ``r = 0, 1, ...``, in rank order
     (``Compressor.decompress_mean``: one pass where the codec fuses it), or :class:`DecodeError`
-    naming the first sender whose payload does not decode."""
+    naming the first sender whose payload does not decode. ``out``: where the mean is formed
+    (the caller's memory, on the buffers' device), else a fresh tensor."""
     try:
-        mean = stream.decompress_mean([_parse(b, shape, dtype) for b in bufs])
+        mean = stream.decompress_mean([_parse(b, shape, dtype) for b in bufs], out)
         if tuple(mean.shape) != tuple(shape):
             raise ValueError(f"it decoded to shape {tuple(mean.shape)}, expected {tuple(shape)}")
         return mean
