@@ -23,7 +23,7 @@ same agreed inputs).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -36,7 +36,8 @@ from .moo import gram as grams
 from .moo import selection
 from .moo.jacobian import jacobian
 from .moo.recipe import Recipe, build_recipe
-from .moo.selection import RULES as SELECTION_RULES
+from .moo.selection import Selection
+from .moo.solvers import Solver
 
 COORDINATOR = 0
 
@@ -59,7 +60,9 @@ class StepResult:
     info: dict = field(default_factory=dict)  # per-level lambdas and etas of the recipe
 
 
-def _shared_parameters(model: nn.Module, shared) -> list[tuple[str, nn.Parameter]]:
+def _shared_parameters(
+    model: nn.Module, shared: nn.Module | str | Iterable[nn.Parameter]
+) -> list[tuple[str, nn.Parameter]]:
     """Resolve ``shared`` (a submodule, its dotted name, or parameters) to named parameters."""
     names = {id(p): n for n, p in model.named_parameters()}
     if isinstance(shared, str):
@@ -106,16 +109,16 @@ class SoupEngine:
             candidates of layer selection. Heads are never candidates. May be left out with a
             single objective (plain compressed data parallelism).
         recipe: a :class:`~dist_soup.moo.recipe.Recipe`, or "vs" / "vc" / "vm" built with
-            ``groups``, ``solver``, ``solver_options``, ``order`` (vm: the group names, one
-            level each, e.g. ``("asr", "st", "ssl")``), ``constraint`` (vc: the penalty group)
-            and ``eta``.
+            ``groups``, ``solver`` (a name with ``solver_options``, or a Solver object such as
+            ``MGDA(momentum=0.9)``), ``order`` (vm: the group names, one level each, e.g.
+            ``("asr", "st", "ssl")``), ``constraint`` (vc: the penalty group) and ``eta``.
         gram: "cross" (unbiased cross-worker estimate), "plain" (Jbar Jbar^T) or "auto"
             (cross when P > 1).
-        selection: dict of ``rule`` (required), ``tau``, ``m``, ``budget`` for
-            :func:`dist_soup.moo.selection.select`; None: rule ``all`` (every candidate, no
-            probe). ``probe_every`` steps between probes. The Objective Soups
-            rule is ``{"rule": "threshold", "tau": 0.0}`` (the quickstart uses it): cheaper
-            solves, at some cost in quality on our benchmark (README, "Engine overhead").
+        selection: a :class:`~dist_soup.moo.selection.Selection` (or a mapping naming its
+            ``rule`` and any of ``tau``, ``m``, ``budget``); None: rule ``all`` (every candidate,
+            no probe). ``probe_every`` steps between probes. The Objective Soups rule is
+            ``Selection("threshold", tau=0.0)`` (the quickstart uses it): cheaper solves, at
+            some cost in quality on our benchmark (README, "Engine overhead").
         solve_every: recompute the weighting every this many steps.
         jacobian_compressor / update_compressor: codec names (with ``*_options``) for the
             exchange of the Jacobian rows and of the update; ``mode`` the collective.
@@ -136,17 +139,17 @@ class SoupEngine:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         objectives: Sequence[str],
-        shared=None,
+        shared: nn.Module | str | Iterable[nn.Parameter] | None = None,
         recipe: Recipe | str = "vs",
         *,
         groups: Mapping[str, Sequence[str]] | None = None,
-        solver: str = "mgda",
+        solver: str | Solver = "mgda",
         solver_options: Mapping | None = None,
         order: Sequence[str] | None = None,
         constraint: str | None = None,
         eta=None,
         gram: str = "auto",
-        selection: Mapping | None = None,
+        selection: Selection | Mapping | None = None,
         probe_every: int = 100,
         solve_every: int = 25,
         jacobian_compressor: str = "qsgd",
@@ -203,12 +206,7 @@ class SoupEngine:
         # the epoch this engine's callers pass is step / steps_per_epoch: schedules in steps read it back
         recipe.set_run_length(steps_per_epoch=steps_per_epoch)
         self.recipe = recipe
-        # One default (every candidate); a selection given must say its rule.
-        self.selection = dict(selection) if selection is not None else {"rule": "all"}
-        if self.selection.get("rule") not in SELECTION_RULES:
-            raise ValueError(
-                f"selection: 'rule' must be one of {', '.join(SELECTION_RULES)}; got {self.selection.get('rule')!r}"
-            )
+        self.selection = Selection.from_spec(selection)
         self.probe_every = int(probe_every)
         self.solve_every = int(solve_every)
         self.reuse_jacobian = reuse_jacobian
@@ -266,7 +264,7 @@ class SoupEngine:
         multi = len(self.objectives) > 1
         # Only Gram-based weightings need a Jacobian; selection (and so a probe) only serves them.
         gram_based = multi and self.recipe.needs_gram
-        probed = gram_based and self.selection["rule"] != "all" and self.step_count % self.probe_every == 0
+        probed = gram_based and self.selection.rule != "all" and self.step_count % self.probe_every == 0
         solved = multi and (probed or self.step_count % self.solve_every == 0)
 
         # Agree on the losses (their mean drives loss-based solvers and the logs) and on
@@ -414,7 +412,7 @@ class SoupEngine:
                 if probed:
                     scores = selection.conflict_scores(grams.psd_clip(per_tensor))
                     sizes = torch.tensor([p.numel() for _, p in S])
-                    mask = selection.select(scores, sizes, **self.selection)
+                    mask = self.selection(scores, sizes)
                 else:
                     mask = torch.ones(len(S), dtype=torch.bool)
                 G = per_tensor[mask].sum(0)

@@ -10,6 +10,7 @@ from torch import nn
 
 from dist_soup import SoupEngine
 from dist_soup.moo import solvers
+from dist_soup.moo.selection import Selection
 
 from .dist_utils import run_ranks
 
@@ -51,9 +52,10 @@ def make(seed=0, **kw):
         probe_every=4,
         solve_every=1,
         selection={"rule": "threshold", "tau": 0.0},
+        solver="mgda",
     )
     opts.update(kw)
-    return model, SoupEngine(model, opt, OBJ, "trunk", "vs", solver="mgda", **opts)
+    return model, SoupEngine(model, opt, OBJ, "trunk", "vs", **opts)
 
 
 def test_single_process_step_reports_and_learns():
@@ -116,6 +118,29 @@ def test_weights_equal_mgda_on_the_true_gram_of_the_selection():
     assert torch.allclose(torch.tensor([res.weights[k] for k in OBJ]), expected.float(), atol=1e-5)
 
 
+def test_solver_and_selection_objects_equal_their_config_spelling():
+    from dist_soup.moo.recipe import Level
+
+    x, y = data()
+    runs = []
+    for kw in (
+        dict(solver="mgda", solver_options={"momentum": 0.9}, selection={"rule": "top_m", "m": 2}),
+        dict(solver=solvers.MGDA(momentum=0.9), selection=Selection("top_m", m=2)),
+    ):
+        model, engine = make(**kw)
+        runs.append([engine.step(losses_of(model, x, y)).weights for _ in range(3)])
+        runs[-1].append([p.detach().clone() for p in model.parameters()])
+    assert runs[0][:3] == runs[1][:3]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][3], runs[1][3]))
+    # A Solver object is a prototype: each engine solves with its own copy (no shared momentum).
+    proto = solvers.MGDA(momentum=0.9)
+    assert make(solver=proto)[1].recipe.solvers[0] is not proto
+    with pytest.raises(ValueError, match="a Solver object carries its own options"):
+        Level(("a",), solvers.MGDA(), {"momentum": 0.5})
+    with pytest.raises(TypeError, match="a name or a Solver"):
+        Level(("a",), 3)  # type: ignore[arg-type]
+
+
 def test_bad_input_is_named():
     model, engine = make()
     x, y = data()
@@ -148,7 +173,7 @@ def test_bad_input_is_named():
         SoupEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), ("a", "a"), "trunk")
     with pytest.raises(ValueError, match="'rule' must be one of threshold, top_m, budget, all; got None"):
         make(selection={"tau": 0.0})  # no rule: no guessed default
-    assert make(selection=None)[1].selection == {"rule": "all"}
+    assert make(selection=None)[1].selection == Selection()
 
 
 def test_single_objective_is_plain_training():

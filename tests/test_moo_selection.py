@@ -95,3 +95,20 @@ def test_selection_errors():
         select(torch.tensor([float("nan"), 0.0]), [1, 1])
     with pytest.raises(ValueError, match="integer"):
         select(s, [1.5, 2.0])
+
+
+def test_selection_object_is_select_with_its_options():
+    from dist_soup.moo.selection import Selection
+
+    s, sizes = torch.tensor([0.3, -0.2, -0.5, 0.1]), [4, 4, 4, 4]
+    assert torch.equal(Selection("top_m", m=2)(s, sizes), select(s, sizes, rule="top_m", m=2))
+    assert Selection.from_spec(None) == Selection() and Selection().rule == "all"
+    assert Selection.from_spec({"rule": "budget", "budget": 8}) == Selection("budget", budget=8)
+    with pytest.raises(ValueError, match="'rule' must be one of"):
+        Selection.from_spec({"tau": 0.0})  # no guessed rule
+    with pytest.raises(ValueError, match=r"unknown options \['taus'\]"):
+        Selection.from_spec({"rule": "threshold", "taus": 0.0})
+    with pytest.raises(ValueError, match="needs an int m"):
+        Selection("top_m")
+    with pytest.raises(TypeError, match="a Selection, a mapping or None"):
+        Selection.from_spec("threshold")  # type: ignore[arg-type]

@@ -61,6 +61,26 @@ def test_registry_and_build_errors():
     assert build("modo").needs_psd is False and build("mgda").needs_psd is True
 
 
+def test_registry_imports_lazily_and_registers_new_names():
+    from dist_soup._registry import Registry
+
+    reg: Registry[solvers.Solver] = Registry("solver", solvers.Solver, {"mine": "dist_soup.moo.solvers.scalar:EW"})
+    assert reg.names() == ("mine",) and reg.get("mine") is solvers.solver_class("ew")
+    reg.register("mgda2", solvers.solver_class("mgda"))
+    assert reg.build("mgda2", momentum=0.5).momentum == 0.5
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("mine", solvers.solver_class("ew"))
+    with pytest.raises(TypeError, match="subclass of Solver"):
+        reg.register("bad", int)
+    with pytest.raises(
+        ValueError, match=r"got unknown options \['gama'\]; allowed: normalization='none', momentum=0.0"
+    ):
+        reg.build("mgda2", gama=1.0)
+    broken: Registry[solvers.Solver] = Registry("solver", solvers.Solver, {"x": "collections:OrderedDict"})
+    with pytest.raises(TypeError, match="not a subclass of Solver"):
+        broken.get("x")
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_zero_gram_gives_finite_weights(name):
     for k in (1, 2, 4):

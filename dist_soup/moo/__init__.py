@@ -9,7 +9,7 @@ Submodules: ``jacobian`` (``jacobian.jacobian``), ``gram``, ``selection``, ``sol
 from . import gram, jacobian, recipe, selection, solvers
 from .gram import check_finite, cross_gram, local_grams, psd_clip
 from .recipe import Level, Recipe, Schedule, build_recipe
-from .selection import conflict_scores, select
+from .selection import Selection, conflict_scores, select
 
 __all__ = [
     "gram",
@@ -23,6 +23,7 @@ __all__ = [
     "check_finite",
     "conflict_scores",
     "select",
+    "Selection",
     "Schedule",
     "Level",
     "Recipe",

@@ -28,6 +28,7 @@ engine's) and ``total_steps`` (``train.steps``), and ``dist_soup.train`` calls i
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from . import solvers as solver_registry
 from .gram import check_finite
+from .solvers import Solver
 
 __all__ = ["Schedule", "Level", "Recipe", "build_recipe", "RECIPE_KINDS", "DEFAULT_RAMP", "SCHEDULE_UNITS"]
 
@@ -165,14 +167,17 @@ DEFAULT_RAMP = Schedule(start=0.1, step=0.02, cap=1.5)
 
 @dataclass(frozen=True)
 class Level:
-    """One level: objectives, the solver (name and options) and the weight schedule ``eta``.
+    """One level: objectives, the solver and the weight schedule ``eta``.
 
-    ``penalty`` marks a constraint level (VC); it changes nothing in the arithmetic, it is
-    reported in the recipe's info.
+    ``solver`` is a name with ``solver_options`` (``"mgda", {"momentum": 0.9}``) or a
+    :class:`~dist_soup.moo.solvers.Solver` object (``MGDA(momentum=0.9)``), which serves as the
+    prototype: each recipe made from the level solves with its own copy, so levels and recipes
+    never share solver state. ``penalty`` marks a constraint level (VC); it changes nothing in
+    the arithmetic, it is reported in the recipe's info.
     """
 
     objectives: tuple[str, ...]
-    solver: str
+    solver: str | Solver
     solver_options: dict[str, Any] = field(default_factory=dict)
     eta: Schedule = field(default_factory=Schedule)
     penalty: bool = False
@@ -186,10 +191,25 @@ class Level:
             raise ValueError("a level needs at least one objective")
         if len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"level lists an objective twice: {self.objectives}")
-        solver_registry.solver_class(self.solver)  # unknown solver: ValueError now
+        if isinstance(self.solver, str):
+            solver_registry.solver_class(self.solver)  # unknown solver: ValueError now
+        elif not isinstance(self.solver, Solver):
+            raise TypeError(f"a level's solver is a name or a Solver, got {type(self.solver).__name__}")
+        elif self.solver_options:
+            raise ValueError("solver_options go with a solver name; a Solver object carries its own options")
         if not isinstance(self.eta, Schedule):
             object.__setattr__(self, "eta", Schedule.from_spec(self.eta))
         object.__setattr__(self, "solver_options", dict(self.solver_options or {}))
+
+    @property
+    def solver_name(self) -> str:
+        return self.solver if isinstance(self.solver, str) else self.solver.name
+
+    def make_solver(self) -> Solver:
+        """A fresh solver for this level: built from the name, or a copy of the prototype."""
+        if isinstance(self.solver, str):
+            return solver_registry.build(self.solver, **self.solver_options)
+        return copy.deepcopy(self.solver)
 
 
 class Recipe:
@@ -208,7 +228,7 @@ class Recipe:
                     raise ValueError(f"objective {o!r} is in level {seen[o]} and level {j}; levels must be disjoint")
                 seen[o] = j
         self.levels = levels
-        self.solvers = [solver_registry.build(lv.solver, **lv.solver_options) for lv in levels]
+        self.solvers = [lv.make_solver() for lv in levels]
         self.steps_per_epoch: int | None = None
         self.total_steps: int | None = None
 
@@ -315,7 +335,7 @@ class Recipe:
             info["levels"].append(
                 {
                     "objectives": level.objectives,
-                    "solver": level.solver,
+                    "solver": level.solver_name,
                     "eta": eta,
                     "lambda": lam,
                     "penalty": level.penalty,
@@ -367,7 +387,7 @@ class Recipe:
         return cls(levels)
 
     def __repr__(self) -> str:
-        parts = [f"{lv.objectives}:{lv.solver}" for lv in self.levels]
+        parts = [f"{lv.objectives}:{lv.solver_name}" for lv in self.levels]
         return f"Recipe({', '.join(parts)})"
 
 
@@ -376,13 +396,15 @@ def build_recipe(
     objectives: Sequence[str],
     groups: Mapping[str, Sequence[str]],
     *,
-    solver: str = "mgda",
+    solver: str | Solver = "mgda",
     solver_options: Mapping[str, Any] | None = None,
     order: Sequence[str] | None = None,
     constraint: str | None = None,
     eta: Schedule | None = None,
 ) -> Recipe:
     """The recipe ``kind`` ("vs", "vc", "vm") for ``objectives`` and task ``groups``.
+
+    ``solver``: a name with ``solver_options``, or a Solver object (each level gets its own copy).
 
     * ``vs``: one level, all objectives, ``solver``, eta = 1.
     * ``vc``: level 0 = objectives outside ``groups[constraint]`` with ``solver`` (eta = 1);

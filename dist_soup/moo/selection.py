@@ -10,12 +10,14 @@ the lowest scores.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["conflict_scores", "select", "RULES"]
+__all__ = ["conflict_scores", "select", "Selection", "RULES"]
 
 RULES = ("threshold", "top_m", "budget", "all")
 
@@ -60,6 +62,22 @@ def _sizes_tensor(sizes: Sequence[int] | Tensor, n: int) -> Tensor:
     return s.to(torch.int64).cpu()
 
 
+def _check_rule(rule: str, tau: float, m: int | None, budget: int | None) -> None:
+    if rule not in RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; allowed: {', '.join(RULES)}")
+    # Options that belong to another rule are a configuration mistake: say so.
+    if rule != "top_m" and m is not None:
+        raise ValueError(f"option m is only used by rule 'top_m', not {rule!r}")
+    if rule != "budget" and budget is not None:
+        raise ValueError(f"option budget is only used by rule 'budget', not {rule!r}")
+    if rule == "threshold" and (not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau)):
+        raise ValueError(f"tau must be a finite number, got {tau!r}")
+    if rule == "top_m" and (m is None or isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"rule 'top_m' needs an int m >= 1, got {m!r}")
+    if rule == "budget" and (budget is None or isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"rule 'budget' needs an int budget >= 1 (parameters), got {budget!r}")
+
+
 def select(
     scores: Tensor,
     sizes: Sequence[int] | Tensor,
@@ -89,29 +107,19 @@ def select(
     n = scores.numel()
     s = _sizes_tensor(sizes, n)
     sc = scores.detach().to(torch.float64).cpu()
-    if rule not in RULES:
-        raise ValueError(f"unknown selection rule {rule!r}; allowed: {', '.join(RULES)}")
-    # Options that belong to another rule are a configuration mistake: say so.
-    if rule != "top_m" and m is not None:
-        raise ValueError(f"option m is only used by rule 'top_m', not {rule!r}")
-    if rule != "budget" and budget is not None:
-        raise ValueError(f"option budget is only used by rule 'budget', not {rule!r}")
+    _check_rule(rule, tau, m, budget)
     # Stable ascending order: lowest score (most conflict) first, ties by index.
     order = torch.sort(sc, stable=True).indices
     mask = torch.zeros(n, dtype=torch.bool)
     if rule == "all":
         mask[:] = True
     elif rule == "threshold":
-        if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau):
-            raise ValueError(f"tau must be a finite number, got {tau!r}")
         mask = sc < float(tau)
     elif rule == "top_m":
-        if m is None or isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"rule 'top_m' needs an int m >= 1, got {m!r}")
+        assert m is not None  # _check_rule
         mask[order[: min(m, n)]] = True
     else:  # budget
-        if budget is None or isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"rule 'budget' needs an int budget >= 1 (parameters), got {budget!r}")
+        assert budget is not None  # _check_rule
         total = 0
         for idx in order.tolist():
             total += int(s[idx])
@@ -121,3 +129,36 @@ def select(
     if not bool(mask.any()):
         mask[order[0]] = True
     return mask.to(scores.device)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A selection rule with its options, checked when made; ``Selection()(scores, sizes)`` is
+    :func:`select` with them. The default, rule ``all``, keeps every candidate (no probe);
+    the Objective Soups rule is ``Selection("threshold", tau=0.0)``."""
+
+    rule: str = "all"
+    tau: float = 0.0
+    m: int | None = None
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_rule(self.rule, self.tau, self.m, self.budget)
+
+    def __call__(self, scores: Tensor, sizes: Sequence[int] | Tensor) -> Tensor:
+        return select(scores, sizes, rule=self.rule, tau=self.tau, m=self.m, budget=self.budget)
+
+    @classmethod
+    def from_spec(cls, spec: Selection | Mapping[str, Any] | None) -> Selection:
+        """A Selection from itself, None (the default) or a mapping that names its ``rule``
+        (no guessed rule) and any of ``tau``, ``m``, ``budget``."""
+        if spec is None or isinstance(spec, Selection):
+            return spec or cls()
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"selection must be a Selection, a mapping or None, got {type(spec).__name__}")
+        if spec.get("rule") not in RULES:
+            raise ValueError(f"selection: 'rule' must be one of {', '.join(RULES)}; got {spec.get('rule')!r}")
+        unknown = sorted(set(spec) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"selection: unknown options {unknown}; allowed: rule, tau, m, budget")
+        return cls(**spec)

@@ -5,14 +5,14 @@ task class takes keyword-only options with defaults; an unknown name or option i
 listing what is allowed. Task modules are imported on first use, so importing
 ``dist_soup.tasks`` stays cheap (scikit-learn is only loaded for ``multidigits``).
 
-Built-in: ``toy2`` (module dist_soup.tasks.toy2), ``multidigits``
-(dist_soup.tasks.multidigits.MultiDigits), ``msp_synth`` (dist_soup.tasks.msp_synth.MSPSynth).
+Built-in: ``toy2`` (:class:`~dist_soup.tasks.toy2.Toy2Task`), ``multidigits``
+(:class:`~dist_soup.tasks.multidigits.MultiDigits`), ``msp_synth``
+(:class:`~dist_soup.tasks.msp_synth.MSPSynth`). The registry is :class:`dist_soup._registry.Registry`,
+as for codecs and solvers.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -20,83 +20,29 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from .._registry import Registry, keyword_options
 from .base import Metric, Task, delta_m
 
 __all__ = ["Metric", "Task", "build", "delta_m", "names", "options", "register", "task_class"]
 
-# name -> class, or the module defining it, imported on first use; the class is the Task
-# subclass of that module whose ``name`` is the registered name.
-_REGISTRY: dict[str, type[Task] | str] = {
-    "toy2": "dist_soup.tasks.toy2",
-    "multidigits": "dist_soup.tasks.multidigits",
-    "msp_synth": "dist_soup.tasks.msp_synth",
-}
-
-
-def names() -> tuple[str, ...]:
-    """The registered task names, sorted."""
-    return tuple(sorted(_REGISTRY))
-
-
-def register(name: str, cls: type[Task]) -> None:
-    """Add a user task class under ``name`` (its ``__init__`` takes keyword options)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"task name must be a non-empty str, got {name!r}")
-    if not (isinstance(cls, type) and issubclass(cls, Task)):
-        raise TypeError(f"register({name!r}, ...) needs a subclass of dist_soup.tasks.Task, got {cls!r}")
-    if name in _REGISTRY:
-        raise ValueError(f"task {name!r} is already registered")
-    _REGISTRY[name] = cls
-
-
-def task_class(name: str) -> type[Task]:
-    """The class registered under ``name`` (importing its module if needed)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(names())}")
-    entry = _REGISTRY[name]
-    if isinstance(entry, str):
-        module = importlib.import_module(entry)
-        found = [
-            obj
-            for obj in vars(module).values()
-            if isinstance(obj, type)
-            and issubclass(obj, Task)
-            and obj.__module__ == entry
-            and getattr(obj, "name", None) == name
-        ]
-        if len(found) != 1:
-            raise ImportError(
-                f"module {entry} should define exactly one Task subclass with "
-                f"name = {name!r}, found {[c.__name__ for c in found]}"
-            )
-        entry = _REGISTRY[name] = found[0]
-    return entry
-
-
-def _options(cls: type) -> dict[str, Any]:
-    """Keyword options of ``cls.__init__`` with their defaults."""
-    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
-    return {
-        p.name: p.default
-        for p in params.values()
-        if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    }
-
-
-def options(name: str) -> dict[str, Any]:
-    """The options task ``name`` accepts, with their default values."""
-    return _options(task_class(name))
-
-
-def build(name: str, **opts: Any) -> Task:
-    """Make the task ``name`` with these options (unknown options raise ValueError)."""
-    cls = task_class(name)
-    allowed = _options(cls)
-    unknown = sorted(set(opts) - set(allowed))
-    if unknown:
-        listing = ", ".join(f"{k}={v!r}" for k, v in allowed.items())
-        raise ValueError(f"task {name!r} has no option(s) {unknown}; allowed options: {listing}")
-    return cls(**opts)
+TASKS: Registry[Task] = Registry(
+    "task",
+    Task,
+    {
+        "msp_synth": "dist_soup.tasks.msp_synth:MSPSynth",
+        "multidigits": "dist_soup.tasks.multidigits:MultiDigits",
+        "toy2": "dist_soup.tasks.toy2:Toy2Task",
+    },
+)
+names = TASKS.names
+#: Add a user task class under a name (its ``__init__`` takes keyword options).
+register = TASKS.register
+#: The class registered under a name (importing its module if needed).
+task_class = TASKS.get
+#: The options a task accepts, with their default values.
+options = TASKS.options
+#: Make a task by name with these options (unknown options raise ValueError).
+build = TASKS.build
 
 
 # Option checks shared by the task modules: a clear ValueError naming the option and the range.
@@ -140,7 +86,7 @@ def _check_indices(indices: Any, size: int) -> torch.Tensor:
 def _changed_options(task: Task) -> set[str]:
     """Names of the options of ``task`` that differ from their defaults (each option is stored
     as the attribute of the same name)."""
-    return {k for k, v in _options(type(task)).items() if getattr(task, k) != v}
+    return {k for k, v in keyword_options(type(task)).items() if getattr(task, k) != v}
 
 
 def _lookup_baselines(task: Task, table: dict[tuple, dict[str, float]], ignore: set[str]) -> dict[str, float]:

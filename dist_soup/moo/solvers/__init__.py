@@ -20,9 +20,7 @@ dwa       dynamic weight average (T)                                  no     no
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
+from ..._registry import Registry
 from .base import Solver
 from .cagrad import CAGrad
 from .loss_based import DWA, FAMO
@@ -49,34 +47,16 @@ __all__ = [
     "DWA",
 ]
 
-_REGISTRY: dict[str, type[Solver]] = {
-    cls.name: cls for cls in (EW, MGDA, MoDo, CAGrad, PCGrad, UPGrad, NashMTL, FAMO, DWA)
-}
-
-
-def names() -> tuple[str, ...]:
-    """The registered solver names."""
-    return tuple(_REGISTRY)
-
-
-def solver_class(name: str) -> type[Solver]:
-    """The class registered under ``name`` (ValueError listing the names otherwise)."""
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"unknown solver {name!r}; allowed: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+SOLVERS: Registry[Solver] = Registry(
+    "solver", Solver, {cls.name: cls for cls in (EW, MGDA, MoDo, CAGrad, PCGrad, UPGrad, NashMTL, FAMO, DWA)}
+)
+names = SOLVERS.names
+#: The class registered under a name (ValueError listing the names otherwise).
+solver_class = SOLVERS.get
+#: A new solver by name with options; unknown names and options raise ValueError.
+build = SOLVERS.build
 
 
 def option_names(name: str) -> tuple[str, ...]:
     """The options solver ``name`` accepts (its constructor's keyword arguments)."""
-    cls = solver_class(name)
-    return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
-
-
-def build(name: str, **options: Any) -> Solver:
-    """A new solver ``name`` with ``options``; unknown names and options raise ValueError."""
-    cls = solver_class(name)
-    allowed = list(option_names(name))
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"solver {name!r} got unknown options {unknown}; allowed: {allowed if allowed else 'none'}")
-    return cls(**options)
+    return tuple(SOLVERS.options(name))
