@@ -20,7 +20,7 @@ STREAM_ARGS: tuple[str, ...] = tuple(keyword_options(Compressor))
 CODECS: Registry[Compressor] = Registry(
     "compressor",
     Compressor,
-    {cls.name: cls for cls in sorted((Identity, FP16, BF16, QSGD, AdaComp, TopK, RandomK, CLTK), key=lambda c: c.name)},
+    {cls.name: cls for cls in (AdaComp, BF16, CLTK, FP16, Identity, QSGD, RandomK, TopK)},  # by name
     reserved=STREAM_ARGS,
 )
 names = CODECS.names
