@@ -40,6 +40,15 @@ Threads: each rank gets ``--threads`` torch/OpenMP threads, by default its share
 cores (``cores // (hosts * nproc_per_node)``, at least 1), so that every host is busy at once as
 in a real run (on the 2-core dev VM: one process per host, one thread each).
 
+Rounds: this VM's speed drifts by 10-25% within minutes (compute alone measured 224-285 ms
+within an hour), more than the differences between the compressed rows. ``--rounds N`` runs the
+whole list of rows N times, one round after the other, so every row is measured N times in
+conditions close to the other rows of its round. A row's ratios (``vs compute``, ``vs DDP fp32``)
+are formed within each round and the table shows the median over the rounds with their range;
+its ms/step is the median of the rounds' medians::
+
+    python benchmarks/e2e_hosts.py --rate 1gbit --rows compute,ddp_powersgd4,ew_qsgd4 --rounds 3
+
 Adding rows: append a ``RowSpec`` to ``ROWS``. ``kind`` picks the worker's builder
 (``e2e_worker.BUILDERS``: ``compute``, ``ddp``, ``soup``, ``deepspeed``); a new way of training is a
 new builder there plus rows here.
@@ -515,6 +524,38 @@ def _ratios(rows: list[dict]) -> None:
         r["fewer_bytes_vs_ddp_fp32"] = base["sent_bytes"] / r["sent_bytes"] if base and r["sent_bytes"] > 0 else None
 
 
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per spec from ``rounds`` (each the rows of one round, in the same order, with
+    their ratios formed within the round by :func:`_ratios`): a row failed in any round shows
+    that round's failure; otherwise its figures are the last round's, with ``ms_median``,
+    ``ms_mean`` and the ratios replaced by their median over the rounds, and ``rounds`` holding
+    each round's values of those four."""
+    if len(rounds) == 1:
+        return rounds[0]
+    keys = ("ms_median", "ms_mean", "x_compute", "speedup_vs_ddp_fp32")
+    out = []
+    for per_round in zip(*rounds):
+        failed = [r for r in per_round if r.get("error") or not r.get("ms_median")]
+        if failed:
+            out.append(failed[0])
+            continue
+        row = dict(per_round[-1])
+        row["rounds"] = [{k: r.get(k) for k in keys} for r in per_round]
+        for k in keys:
+            values = [r[k] for r in per_round if r.get(k) is not None]
+            row[k] = statistics.median(values) if values else None
+        out.append(row)
+    return out
+
+
+def _spread(row: dict, key: str, fmt: str, unit: str = "") -> str:
+    """`` (lo-hi)`` of ``key`` over the rounds, or nothing for a single round."""
+    values = [r[key] for r in row.get("rounds", ()) if r.get(key) is not None]
+    if len(values) < 2:
+        return ""
+    return f" ({format(min(values), fmt)}-{format(max(values), fmt)}{unit})"
+
+
 def _f(x, fmt: str, none: str = "-") -> str:
     return none if x is None else format(x, fmt)
 
@@ -557,8 +598,9 @@ def format_report(rows: list[dict], setup: dict, machine: dict) -> str:
             continue
         load = f"{r['loadavg_before'][0]:.2f}/{r['loadavg_after'][0]:.2f}"
         lines.append(
-            f"| {r['label']} | {r['ms_median']:.1f} | {r['ms_mean']:.1f} | {_x(r.get('speedup_vs_ddp_fp32'), '.2f')} | "
-            f"{_x(r.get('x_compute'), '.2f')} | {r['sent_bytes'] / 1e6:.3f} | "
+            f"| {r['label']} | {r['ms_median']:.1f}{_spread(r, 'ms_median', '.0f')} | {r['ms_mean']:.1f} | "
+            f"{_x(r.get('speedup_vs_ddp_fp32'), '.2f')}{_spread(r, 'speedup_vs_ddp_fp32', '.2f', 'x')} | "
+            f"{_x(r.get('x_compute'), '.2f')}{_spread(r, 'x_compute', '.2f', 'x')} | {r['sent_bytes'] / 1e6:.3f} | "
             f"{_x(r.get('fewer_bytes_vs_ddp_fp32'), '.1f')} | "
             f"{_f(None if r.get('eth0_tx_bytes') is None else r['eth0_tx_bytes'] / 1e6, '.3f')} | {r['n']} | {load} |"
         )
@@ -569,6 +611,12 @@ def format_report(rows: list[dict], setup: dict, machine: dict) -> str:
         "collectives per rank; fewer bytes: DDP fp32's sent over the row's. eth0: bytes host 0's "
         "interface sent per step. load: 1-minute load average before/after the row.",
     ]
+    if setup.get("rounds", 1) > 1:
+        lines.append(
+            f"{setup['rounds']} rounds: ms/step is the median of the rounds' medians, each ratio the median "
+            "of the ratios formed within each round; (lo-hi) their range over the rounds; the other "
+            "columns are the last round's."
+        )
     return "\n".join(lines)
 
 
@@ -632,7 +680,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--prefix", default="dsb", help="namespace prefix (default dsb)")
     p.add_argument("--subnet", default="10.202.0", help="namespace subnet, three octets (default 10.202.0)")
-    p.add_argument("--port", type=int, default=29610, help="rendezvous port on host 0; row i uses PORT+i")
+    p.add_argument("--port", type=int, default=29610, help="rendezvous port on host 0; the i-th row run uses PORT+i")
     p.add_argument(
         "--check-mb",
         type=int,
@@ -640,6 +688,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="MB streamed host 0 -> 1 to measure the link first (0: skip; default 100, 20 at <= 100mbit)",
     )
     p.add_argument("--row-timeout", type=float, default=900.0, help="seconds before a row is stopped (default 900)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the list of rows this many times, one round after the other; ratios are formed "
+        "within a round, the table shows their median and range over the rounds (default 1)",
+    )
     p.add_argument(
         "--loopback",
         action="store_true",
@@ -666,8 +721,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     world = args.hosts * args.nproc_per_node
     if args.threads is None:
         args.threads = max(1, (os.cpu_count() or 1) // world)
-    if args.hosts < 1 or args.nproc_per_node < 1 or args.threads < 1:
-        p.error("--hosts, --nproc-per-node and --threads must be positive")
+    if args.hosts < 1 or args.nproc_per_node < 1 or args.threads < 1 or args.rounds < 1:
+        p.error("--hosts, --nproc-per-node, --threads and --rounds must be positive")
     if not args.loopback and args.hosts < 2:
         p.error("namespace hosts need --hosts >= 2 (or --loopback)")
     if not 0 <= args.warmup < args.steps:
@@ -689,6 +744,23 @@ def _validate_configs(args: argparse.Namespace) -> None:
 
 class _Stopped(BaseException):
     """SIGTERM / SIGHUP: stop the running row, remove the hosts, report the rows done."""
+
+
+def run_round(rnd: int, rows: list[dict], hosts: Hosts, args: argparse.Namespace, workdir: Path) -> None:
+    """Every row once, appended to ``rows`` as it finishes (so an interruption keeps them)."""
+    for i, spec in enumerate(args.row_specs):
+        tag = f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""
+        print(f"[e2e] {spec.name}{tag}: {spec.label} ...", end=" ", flush=True)
+        res = run_row(spec, rnd * len(args.row_specs) + i, hosts, args, workdir)
+        row = summarize(spec, res, args.warmup, args.steps)
+        rows.append(row)
+        if row.get("error"):
+            print(f"FAILED ({row['error']}) after {res['wall_s']:.0f} s\n{row.get('log_tail', '')}", flush=True)
+        else:
+            print(
+                f"{row['ms_median']:.1f} ms/step, {row['sent_bytes'] / 1e6:.3f} MB/step/rank ({res['wall_s']:.0f} s)",
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -735,25 +807,15 @@ def main(argv: list[str] | None = None) -> int:
         raise _Stopped(f"stopped by signal {signum}")
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    rows: list[dict] = []
+    rounds: list[list[dict]] = []
     interrupted: str | None = None
     try:
         hosts.up()
         if hosts.link:
             print(hosts.link, flush=True)
-        for idx, spec in enumerate(args.row_specs):
-            print(f"[e2e] {spec.name}: {spec.label} ...", end=" ", flush=True)
-            res = run_row(spec, idx, hosts, args, workdir)
-            row = summarize(spec, res, args.warmup, args.steps)
-            rows.append(row)
-            if row.get("error"):
-                print(f"FAILED ({row['error']}) after {res['wall_s']:.0f} s\n{row.get('log_tail', '')}", flush=True)
-            else:
-                print(
-                    f"{row['ms_median']:.1f} ms/step, {row['sent_bytes'] / 1e6:.3f} MB/step/rank "
-                    f"({res['wall_s']:.0f} s)",
-                    flush=True,
-                )
+        for rnd in range(args.rounds):
+            rounds.append([])
+            run_round(rnd, rounds[-1], hosts, args, workdir)
     except (KeyboardInterrupt, _Stopped) as exc:
         interrupted = str(exc) or type(exc).__name__
         print(f"\n[e2e] interrupted ({interrupted}); the rows done so far follow", flush=True)
@@ -766,8 +828,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"[e2e] logs and rank files kept in {workdir}")
     machine["loadavg_end"] = list(os.getloadavg())
-    _ratios(rows)
+    if len(rounds) > 1 and len(rounds[-1]) < len(args.row_specs):
+        rounds.pop()  # an interrupted round: report the complete ones
+    for r in rounds:
+        _ratios(r)
+    rows = combine_rounds(rounds) if rounds else []
     setup = {
+        "rounds": len(rounds),
         "rate": args.rate,
         "hosts": args.hosts,
         "nproc_per_node": args.nproc_per_node,

@@ -13,12 +13,15 @@ consecutive pieces of its flat vector, ``k = ceil(bytes / chunk_bytes)``, named
 ``f"{name}#{j}"``; each piece is a stream and a bucket of its own (``plan(..., solo=...)``), so
 the exchange encodes piece j+1 while piece j is on the wire and decodes piece j while j+1 is.
 The cut depends only on the size, so it is the same on every rank and in every call.
+:meth:`Piece.of` is both directions: the piece's input is its slice of the tensor, and its mean
+is written into its slice of the result, which so is assembled as the pieces arrive.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -59,13 +62,25 @@ def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
-def pieces(name: str, numel: int, element_size: int, chunk_bytes: int | None) -> list[tuple[str, int, int]]:
-    """``[(piece name, offset, numel)]`` of a tensor cut into pieces of at most about
-    ``chunk_bytes`` (empty when it fits in one, or ``chunk_bytes`` is None)."""
+class Piece(NamedTuple):
+    """Values ``[offset, offset + numel)`` of a tensor's flat vector, the stream ``name``."""
+
+    name: str
+    offset: int
+    numel: int
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This piece of a contiguous ``tensor``: a view, so writing it writes the tensor."""
+        return tensor.view(-1)[self.offset : self.offset + self.numel]
+
+
+def pieces(name: str, numel: int, element_size: int, chunk_bytes: int | None) -> list[Piece]:
+    """The pieces of a tensor cut into pieces of at most about ``chunk_bytes`` (none when it fits
+    in one, or ``chunk_bytes`` is None)."""
     if not chunk_bytes or numel * element_size <= chunk_bytes:
         return []
     k = -(-numel * element_size // chunk_bytes)
-    return [(f"{name}#{j}", off, n) for j, (off, n) in enumerate(chunk_bounds(numel, min(k, numel)))]
+    return [Piece(f"{name}#{j}", off, n) for j, (off, n) in enumerate(chunk_bounds(numel, min(k, numel)))]
 
 
 def plan(

@@ -56,7 +56,7 @@ from .agreement import (
     stream_id,
     tensor_settings,
 )
-from .buckets import Bucket, pieces, plan
+from .buckets import Bucket, Piece, pieces, plan
 from .modes import MODES, REJECTED, BucketWork, Prepared, RemoteNonFinite
 from .stats import ExchangeStats
 from .transport import Transport, make_transport
@@ -133,7 +133,7 @@ class Exchange:
         self._streams: dict[str, Compressor] = {}
         self._servers: dict[str, Compressor] = {}
         self._known: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._plans: dict[tuple, tuple[list[Bucket], dict[str, list[tuple[str, int, int]]]]] = {}
+        self._plans: dict[tuple, tuple[list[Bucket], dict[str, list[Piece]]]] = {}
         # Names of an asynchronous call not yet waited for: a stream runs one call at a time
         # (linear codecs keep what decode_sum needs between encode_sum and decode_sum).
         self._inflight: set[str] = set()
@@ -295,7 +295,7 @@ class Exchange:
                 self._plans.clear()
             cached = self._plans[layout] = self._plan(layout)
         buckets, cuts = cached
-        names = {n for n, _, _ in specs} | {p for cut in cuts.values() for p, _, _ in cut}
+        names = {n for n, _, _ in specs} | {p.name for cut in cuts.values() for p in cut}
         self._inflight |= names
         if status and status != REJECTED:
             # This rank's input is not finite: it still sends (zeros, so no codec sees the
@@ -304,7 +304,7 @@ class Exchange:
         inputs: dict[str, torch.Tensor] = {}
         for n, cut in cuts.items():
             flat = tensors[n].detach().reshape(-1)
-            inputs.update((p, flat[off : off + k]) for p, off, k in cut)
+            inputs.update((p.name, p.of(flat)) for p in cut)
         extra = {"status": status} if fast and self._mode.carries_status else {}
         status_work = None
         if fast and not self._mode.carries_status:
@@ -377,9 +377,9 @@ class Exchange:
             status_work,
         )
 
-    def _plan(self, layout: tuple) -> tuple[list[Bucket], dict[str, list[tuple[str, int, int]]]]:
+    def _plan(self, layout: tuple) -> tuple[list[Bucket], dict[str, list[Piece]]]:
         """Buckets of a call's layout, and the pieces of every tensor cut into pieces."""
-        cuts: dict[str, list[tuple[str, int, int]]] = {}
+        cuts: dict[str, list[Piece]] = {}
         specs = []
         for name, shape, dtype, device in layout:
             cut = pieces(name, math.prod(shape), torch.empty(0, dtype=dtype).element_size(), self._chunk_bytes)
@@ -395,7 +395,7 @@ class Exchange:
                     )
                 specs.append((p, (k,), dtype, device))
         given = {n for n, _, _, _ in layout}
-        clash = [p for cut in cuts.values() for p, _, _ in cut if p in given]
+        clash = [p.name for cut in cuts.values() for p in cut if p.name in given]
         if clash:
             raise ValueError(
                 f"tensor name {clash[0]!r} is also the name of a piece of a larger tensor "
@@ -403,7 +403,7 @@ class Exchange:
             )
         for p, shape, dtype, _ in specs:
             self._known.setdefault(p, (shape, dtype))
-        solo = {p for cut in cuts.values() for p, _, _ in cut}
+        solo = {p.name for cut in cuts.values() for p in cut}
         return plan(specs, int(self.bucket_mb * 2**20), solo=solo), cuts
 
     def _inspect(self, tensors: Mapping[str, torch.Tensor]) -> list[TensorSpec]:
@@ -532,7 +532,7 @@ class ExchangeHandle:
         works: list[BucketWork],
         return_local: bool,
         passthrough: bool = False,
-        cuts: Mapping[str, list[tuple[str, int, int]]] | None = None,
+        cuts: Mapping[str, list[Piece]] | None = None,
         streams: set[str] | None = None,
         out: Mapping[str, torch.Tensor] | None = None,
         journal: dict | None = None,
@@ -544,8 +544,8 @@ class ExchangeHandle:
         self._journal = journal
         self._local_error = local_error  # this rank's rejected input, raised once all ranks know
         self._out = dict(out or {})
-        # piece name -> (tensor name, offset, numel), for putting the pieces back together
-        self._piece_of = {p: (n, off, k) for n, cut in (cuts or {}).items() for p, off, k in cut}
+        # piece name -> (tensor name, piece), for putting the pieces back together
+        self._piece_of = {p.name: (n, p) for n, cut in (cuts or {}).items() for p in cut}
         self._streams = set(streams) if streams is not None else {n for n, _, _ in specs}
         self._tensors = {n: tensors[n] for n, _, _ in specs}
         self._names = [n for n, _, _ in specs]
@@ -578,11 +578,10 @@ class ExchangeHandle:
 
     def _target(self, name: str, means: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """Where the mean of bucket entry ``name`` finally lives, when that memory exists already."""
-        piece = self._piece_of.get(name)
-        if piece is None:
+        if name not in self._piece_of:
             return self._out.get(name)
-        n, off, k = piece
-        return means[n].view(-1)[off : off + k]
+        n, piece = self._piece_of[name]
+        return piece.of(means[n])
 
     def wait(self) -> Any:
         if self._error is not None:
@@ -598,7 +597,7 @@ class ExchangeHandle:
         mine: dict[str, torch.Tensor] = {}
         # Tensors cut into pieces are assembled in place as their pieces arrive (while the
         # later pieces are still in flight), not concatenated at the end.
-        whole = {n for n, _, _ in self._piece_of.values()}
+        whole = {n for n, _ in self._piece_of.values()}
         for n in whole:
             t = self._tensors[n]
             means[n] = self._out[n] if n in self._out else torch.empty(t.shape, dtype=t.dtype, device=t.device)
@@ -625,16 +624,15 @@ class ExchangeHandle:
                 targets = [self._target(name, means) for name in bucket.names]
                 m, l = work.finish(targets if any(t is not None for t in targets) else None)
                 for i, name in enumerate(bucket.names):
-                    piece = self._piece_of.get(name)
-                    if piece is None:
+                    if name not in self._piece_of:
                         means[name] = _into(self._out[name], m[i]) if name in self._out else m[i]
                         if l is not None:
                             mine[name] = l[i]
                         continue
-                    n, off, k = piece
-                    _into(means[n].view(-1)[off : off + k], m[i].reshape(-1))
+                    n, piece = self._piece_of[name]
+                    _into(piece.of(means[n]), m[i].reshape(-1))
                     if l is not None:
-                        mine[n].view(-1)[off : off + k].copy_(l[i].reshape(-1))
+                        piece.of(mine[n]).copy_(l[i].reshape(-1))
                 done = j + 1
         except BaseException as exc:
             for work in self._works[done:]:
