@@ -19,6 +19,7 @@ is written into its slice of the result, which so is assembled as the pieces arr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -26,6 +27,16 @@ from typing import NamedTuple
 import torch
 
 from .agreement import word
+
+
+def megabytes(name: str, value: object, *, zero: str | None = None) -> float:
+    """``value`` as a positive finite number of megabytes, or ValueError naming ``name``;
+    ``zero`` (what 0 means) lets 0 through too."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and zero is None):  # type: ignore[operator]
+        allowed = f"0 ({zero}) or a positive" if zero else "a positive"
+        raise ValueError(f"{name} must be {allowed} finite number of megabytes, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

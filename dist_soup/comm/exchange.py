@@ -56,7 +56,7 @@ from .agreement import (
     stream_id,
     tensor_settings,
 )
-from .buckets import Bucket, Piece, pieces, plan
+from .buckets import Bucket, Piece, megabytes, pieces, plan
 from .modes import MODES, REJECTED, BucketWork, Prepared, RemoteNonFinite
 from .stats import ExchangeStats
 from .transport import Transport, make_transport
@@ -92,20 +92,9 @@ class Exchange:
             raise TypeError(f"compressor must be a codec name (str), got {type(compressor).__name__}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-        if (
-            isinstance(bucket_mb, bool)
-            or not isinstance(bucket_mb, (int, float))
-            or not (math.isfinite(bucket_mb) and bucket_mb > 0)
-        ):
-            raise ValueError(f"bucket_mb must be a positive finite number of megabytes, got {bucket_mb!r}")
-        if chunk_mb is not None and (
-            isinstance(chunk_mb, bool)
-            or not isinstance(chunk_mb, (int, float))
-            or not (math.isfinite(chunk_mb) and chunk_mb >= 0)
-        ):
-            raise ValueError(
-                f"chunk_mb must be None, 0 (no pieces) or a positive finite number of megabytes, got {chunk_mb!r}"
-            )
+        bucket_mb = megabytes("bucket_mb", bucket_mb)
+        if chunk_mb is not None:
+            chunk_mb = megabytes("chunk_mb", chunk_mb, zero="no pieces")
         bad = [k for k in _RESERVED if k in codec_options]
         if bad:
             raise ValueError(f"codec options {bad} are set by the exchange (each rank and stream gets its own)")
@@ -117,8 +106,8 @@ class Exchange:
         self.compressor = compressor
         self.mode = mode
         self.seed = seed
-        self.bucket_mb = float(bucket_mb)
-        self.chunk_mb = float(chunk_mb) if chunk_mb else None
+        self.bucket_mb = bucket_mb
+        self.chunk_mb = chunk_mb or None
         # At least one value per piece, whatever the megabytes say.
         self._chunk_bytes = max(1, int(self.chunk_mb * 2**20)) if self.chunk_mb else None
         self.options = dict(codec_options)

@@ -23,12 +23,12 @@ rank: no residue absorbs a NaN, and no rank steps while another skips.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Sequence
 
 import torch
 
 from .agreement import NonFiniteError
+from .buckets import megabytes
 from .exchange import Exchange, ExchangeHandle
 
 
@@ -51,12 +51,7 @@ class GradientReducer:
         bucket_mb: float = 4.0,
         prefix: str = "U/",
     ) -> None:
-        if (
-            isinstance(bucket_mb, bool)
-            or not isinstance(bucket_mb, (int, float))
-            or not (math.isfinite(bucket_mb) and bucket_mb > 0)
-        ):
-            raise ValueError(f"bucket_mb must be a positive finite number of megabytes, got {bucket_mb!r}")
+        bucket_mb = megabytes("bucket_mb", bucket_mb)
         self.params = list(params)
         if len({n for n, _ in self.params}) != len(self.params):
             raise ValueError("params: parameter names must be unique")
