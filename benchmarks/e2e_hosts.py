@@ -142,6 +142,12 @@ def _codec(name: str, options: str = "{}") -> tuple[str, ...]:
 
 ROWS: list[RowSpec] = [
     RowSpec("compute", "compute alone (one process per rank slot, no communication)", "compute"),
+    RowSpec(
+        "compute_sync",
+        "compute + one 8-byte all-reduce per step (the floor of synchronous data parallelism)",
+        "compute",
+        options={"sync": True},
+    ),
     RowSpec("ddp_fp32", "torch DDP fp32, sum of losses", "ddp", set=_DDP),
     RowSpec("ddp_fp16", "torch DDP + fp16_compress_hook", "ddp", set=_DDP + ("ddp.hook=fp16",)),
     # One DDP bucket for PowerSGD: on gloo, torch's powerSGD_hook issues all-reduces from future

@@ -67,18 +67,26 @@ class Trainer:
 
 
 class ComputeTrainer(Trainer):
-    """No communication: sum of the losses, backward, optimizer step (each rank trains alone)."""
+    """No communication: sum of the losses, backward, optimizer step (each rank trains alone).
+
+    ``options["sync"]``: one 8-byte all-reduce after each backward, nothing else: every rank
+    then waits for the slowest each step, as any synchronous data parallelism must, so this is
+    the floor such a method can reach on the machine (compute alone's ranks never wait).
+    """
 
     def __init__(self, cfg, task, spec, rank: int, world: int) -> None:
         self.model = task.build_model(cfg.seed)
         self.optimizer = builders.build_optimizer(cfg, self.model)
         self.objectives = builders.objectives_of(cfg, task)
+        self.sync = torch.zeros(1, dtype=torch.float64) if spec["options"].get("sync") else None
 
     def step(self, losses, step: int):
         self.optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
+        if self.sync is not None:
+            dist.all_reduce(self.sync)
         self.optimizer.step()
-        return 0, 0, 0
+        return (8, 8, 0) if self.sync is not None else (0, 0, 0)
 
 
 class DDPTrainer(Trainer):
