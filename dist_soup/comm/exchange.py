@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ..compress.base import Compressor, LinearCodec
+from ..compress.base import FLOATS, Compressor, LinearCodec
 from ..compress.registry import build
 from .agreement import (
     NonFiniteError,
@@ -61,7 +61,6 @@ from .modes import MODES, REJECTED, BucketWork, Prepared, RemoteNonFinite
 from .stats import ExchangeStats
 from .transport import Transport, make_transport
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STATE_FORMAT = 1
 _RESERVED = ("rank", "stream")
 
@@ -404,8 +403,8 @@ class Exchange:
                 raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype not in FLOAT_DTYPES:
-                raise ValueError(f"tensor {name!r} has dtype {t.dtype}; allowed: {', '.join(map(str, FLOAT_DTYPES))}")
+            if t.dtype not in FLOATS:
+                raise ValueError(f"tensor {name!r} has dtype {t.dtype}; allowed: {', '.join(map(str, FLOATS))}")
             if name in self._inflight:
                 raise ValueError(
                     f"tensor {name!r} is still in flight in an earlier mean_many_async call; "
