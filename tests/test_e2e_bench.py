@@ -1,8 +1,9 @@
 """The end-to-end benchmark harness (benchmarks/e2e_hosts.py) runs and reports sensible figures.
 
-Two tiny rows (torch DDP fp32 and dist_soup ``ew`` + QSGD 4-bit), a few steps, two rounds, between two
-network-namespace hosts when they can be made (root, iproute2), else two torchrun nodes on
-127.0.0.1 (``--loopback``). Checks the printed table, the JSON and the Markdown, not the timings.
+Three tiny rows (the synchronised compute floor, torch DDP fp32, dist_soup ``ew`` + QSGD
+4-bit), a few steps, two rounds, between two network-namespace hosts when they can be made
+(root, iproute2), else two torchrun nodes on 127.0.0.1 (``--loopback``). Checks the printed
+table, the JSON and the Markdown, not the timings.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "e2e_hosts.py"
-ROWS = ("ddp_fp32", "ew_qsgd4")
+ROWS = ("compute_sync", "ddp_fp32", "ew_qsgd4")
 STEPS, WARMUP = 8, 3
 
 
