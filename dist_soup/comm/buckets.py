@@ -32,11 +32,11 @@ from .agreement import word
 def megabytes(name: str, value: object, *, zero: str | None = None) -> float:
     """``value`` as a positive finite number of megabytes, or ValueError naming ``name``;
     ``zero`` (what 0 means) lets 0 through too."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and zero is None):  # type: ignore[operator]
-        allowed = f"0 ({zero}) or a positive" if zero else "a positive"
-        raise ValueError(f"{name} must be {allowed} finite number of megabytes, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if value > 0 or (value == 0 and zero is not None):
+            return float(value)
+    allowed = f"0 ({zero}) or a positive" if zero else "a positive"
+    raise ValueError(f"{name} must be {allowed} finite number of megabytes, got {value!r}")
 
 
 @dataclass(frozen=True)
