@@ -120,17 +120,24 @@ def qsgd_encode(
     return scale, packed.reshape(-1)
 
 
-def qsgd_decode(scale: torch.Tensor, packed: torch.Tensor, *, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`qsgd_encode`: ``(code - s) * scale / s`` for all nb*d values, in ``dtype``."""
+def _dequantize(scale: torch.Tensor, packed: torch.Tensor, *, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """The values of dense QSGD buckets as an (nb, per, q) tensor in ``dtype``: entry (b, t, j) is
+    value ``t*q + j`` of bucket b, ``((byte j >> bits*t) & mask) - s`` times ``scale_b / s``.
+
+    One broadcast expression (the shifts along a middle axis, no concatenation), so the compiled
+    form is a single loop that writes each output value once."""
     s = (1 << (bits - 1)) - 1
     per = 8 // bits
     q = d // per
-    pb = packed.view(scale.shape[0], q)
-    f = (scale / s)[:, None]
-    mask = (1 << bits) - 1
-    pieces = [(((pb >> (bits * t)) & mask).to(torch.float32) - s) * f for t in range(per)]
-    out = pieces[0] if per == 1 else torch.cat(pieces, dim=1)
-    return out.reshape(-1).to(dtype)
+    pb = packed.view(scale.shape[0], 1, q)
+    shifts = (torch.arange(per, dtype=torch.uint8, device=packed.device) * bits)[None, :, None]
+    f = (scale / s)[:, None, None]
+    return ((((pb >> shifts) & ((1 << bits) - 1)).to(torch.float32) - s) * f).to(dtype)
+
+
+def qsgd_decode(scale: torch.Tensor, packed: torch.Tensor, *, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`qsgd_encode`: ``(code - s) * scale / s`` for all nb*d values, in ``dtype``."""
+    return _dequantize(scale, packed, bits=bits, d=d, dtype=dtype).reshape(-1)
 
 
 def qsgd_decode_mean(*parts: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
@@ -141,10 +148,10 @@ def qsgd_decode_mean(*parts: torch.Tensor, bits: int, d: int, dtype: torch.dtype
     acc_type = torch.float64 if dtype == torch.float64 else torch.float32
     acc = None
     for scale, packed in zip(parts[::2], parts[1::2]):
-        v = qsgd_decode(scale, packed, bits=bits, d=d, dtype=dtype).to(acc_type)
+        v = _dequantize(scale, packed, bits=bits, d=d, dtype=dtype).to(acc_type)
         acc = v if acc is None else acc + v
     assert acc is not None
-    return (acc / (len(parts) // 2)).to(dtype)
+    return (acc / (len(parts) // 2)).to(dtype).reshape(-1)
 
 
 def qsgd_decode_mean_into(
