@@ -291,6 +291,8 @@ class _SoupEngineMixin:
     inside_no_sync_ctxt: bool
     engine_timers: Any
     gradient_accumulation_steps: Callable[[], int]
+    gradient_clipping: Callable[[], float]
+    module: torch.nn.Module
     is_gradient_accumulation_boundary: Callable[[], bool]
     _start_timers: Callable[[Any], None]
     _stop_timers: Callable[[Any], None]
@@ -349,6 +351,14 @@ class _SoupEngineMixin:
         if isinstance(loss, Mapping):
             return {k: v * scale for k, v in loss.items()}
         return loss * scale
+
+    def clip_fp32_gradients(self):
+        """DeepSpeed's fp32 gradient clipping, without its collective: after the exchange every
+        rank holds the same mean, so its local norm is the global one. (DeepSpeed all-reduces
+        the norm for MoE experts, whose gradients differ between ranks; those keep its path.)"""
+        if getattr(self, "has_moe_layers", False):
+            return super().clip_fp32_gradients()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.gradient_clipping())
 
     def step(self, lr_kwargs=None):
         boundary = self.is_gradient_accumulation_boundary() and not self.inside_no_sync_ctxt
