@@ -501,6 +501,7 @@ def summarize(spec: RowSpec, res: dict[str, Any], warmup: int, steps: int) -> di
             "ms_stdev": statistics.stdev(ms) if len(ms) > 1 else 0.0,
             "ms_median_slowest_rank": max(statistics.median(1e3 * s["total_s"] for s in window(r)) for r in ranks),
             "split_ms": {k: 1e3 * statistics.fmean(s[k] for s in r0) for k in ("data_s", "forward_s", "step_s")},
+            "cpu_ms_mean": 1e3 * statistics.fmean(s.get("cpu_s", 0.0) for s in r0),
             "sent_bytes": statistics.fmean(s["sent"] for s in r0),
             "received_bytes": statistics.fmean(s["received"] for s in r0),
             "dense_bytes": statistics.fmean(s["dense"] for s in r0),
@@ -594,17 +595,18 @@ def format_report(rows: list[dict], setup: dict, machine: dict) -> str:
         lines.append(f"Interrupted ({setup['interrupted']}): only the rows done before it are shown.")
     lines += [
         "",
-        "| run | ms/step (median) | mean | vs DDP fp32 | vs compute | sent MB/step/rank | fewer bytes "
-        "| eth0 MB/step (host 0) | n | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| run | ms/step (median) | mean | CPU ms/step | vs DDP fp32 | vs compute | sent MB/step/rank "
+        "| fewer bytes | eth0 MB/step (host 0) | n | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | | | |")
             continue
         load = f"{r['loadavg_before'][0]:.2f}/{r['loadavg_after'][0]:.2f}"
         lines.append(
             f"| {r['label']} | {r['ms_median']:.1f}{_spread(r, 'ms_median', '.0f')} | {r['ms_mean']:.1f} | "
+            f"{_f(r.get('cpu_ms_mean'), '.0f')} | "
             f"{_x(r.get('speedup_vs_ddp_fp32'), '.2f')}{_spread(r, 'speedup_vs_ddp_fp32', '.2f', 'x')} | "
             f"{_x(r.get('x_compute'), '.2f')}{_spread(r, 'x_compute', '.2f', 'x')} | {r['sent_bytes'] / 1e6:.3f} | "
             f"{_x(r.get('fewer_bytes_vs_ddp_fp32'), '.1f')} | "
@@ -613,7 +615,9 @@ def format_report(rows: list[dict], setup: dict, machine: dict) -> str:
     lines += [
         "",
         "vs DDP fp32: DDP fp32's median ms over the row's (higher is faster). vs compute: the row's "
-        "median over compute alone's (1.00x: communication fully hidden). sent: payload handed to the "
+        "median over compute alone's (1.00x: communication fully hidden). CPU: rank 0's process CPU per "
+        "step (mean, every thread: torch, the transport, the codecs); where every core is busy, a row's "
+        "CPU beyond compute alone's is time it cannot hide. sent: payload handed to the "
         "collectives per rank; fewer bytes: DDP fp32's sent over the row's. eth0: bytes host 0's "
         "interface sent per step. load: 1-minute load average before/after the row.",
     ]

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(steps):
         if step == warmup and local_rank == 0:
             eth_start = _iface_bytes(job.get("iface"))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batch = task.batch(sampler.indices(step))
         t1 = time.perf_counter()
         losses = task.losses(trainer.model, batch)
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = cfg.optimizer.lr * builders.lr_factor(cfg, step)
         t2 = time.perf_counter()
         sent, received, dense = trainer.step(losses, step)
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         records.append(
             {
                 "step": step,
@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data_s": t1 - t0,
                 "forward_s": t2 - t1,
                 "step_s": t3 - t2,
+                "cpu_s": c3 - c0,  # this process's CPU, every thread (torch's, gloo's, DeepSpeed's)
                 "sent": int(sent),
                 "received": int(received),
                 "dense": int(dense),
