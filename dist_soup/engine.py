@@ -34,7 +34,7 @@ from .comm import Exchange, NonFiniteError
 from .comm.reducer import GradientReducer
 from .moo import gram as grams
 from .moo import selection
-from .moo.jacobian import jacobian
+from .moo.jacobian import jacobian_rows
 from .moo.recipe import Recipe, build_recipe
 from .moo.selection import Selection
 from .moo.solvers import Solver
@@ -368,36 +368,62 @@ class SoupEngine:
         rows Jbar of the tensors of S when they may serve as their update, else {}), or None
         when some rank's rows were not finite (nothing was exchanged)."""
         S = self.candidates if probed else [c for c, keep in zip(self.candidates, self.mask.tolist()) if keep]
-        with _timed(timings, "jacobian_s"):
-            # K backward passes through the whole model: the loop beat the vmap'd batched backward
-            # on CPU (README, "Engine overhead"); the graph is not needed afterwards.
-            all_rows = jacobian(
-                loss_list, [p for _, p in self.params], retain_graph=False, batched=self.batched_jacobian
-            )
-            rows = dict(zip((n for n, _ in self.params), all_rows))
         K = len(self.objectives)
         # The means of S's rows are their update unless gradients are being accumulated (.grad
         # holds earlier micro-batches) or there is one rank (the local rows are then exact).
         reuse = self.reuse_jacobian and self.world_size > 1 and all(p.grad is None for _, p in S)
-
-        with _timed(timings, "jacobian_exchange_s"):
-            named = {f"J/{self.objectives[k]}/{name}": rows[name][k] for name, _ in S for k in range(K)}
-            try:
-                cross = self.gram == "cross"  # only the cross estimate needs each rank's own decode
-                # out=named when reusing: each row's mean overwrites the row in place
-                result = self.j_exchange.mean_many(named, return_local=cross, out=named if reuse else None)
-            except NonFiniteError:  # raised on every rank alike, before any residue changed
-                return None
-            means = result[0] if cross else result
-            jbar = {
-                name: rows[name] if reuse else torch.stack([means[f"J/{o}/{name}"] for o in self.objectives])
-                for name, _ in S
-            }
+        cross = self.gram == "cross"  # only the cross estimate needs each rank's own decode
+        handles: list = []
+        journal: dict = {}  # the J streams' states before this step, for a non-finite row
+        nonfinite = False
+        rows: dict[str, torch.Tensor] = {}
+        try:
+            with _timed(timings, "jacobian_s"):
+                # K backward passes through the whole model: the loop beat the vmap'd batched
+                # backward on CPU (README, "Engine overhead"); the graph is not needed afterwards.
+                # Objective k's rows of S leave while objective k+1's backward runs.
+                params = [p for _, p in self.params]
+                for k, all_rows in jacobian_rows(loss_list, params, retain_graph=False, batched=self.batched_jacobian):
+                    rows = dict(zip((n for n, _ in self.params), all_rows))
+                    named = {f"J/{self.objectives[k]}/{name}": rows[name][k] for name, _ in S}
+                    try:
+                        # out=named when reusing: each row's mean overwrites the row in place
+                        handles.append(
+                            self.j_exchange.mean_many_async(
+                                named, return_local=cross, out=named if reuse else None, journal=journal
+                            )
+                        )
+                    except NonFiniteError:  # raised on every rank alike, before this call changed anything
+                        nonfinite = True
+                        break  # the step is skipped: no further rows
+            with _timed(timings, "jacobian_exchange_s"):  # what the backward passes did not hide
+                results = []
+                for handle in handles:
+                    try:
+                        results.append(handle.wait())
+                    except NonFiniteError:  # learnt from the payloads (an agreed layout), on every rank
+                        nonfinite = True
+        except BaseException:
+            for handle in handles:  # every launched collective must complete before anything else
+                try:
+                    handle.wait()
+                except BaseException:  # the first error is the one worth reporting
+                    pass
+            self.j_exchange.restore(journal)
+            raise
+        if nonfinite:
+            self.j_exchange.restore(journal)
+            return None
+        means = {n: t for r in results for n, t in (r[0] if cross else r).items()}
+        jbar = {
+            name: rows[name] if reuse else torch.stack([means[f"J/{o}/{name}"] for o in self.objectives])
+            for name, _ in S
+        }
 
         with _timed(timings, "gram_s"):
             mean_g = grams.local_grams([jbar[n] for n, _ in S]).double()
             if cross:
-                locals_ = result[1]
+                locals_ = {n: t for r in results for n, t in r[1].items()}
                 local_rows = [torch.stack([locals_[f"J/{o}/{name}"] for o in self.objectives]) for name, _ in S]
                 sum_local = grams.local_grams(local_rows).double().contiguous()
                 self._all_reduce(sum_local)

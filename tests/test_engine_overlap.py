@@ -132,6 +132,55 @@ def test_nonfinite_gradient_in_a_late_bucket_skips_everywhere_and_restores_resid
     run_ranks(_worker_nonfinite_late_bucket, 2)
 
 
+# --- non-finite Jacobian row of one objective ------------------------------------------------
+class _NanGrad(torch.autograd.Function):
+    """The identity forward; NaN for every non-zero gradient backward: a finite loss whose rows
+    are not finite (zeros stay zeros: another objective's backward passes through it too)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.where(grad != 0, grad * float("nan"), grad)
+
+
+def _worker_nonfinite_jacobian_row(rank, P, at_step):
+    torch.manual_seed(0)
+    model = Net()
+    engine = engine_for(model, "qsgd", "allgather", solver="mgda", jacobian_options={"bits": 4, "error_feedback": True})
+    for step in range(at_step):  # at_step 0: the layouts' first call (the control collective)
+        assert not engine.step(losses(model, rank, step)).skipped
+    before = engine.j_exchange.state_dict()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = losses(model, rank, at_step)
+    if rank == 1:  # objective b's rows (the second objective, after a's left) are NaN on rank 1
+        x, y = batch(rank, at_step)
+        h = _NanGrad.apply(model.trunk(x))
+        out["b"] = ((model.head_b(h).squeeze(-1) + 0.1 * model.spare(h).squeeze(-1) - y[:, 1]) ** 2).mean()
+    res = engine.step(out)
+    assert res.skipped and "jacobian_s" in res.timings and engine.skipped_steps == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n
+    after = engine.j_exchange.state_dict()["streams"]
+    assert any(k.startswith("J/a/") for k in after)  # a's rows did leave
+    fresh = {"residue": None, "inner": {"step": 0}}  # a stream first used in this step
+    for k, st in after.items():
+        was = before["streams"].get(k, fresh)
+        assert (st["residue"] is None) == (was["residue"] is None), k
+        assert st["residue"] is None or torch.equal(st["residue"], was["residue"]), k
+        assert st["inner"] == was["inner"], k
+    assert not engine.step(losses(model, rank, at_step + 1)).skipped  # and the run goes on
+
+
+@pytest.mark.parametrize("at_step", [0, 2])
+def test_nonfinite_jacobian_row_of_one_objective_skips_everywhere_and_restores_residues(at_step):
+    """Objective a's rows are already on the wire when b's turn out NaN (the rows leave
+    objective by objective): every rank skips, every J residue is put back."""
+    run_ranks(_worker_nonfinite_jacobian_row, 2, at_step)
+
+
 # --- gradient accumulation, backward/step API, loss-based solvers ---------------------------
 def _worker_accumulation(rank, P):
     torch.manual_seed(0)

@@ -9,16 +9,19 @@ all K of them in one pass over the graph when the cotangents are batched
 Some backward formulas have no batching rule; the batched call then raises. The function falls
 back to one ``autograd.grad`` per objective and remembers it (module state, see
 :func:`fallback_reason`), so later calls go straight to the loop instead of failing again.
+
+:func:`jacobian_rows` hands out the rows objective by objective as the loop computes them, so a
+caller can send objective k's rows while objective k+1's backward runs (the engine does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["jacobian", "fallback_reason", "reset_fallback"]
+__all__ = ["jacobian", "jacobian_rows", "fallback_reason", "reset_fallback"]
 
 # Why the batched path was abandoned (None while it is in use), and whether it has worked once.
 _state: dict[str, object] = {"fallback": None, "verified": False}
@@ -84,7 +87,7 @@ def _batched(stacked: Tensor, params: list[Tensor], retain_graph: bool) -> list[
     return [g.reshape(k, *p.shape) for g, p in zip(grads, params)]
 
 
-def _loop(stacked: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor]:
+def _loop(stacked: Tensor, params: list[Tensor], retain_graph: bool) -> Iterator[tuple[int, list[Tensor]]]:
     k = stacked.shape[0]
     rows = _zeros_rows(k, params)
     for i in range(k):
@@ -93,7 +96,38 @@ def _loop(stacked: Tensor, params: list[Tensor], retain_graph: bool) -> list[Ten
         grads = torch.autograd.grad(stacked[i], params, retain_graph=keep, allow_unused=True, materialize_grads=True)
         for row, g in zip(rows, grads):
             row[i].copy_(g)
-    return rows
+        yield i, rows
+
+
+def jacobian_rows(
+    losses: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    retain_graph: bool = True,
+    batched: bool = True,
+) -> Iterator[tuple[int, list[Tensor]]]:
+    """:func:`jacobian` objective by objective: yields ``(k, rows)`` once ``rows[l][k]`` holds
+    ``dL_k / d params[l]`` for every l (earlier objectives' rows stay as they were given out;
+    later ones are still being computed). ``rows`` is the same list every time and, after the
+    last objective, what :func:`jacobian` returns. The batched backward computes every row at
+    once and then yields k = 0..K-1 in turn; the loop yields after each objective's backward.
+    """
+    stacked, params = _validate(losses, params)
+    if batched and _state["fallback"] is None:
+        keep = retain_graph or not _state["verified"]
+        try:
+            rows = _batched(stacked, params, keep)
+        except RuntimeError as err:  # e.g. an op without a batching rule for its backward
+            # Remember the fallback only if the loop works: an error the loop shares (a freed
+            # graph, a bad input) is the caller's and must surface unchanged.
+            yield from _loop(stacked, params, retain_graph)
+            _state["fallback"] = f"{type(err).__name__}: {err}"
+            return
+        _state["verified"] = True
+        for k in range(stacked.shape[0]):
+            yield k, rows
+        return
+    yield from _loop(stacked, params, retain_graph)
 
 
 def jacobian(
@@ -114,17 +148,7 @@ def jacobian(
     once in this process, its first attempt keeps the graph, so that a failure part-way through
     the graph can still fall back to the loop.
     """
-    stacked, params = _validate(losses, params)
-    if batched and _state["fallback"] is None:
-        keep = retain_graph or not _state["verified"]
-        try:
-            rows = _batched(stacked, params, keep)
-        except RuntimeError as err:  # e.g. an op without a batching rule for its backward
-            # Remember the fallback only if the loop works: an error the loop shares (a freed
-            # graph, a bad input) is the caller's and must surface unchanged.
-            rows = _loop(stacked, params, retain_graph)
-            _state["fallback"] = f"{type(err).__name__}: {err}"
-            return rows
-        _state["verified"] = True
-        return rows
-    return _loop(stacked, params, retain_graph)
+    rows: list[Tensor] = []
+    for _, filled in jacobian_rows(losses, params, retain_graph=retain_graph, batched=batched):
+        rows = filled
+    return rows
