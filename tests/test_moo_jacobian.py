@@ -52,6 +52,24 @@ def test_batched_equals_loop_equals_reference_with_separate_heads():
     assert all(p.grad is None for p in params)
 
 
+def test_rows_objective_by_objective_and_a_constant_loss():
+    """jacobian_rows gives objective k's rows once its pass is done (each loss on its own, so
+    equal to one autograd.grad per loss, bit for bit); a loss without a graph has zero rows."""
+    trunk, heads, losses = _model_and_losses()
+    params = list(trunk.parameters()) + list(heads.parameters())
+    ref = _reference(losses, params)
+    losses = [losses[0], torch.tensor(2.0), losses[2]]
+    seen = []
+    for k, rows in jac_mod.jacobian_rows(losses, params, batched=False):
+        seen.append(k)
+        for row, r in zip(rows, ref):
+            if k != 1:
+                assert torch.equal(row[k], r[k])
+            else:
+                assert torch.equal(row[k], torch.zeros_like(r[k]))
+    assert seen == [0, 1, 2]
+
+
 def test_retain_graph_false_frees_the_graph_after_a_verified_batched_call():
     reset_fallback()
     trunk, _, losses = _model_and_losses(1)
