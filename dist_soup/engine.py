@@ -2,12 +2,16 @@
 
 For P workers and K objectives, ``SoupEngine.backward(losses)`` runs::
 
-    2. J^p  = per-objective gradients on the selected shared tensors S   (one batched backward)
-    3. Jbar = compressed mean of the rows of J^p over the workers        (comm.Exchange "J")
+    2. J^p  = per-objective gradients of every parameter                 (K backward passes)
+    3. Jbar = compressed mean of J^p's rows on the selected shared       (comm.Exchange "J";
+              tensors S over the workers                                  objective k's rows
+                                                                          leave during pass k+1)
     4. sum_p G^p, G^p = Jhat^p Jhat^p^T from each worker's decoded rows  (one tiny all-reduce)
     5. rank 0: Gram estimate -> layer selection (probe steps) -> recipe -> lambda, broadcast
     6. backward of sum_k w_k L_k; the compressed mean of the gradient     (comm.Exchange "U")
-       leaves bucket by bucket *during* that backward (comm.reducer), and lands in .grad
+       leaves bucket by bucket *during* that backward (comm.reducer), and lands in .grad;
+       on solve steps the rows give sum_k w_k g_k without a further backward, S's rows
+       their mean Jbar^T w, and only the other tensors' gradients travel
 
 and ``SoupEngine.step(losses)`` is zero_grad, ``backward`` and ``optimizer.step()``.
 
