@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .comm import Exchange, NonFiniteError
+from .comm import Exchange, NonFiniteError, wait_all
 from .comm.reducer import GradientReducer
 from .moo import gram as grams
 from .moo import selection
@@ -401,18 +401,13 @@ class SoupEngine:
                         nonfinite = True
                         break  # the step is skipped: no further rows
             with _timed(timings, "jacobian_exchange_s"):  # what the backward passes did not hide
-                results = []
-                for handle in handles:
-                    try:
-                        results.append(handle.wait())
-                    except NonFiniteError:  # learnt from the payloads (an agreed layout), on every rank
-                        nonfinite = True
+                results, late = wait_all(handles)  # late: learnt from the payloads (an agreed layout)
+                nonfinite = nonfinite or late is not None
         except BaseException:
-            for handle in handles:  # every launched collective must complete before anything else
-                try:
-                    handle.wait()
-                except BaseException:  # the first error is the one worth reporting
-                    pass
+            try:
+                wait_all(handles)
+            except BaseException:  # the first error is the one worth reporting
+                pass
             self.j_exchange.restore(journal)
             raise
         if nonfinite:

@@ -6,7 +6,7 @@ codecs (``dist_soup.compress``) but nothing of objectives.
 """
 
 from .agreement import NonFiniteError
-from .exchange import Exchange, ExchangeHandle
+from .exchange import Exchange, ExchangeHandle, wait_all
 from .modes import DecodeError
 from .stats import ExchangeStats
 from .transport import LocalTransport, TorchTransport, Transport, Work, make_transport
@@ -33,4 +33,5 @@ __all__ = [
     "Transport",
     "Work",
     "make_transport",
+    "wait_all",
 ]

@@ -508,6 +508,28 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
     return None
 
 
+def wait_all(handles: list[ExchangeHandle]) -> tuple[list[Any], NonFiniteError | None]:
+    """Wait for every handle, whatever happens to the others: a launched collective must
+    complete on every rank before anything else is issued. Returns the results (None where a
+    handle failed) and the first :class:`NonFiniteError` (some rank's input was not finite; every
+    rank gets it from the same handles); any other error is raised once all are waited for."""
+    results: list[Any] = []
+    nonfinite: NonFiniteError | None = None
+    failure: BaseException | None = None
+    for handle in handles:
+        try:
+            results.append(handle.wait())
+        except NonFiniteError as exc:
+            results.append(None)
+            nonfinite = nonfinite or exc
+        except BaseException as exc:
+            results.append(None)
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+    return results, nonfinite
+
+
 class ExchangeHandle:
     """An exchange in flight; ``wait()`` returns what :meth:`Exchange.mean_many` returns."""
 

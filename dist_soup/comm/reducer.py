@@ -29,7 +29,7 @@ import torch
 
 from .agreement import NonFiniteError
 from .buckets import megabytes
-from .exchange import Exchange, ExchangeHandle
+from .exchange import Exchange, ExchangeHandle, wait_all
 
 
 class GradientReducer:
@@ -88,16 +88,8 @@ class GradientReducer:
         try:
             while self._next < len(self._buckets) and self._nonfinite is None:
                 self._launch(self._next)
-            failure: BaseException | None = None
-            for handle in self._handles:
-                try:
-                    handle.wait()
-                except NonFiniteError as exc:  # learnt from the payloads (an agreed layout)
-                    self._nonfinite = self._nonfinite or exc
-                except BaseException as exc:  # keep waiting: every launched collective must complete
-                    failure = failure or exc
-            if failure is not None:
-                raise failure
+            _, nonfinite = wait_all(self._handles)  # learnt from the payloads (an agreed layout)
+            self._nonfinite = self._nonfinite or nonfinite
         finally:
             self._armed = False
             self._handles = []
@@ -112,11 +104,10 @@ class GradientReducer:
         """The backward failed: let what was launched complete and disarm (no step)."""
         if not self._armed:
             return
-        for handle in self._handles:
-            try:
-                handle.wait()
-            except BaseException:  # the backward's own error is the one worth reporting
-                pass
+        try:
+            wait_all(self._handles)
+        except BaseException:  # the backward's own error is the one worth reporting
+            pass
         self.exchange.restore(self._journal)
         self._armed = False
         self._handles = []
