@@ -420,15 +420,20 @@ class SoupEngine:
         }
 
         with _timed(timings, "gram_s"):
-            mean_g = grams.local_grams([jbar[n] for n, _ in S]).double()
+            # Every rank adds its own Grams to the sum; only the coordinator, which solves, forms
+            # the estimate (its Grams of Jbar while the sum is in flight).
+            summed = None
             if cross:
                 locals_ = {n: t for r in results for n, t in r[1].items()}
                 local_rows = [torch.stack([locals_[f"J/{o}/{name}"] for o in self.objectives]) for name, _ in S]
                 sum_local = grams.local_grams(local_rows).double().contiguous()
-                self._all_reduce(sum_local)
-                per_tensor = grams.cross_gram(mean_g, sum_local, self.world_size)
-            else:
-                per_tensor = mean_g
+                summed = self.transport.all_reduce_async_(sum_local, "sum")
+            if self.rank == COORDINATOR:
+                per_tensor = grams.local_grams([jbar[n] for n, _ in S]).double()
+                if summed is not None:
+                    per_tensor = grams.cross_gram(per_tensor, summed.wait(), self.world_size)
+            elif summed is not None:
+                summed.wait()
 
         with _timed(timings, "solve_s"):
             # The coordinator decides; everyone receives [w (K), mask (|candidates|)].
