@@ -501,7 +501,7 @@ def summarize(spec: RowSpec, res: dict[str, Any], warmup: int, steps: int) -> di
             "ms_stdev": statistics.stdev(ms) if len(ms) > 1 else 0.0,
             "ms_median_slowest_rank": max(statistics.median(1e3 * s["total_s"] for s in window(r)) for r in ranks),
             "split_ms": {k: 1e3 * statistics.fmean(s[k] for s in r0) for k in ("data_s", "forward_s", "step_s")},
-            "cpu_ms_mean": 1e3 * statistics.fmean(s.get("cpu_s", 0.0) for s in r0),
+            "cpu_ms_mean": 1e3 * statistics.fmean(s["cpu_s"] for s in r0),
             "sent_bytes": statistics.fmean(s["sent"] for s in r0),
             "received_bytes": statistics.fmean(s["received"] for s in r0),
             "dense_bytes": statistics.fmean(s["dense"] for s in r0),

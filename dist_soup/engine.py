@@ -370,7 +370,8 @@ class SoupEngine:
     def _solve(self, loss_list, mean_losses, probed, epoch, timings):
         """Steps 2-5. Returns (this rank's rows ``dL_k/dtheta`` of every parameter, the mean
         rows Jbar of the tensors of S when they may serve as their update, else {}), or None
-        when some rank's rows were not finite (nothing was exchanged)."""
+        when some rank's rows were not finite (every J stream is then back to its state before
+        this step, whatever rows had left already)."""
         S = self.candidates if probed else [c for c, keep in zip(self.candidates, self.mask.tolist()) if keep]
         K = len(self.objectives)
         # The means of S's rows are their update unless gradients are being accumulated (.grad
