@@ -236,6 +236,11 @@ class SoupEngine:
         self.mask = torch.ones(len(self.candidates), dtype=torch.bool)
         self.w = torch.full((len(self.objectives),), 1.0 / len(self.objectives))
         self.last_info: dict = {}
+        # Solve steps' working memory (the K rows of every parameter, this rank's decoded rows of
+        # S), kept from one solve step to the next as CUDA's caching allocator would keep it: on
+        # CPU, memory handed back to the system costs a page fault per 4 KiB when it is written
+        # again (about 0.4 ms per MB here, 100-150 ms of a solve step at the README's size).
+        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
         self._broadcast_model()
 
     # --- public ----------------------------------------------------------------------------
@@ -388,14 +393,21 @@ class SoupEngine:
                 # backward on CPU (README, "Engine overhead"); the graph is not needed afterwards.
                 # Objective k's rows of S leave while objective k+1's backward runs.
                 params = [p for _, p in self.params]
-                for k, all_rows in jacobian_rows(loss_list, params, retain_graph=False, batched=self.batched_jacobian):
+                row_buffers = [self._buffer("rows", name, (K, *p.shape), p) for name, p in self.params]
+                local = {name: self._buffer("local", name, (K, *p.shape), p) for name, p in S} if cross else {}
+                for k, all_rows in jacobian_rows(
+                    loss_list, params, retain_graph=False, batched=self.batched_jacobian, out=row_buffers
+                ):
                     rows = dict(zip((n for n, _ in self.params), all_rows))
-                    named = {f"J/{self.objectives[k]}/{name}": rows[name][k] for name, _ in S}
+                    keys = {name: f"J/{self.objectives[k]}/{name}" for name, _ in S}
+                    named = {key: rows[name][k] for name, key in keys.items()}
+                    # out=named when reusing: each row's mean overwrites the row in place
+                    out_mean = named if reuse else None
+                    out_local = {key: local[name][k] for name, key in keys.items()} if cross else None
                     try:
-                        # out=named when reusing: each row's mean overwrites the row in place
                         handles.append(
                             self.j_exchange.mean_many_async(
-                                named, return_local=cross, out=named if reuse else None, journal=journal
+                                named, return_local=cross, out=out_mean, local_out=out_local, journal=journal
                             )
                         )
                     except NonFiniteError:  # raised on every rank alike, before this call changed anything
@@ -424,10 +436,8 @@ class SoupEngine:
             # Every rank adds its own Grams to the sum; only the coordinator, which solves, forms
             # the estimate (its Grams of Jbar while the sum is in flight).
             summed = None
-            if cross:
-                locals_ = {n: t for r in results for n, t in r[1].items()}
-                local_rows = [torch.stack([locals_[f"J/{o}/{name}"] for o in self.objectives]) for name, _ in S]
-                sum_local = grams.local_grams(local_rows).double().contiguous()
+            if cross:  # this rank's decoded rows landed in local (local_out)
+                sum_local = grams.local_grams([local[name] for name, _ in S]).double().contiguous()
                 summed = self.transport.all_reduce_async_(sum_local, "sum")
             if self.rank == COORDINATOR:
                 per_tensor = grams.local_grams([jbar[n] for n, _ in S]).double()
@@ -459,6 +469,13 @@ class SoupEngine:
         return rows, (jbar if reuse else {})
 
     # --- helpers ---------------------------------------------------------------------------
+    def _buffer(self, kind: str, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Solve-step memory ``kind`` of parameter ``name`` (contents undefined), kept between steps."""
+        buf = self._buffers.get((kind, name))
+        if buf is None or (buf.shape, buf.dtype, buf.device) != (shape, like.dtype, like.device):
+            buf = self._buffers[(kind, name)] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
     def _check_losses(self, losses: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         if not isinstance(losses, Mapping):
             raise TypeError(f"losses must be a dict name -> scalar tensor, got {type(losses).__name__}")

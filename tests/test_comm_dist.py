@@ -8,6 +8,7 @@ through ``tests.dist_utils.run_ranks``. The gloo timeout is short so a hang woul
 from __future__ import annotations
 
 import io
+import itertools
 import time
 import warnings
 
@@ -330,14 +331,17 @@ def _worker_pieces(rank: int, P: int) -> None:
                 received += (P - 1) * sizes[rank] + sum(sizes) - sizes[rank]
             assert (st.bytes_sent, st.bytes_received) == (sent, received), st
             assert st.collectives == 1 + 4 * nb
-        # out=: the means formed in the caller's memory, here the inputs themselves
-        for fresh in (False, True):
+        # out=: the means formed in the caller's memory, here the inputs themselves; local_out=:
+        # the local decodes in the caller's memory too
+        for fresh, local in itertools.product((False, True), (False, True)):
             buf = {n: t.clone() for n, t in mine.items()}
             dst = {n: torch.full_like(t, 7.0) for n, t in mine.items()} if fresh else buf
-            res, loc = ex.mean_many(buf, out=dst, return_local=True)
+            lout = {n: torch.full_like(t, 5.0) for n, t in mine.items()} if local else None
+            res, loc = ex.mean_many(buf, out=dst, return_local=True, local_out=lout)
             for n in SHAPES:
                 assert res[n] is dst[n] and torch.equal(dst[n], exact[n]), (mode, fresh, n)
                 assert torch.equal(loc[n], mine[n]), (mode, fresh, n)  # not the mean written over it
+                assert lout is None or loc[n] is lout[n], (mode, fresh, n)
         # pieces are in flight until wait(): the whole name and its pieces' names are busy
         h = ex.mean_many_async({"big": mine["big"]})
         with pytest.raises(ValueError, match="in flight"):

@@ -301,3 +301,25 @@ def test_out_receives_the_means(mode):
         ex.mean_many(x, out={"zz": torch.zeros(3)})
     with pytest.raises(TypeError, match="mapping"):
         ex.mean_many(x, out=[torch.zeros(3)])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_local_out_receives_the_local_decodes(mode):
+    g = torch.Generator().manual_seed(5)
+    x = {"w": torch.randn(30, 20, generator=g), "b": torch.randn(7, generator=g), "e": torch.empty(0)}
+    want_means, want_locals = Exchange("fp16", mode, chunk_mb=0.001).mean_many(x, return_local=True)
+    # w travels in pieces, b whole, e not at all; the local decodes land where the caller says
+    dst = {n: torch.full_like(t, 3.0) for n, t in x.items()}
+    means, locals_ = Exchange("fp16", mode, chunk_mb=0.001).mean_many(x, return_local=True, local_out=dst)
+    for n in x:
+        assert locals_[n] is dst[n] and torch.equal(dst[n], want_locals[n]), n
+        assert torch.equal(means[n], want_means[n]), n
+    for passthrough in ("identity", "fp16"):  # identity in a group of one travels nowhere
+        ex = Exchange(passthrough, mode)
+        inp = {"w": x["w"].clone()}
+        _, loc = ex.mean_many(inp, out=inp, return_local=True, local_out={"w": torch.zeros_like(x["w"])})
+        assert torch.equal(loc["w"], ex.mean_many(x, return_local=True)[1]["w"])
+    with pytest.raises(ValueError, match="return_local=True"):
+        ex.mean_many(x, local_out={"w": torch.zeros_like(x["w"])})
+    with pytest.raises(ValueError, match=r"local_out\['w'\] must be a tensor of shape"):
+        ex.mean_many(x, return_local=True, local_out={"w": torch.zeros(3)})

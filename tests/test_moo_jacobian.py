@@ -70,6 +70,23 @@ def test_rows_objective_by_objective_and_a_constant_loss():
     assert seen == [0, 1, 2]
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_rows_written_into_the_callers_memory(batched):
+    """out=: the rows are the caller's tensors (whatever they held before), same values."""
+    reset_fallback()
+    trunk, heads, losses = _model_and_losses(2)
+    params = list(trunk.parameters()) + list(heads.parameters())
+    want = jacobian(losses, params, batched=batched)
+    out = [torch.full((3, *p.shape), float("nan")) for p in params]
+    for _, rows in jac_mod.jacobian_rows(losses, params, batched=batched, out=out):
+        assert all(r is o for r, o in zip(rows, out))
+    assert all(torch.equal(o, w) for o, w in zip(out, want))
+    with pytest.raises(ValueError, match=r"out\[1\] must be a contiguous tensor of shape \(3, 8\)"):
+        next(jac_mod.jacobian_rows(losses, params, out=[out[0], torch.zeros(3, 9)] + out[2:]))
+    with pytest.raises(ValueError, match="out holds 1 tensors"):
+        next(jac_mod.jacobian_rows(losses, params, out=out[:1]))
+
+
 def test_retain_graph_false_frees_the_graph_after_a_verified_batched_call():
     reset_fallback()
     trunk, _, losses = _model_and_losses(1)

@@ -181,6 +181,7 @@ class Exchange:
         *,
         return_local: bool = False,
         out: Mapping[str, torch.Tensor] | None = None,
+        local_out: Mapping[str, torch.Tensor] | None = None,
     ) -> Any:
         """Means of many named tensors, fused into buckets of about ``bucket_mb``.
 
@@ -188,9 +189,11 @@ class Exchange:
         ``locals[name]`` is this rank's own decoded contribution. ``out[name]`` (same shape,
         dtype and device as ``tensors[name]``; it may be that tensor itself) receives the mean
         in place and is what is returned for that name: a tensor cut into pieces is then
-        assembled in memory the caller already holds.
+        assembled in memory the caller already holds. ``local_out[name]`` (with
+        ``return_local``; memory apart from the input and ``out``) does the same for the
+        local decode: a caller that keeps such buffers across steps maps no fresh pages.
         """
-        return self.mean_many_async(tensors, return_local=return_local, out=out).wait()
+        return self.mean_many_async(tensors, return_local=return_local, out=out, local_out=local_out).wait()
 
     def mean_many_async(
         self,
@@ -198,6 +201,7 @@ class Exchange:
         *,
         return_local: bool = False,
         out: Mapping[str, torch.Tensor] | None = None,
+        local_out: Mapping[str, torch.Tensor] | None = None,
         journal: dict | None = None,
     ) -> ExchangeHandle:
         """Like :meth:`mean_many`, returning once the collectives are launched;
@@ -212,9 +216,13 @@ class Exchange:
         error: Exception | None = None
         nonfinite: int | None = None
         outs: dict[str, torch.Tensor] = {}
+        local_outs: dict[str, torch.Tensor] = {}
         try:
             specs = self._inspect(tensors)
             outs = _check_out(out, tensors)
+            local_outs = _check_out(local_out, tensors, "local_out")
+            if local_outs and not return_local:
+                raise ValueError("local_out is where the local decodes go: it needs return_local=True")
             settings = self._settings + tensor_settings(specs)
             nonfinite = _first_nonfinite([tensors[s[0]] for s in specs])
         except (TypeError, ValueError) as exc:
@@ -228,7 +236,7 @@ class Exchange:
             # part with zeros of it and a status word that makes every rank raise.
             layout = self._agreed_names[tuple(tensors)]
             tensors = {n: torch.zeros(s, dtype=d, device=dev) for n, s, d, dev in layout}
-            specs, outs, status = [(n, s, d) for n, s, d, _ in layout], {}, REJECTED
+            specs, outs, local_outs, status = [(n, s, d) for n, s, d, _ in layout], {}, {}, REJECTED
         else:
             layout = tuple((n, s, d, tensors[n].device) for n, s, d in specs if math.prod(s) > 0 and not passthrough)
         # A layout that every rank has agreed on in an earlier call needs no control collective:
@@ -363,6 +371,7 @@ class Exchange:
             journal,
             error,
             status_work,
+            local_outs,
         )
 
     def _plan(self, layout: tuple) -> tuple[list[Bucket], dict[str, list[Piece]]]:
@@ -464,23 +473,25 @@ def _into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
-def _check_out(out: Mapping[str, torch.Tensor] | None, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _check_out(
+    out: Mapping[str, torch.Tensor] | None, tensors: Mapping[str, torch.Tensor], what: str = "out"
+) -> dict[str, torch.Tensor]:
     if out is None:
         return {}
     if not isinstance(out, Mapping):
-        raise TypeError(f"out must be a mapping name -> tensor, got {type(out).__name__}")
+        raise TypeError(f"{what} must be a mapping name -> tensor, got {type(out).__name__}")
     for name, o in out.items():
         if name not in tensors:
-            raise ValueError(f"out names {name!r}, which is not one of the tensors of this call")
+            raise ValueError(f"{what} names {name!r}, which is not one of the tensors of this call")
         t = tensors[name]
         if not isinstance(o, torch.Tensor) or (o.shape, o.dtype, o.device) != (t.shape, t.dtype, t.device):
             got = (tuple(o.shape), o.dtype, o.device) if isinstance(o, torch.Tensor) else type(o).__name__
             raise ValueError(
-                f"out[{name!r}] must be a tensor of shape {tuple(t.shape)}, dtype {t.dtype} and "
+                f"{what}[{name!r}] must be a tensor of shape {tuple(t.shape)}, dtype {t.dtype} and "
                 f"device {t.device} (like the input), got {got}"
             )
         if not o.is_contiguous():
-            raise ValueError(f"out[{name!r}] must be contiguous")
+            raise ValueError(f"{what}[{name!r}] must be contiguous")
     return dict(out)
 
 
@@ -548,12 +559,14 @@ class ExchangeHandle:
         journal: dict | None = None,
         local_error: Exception | None = None,
         status_work: Any = None,
+        local_out: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self._exchange = exchange
         self._status_work = status_work  # the ranks' status words, when they travel on their own
         self._journal = journal
         self._local_error = local_error  # this rank's rejected input, raised once all ranks know
         self._out = dict(out or {})
+        self._local_out = dict(local_out or {})
         # piece name -> (tensor name, piece), for putting the pieces back together
         self._piece_of = {p.name: (n, p) for n, cut in (cuts or {}).items() for p in cut}
         self._streams = set(streams) if streams is not None else {n for n, _, _ in specs}
@@ -612,7 +625,8 @@ class ExchangeHandle:
             t = self._tensors[n]
             means[n] = self._out[n] if n in self._out else torch.empty(t.shape, dtype=t.dtype, device=t.device)
             if self._return_local:
-                mine[n] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                given = self._local_out.get(n)
+                mine[n] = given if given is not None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
         done = 0
         try:
             if self._status_work is not None:
@@ -673,6 +687,8 @@ class ExchangeHandle:
                     means[name] = t.detach().clone() if self._passthrough else torch.empty_like(t)
                     mine[name] = means[name]
         means = {n: means[n] for n in self._names}
+        for name, dst in self._local_out.items():
+            mine[name] = _into(dst, mine[name])
         self._result = (means, {n: mine[n] for n in self._names}) if self._return_local else means
         self._done = True
         self._tensors = {}

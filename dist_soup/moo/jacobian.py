@@ -84,10 +84,27 @@ def _batched(losses: list[Tensor], params: list[Tensor], retain_graph: bool) -> 
     return [g.reshape(k, *p.shape) for g, p in zip(grads, params)]
 
 
-def _loop(losses: list[Tensor], params: list[Tensor], retain_graph: bool) -> Iterator[tuple[int, list[Tensor]]]:
+def _check_rows(out: Sequence[Tensor], k: int, params: list[Tensor]) -> list[Tensor]:
+    out = list(out)
+    if len(out) != len(params):
+        raise ValueError(f"out holds {len(out)} tensors for {len(params)} parameters")
+    for i, (o, p) in enumerate(zip(out, params)):
+        want = ((k, *p.shape), p.dtype, p.device)
+        if not isinstance(o, Tensor) or (o.shape, o.dtype, o.device) != want or not o.is_contiguous():
+            got = (tuple(o.shape), o.dtype, o.device) if isinstance(o, Tensor) else type(o).__name__
+            raise ValueError(
+                f"out[{i}] must be a contiguous tensor of shape {want[0]}, dtype {p.dtype} and device "
+                f"{p.device}, got {got}"
+            )
+    return out
+
+
+def _loop(
+    losses: list[Tensor], params: list[Tensor], retain_graph: bool, out: list[Tensor] | None = None
+) -> Iterator[tuple[int, list[Tensor]]]:
     k = len(losses)
     # Every row is written below (materialized gradients, or zeros), so no zero fill first.
-    rows = [torch.empty((k, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+    rows = out if out is not None else [torch.empty((k, *p.shape), dtype=p.dtype, device=p.device) for p in params]
     for i, loss in enumerate(losses):
         if not loss.requires_grad:  # a constant loss: zero rows
             for row in rows:
@@ -109,14 +126,21 @@ def jacobian_rows(
     *,
     retain_graph: bool = True,
     batched: bool = True,
+    out: Sequence[Tensor] | None = None,
 ) -> Iterator[tuple[int, list[Tensor]]]:
     """:func:`jacobian` objective by objective: yields ``(k, rows)`` once ``rows[l][k]`` holds
     ``dL_k / d params[l]`` for every l. Earlier objectives' rows stay as they were given out;
     later ones hold no values yet (read row k only). ``rows`` is the same list every time and,
     after the last objective, what :func:`jacobian` returns. The batched backward computes every
     row at once and then yields k = 0..K-1 in turn; the loop yields after each objective's pass.
+
+    ``out``: the rows' memory, one contiguous ``(K, *params[l].shape)`` tensor per parameter of
+    its dtype and device (``rows`` is then ``out``). A caller that solves often keeps it across
+    calls: fresh rows are K copies of the parameters whose every page is mapped anew on CPU.
     """
     scalars, params = _validate(losses, params)
+    if out is not None:
+        out = _check_rows(out, len(scalars), params)
     if batched and _state["fallback"] is None:
         keep = retain_graph or not _state["verified"]
         try:
@@ -124,14 +148,18 @@ def jacobian_rows(
         except RuntimeError as err:  # e.g. an op without a batching rule for its backward
             # Remember the fallback only if the loop works: an error the loop shares (a freed
             # graph, a bad input) is the caller's and must surface unchanged.
-            yield from _loop(scalars, params, retain_graph)
+            yield from _loop(scalars, params, retain_graph, out)
             _state["fallback"] = f"{type(err).__name__}: {err}"
             return
         _state["verified"] = True
+        if out is not None:
+            for dst, src in zip(out, rows):
+                dst.copy_(src)
+            rows = out
         for k in range(len(scalars)):
             yield k, rows
         return
-    yield from _loop(scalars, params, retain_graph)
+    yield from _loop(scalars, params, retain_graph, out)
 
 
 def jacobian(
