@@ -236,10 +236,7 @@ class SoupEngine:
         self.mask = torch.ones(len(self.candidates), dtype=torch.bool)
         self.w = torch.full((len(self.objectives),), 1.0 / len(self.objectives))
         self.last_info: dict = {}
-        # Solve steps' working memory (the K rows of every parameter, this rank's decoded rows of
-        # S), kept from one solve step to the next as CUDA's caching allocator would keep it: on
-        # CPU, memory handed back to the system costs a page fault per 4 KiB when it is written
-        # again (about 0.4 ms per MB here, 100-150 ms of a solve step at the README's size).
+        # Solve steps' working memory on CPU (see _buffer).
         self._buffers: dict[tuple[str, str], torch.Tensor] = {}
         self._broadcast_model()
 
@@ -470,7 +467,15 @@ class SoupEngine:
 
     # --- helpers ---------------------------------------------------------------------------
     def _buffer(self, kind: str, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """Solve-step memory ``kind`` of parameter ``name`` (contents undefined), kept between steps."""
+        """Solve-step memory ``kind`` of parameter ``name`` (contents undefined).
+
+        On CPU it is kept from one solve step to the next (K rows of every parameter and of S):
+        memory the allocator hands back to the system costs a page fault per 4 KiB when it is
+        written again, about 0.4 ms per MB here, 100-150 ms of a solve step at the README's
+        size. CUDA's caching allocator already reuses freed blocks, and a buffer kept there
+        would only take memory from the plain steps' activations."""
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
         buf = self._buffers.get((kind, name))
         if buf is None or (buf.shape, buf.dtype, buf.device) != (shape, like.dtype, like.device):
             buf = self._buffers[(kind, name)] = torch.empty(shape, dtype=like.dtype, device=like.device)
