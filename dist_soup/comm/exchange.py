@@ -24,8 +24,9 @@ own. Bucket j's collective is launched asynchronously before bucket j+1 is encod
 ``wait()`` decodes bucket j while the later ones are still on the wire, so encoding, transfer
 and decoding overlap instead of running one after the other; ``wait()`` puts the pieces back
 together, forming each piece's mean directly in its slice of the result where the mode can.
-``out=`` lets the caller supply that result's memory (the DDP hook passes the bucket itself):
-a fresh result of tens of megabytes costs, on every call, the page faults of memory the
+``out=`` lets the caller supply that result's memory (the DDP hook passes the bucket itself),
+and ``local_out=`` that of this rank's own decodes (the engine's solve steps keep it between
+steps): a fresh result of tens of megabytes costs, on every call, the page faults of memory the
 allocator maps anew (glibc's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` keep freed
 memory instead; ``benchmarks/collectives.py`` measures both).
 
