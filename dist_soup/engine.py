@@ -383,23 +383,22 @@ class SoupEngine:
         handles: list = []
         journal: dict = {}  # the J streams' states before this step, for a non-finite row
         nonfinite = False
-        rows: dict[str, torch.Tensor] = {}
         try:
             with _timed(timings, "jacobian_s"):
                 # K backward passes through the whole model: the loop beat the vmap'd batched
                 # backward on CPU (README, "Engine overhead"); the graph is not needed afterwards.
                 # Objective k's rows of S leave while objective k+1's backward runs.
                 params = [p for _, p in self.params]
-                row_buffers = [self._buffer("rows", name, (K, *p.shape), p) for name, p in self.params]
+                rows = {name: self._buffer("rows", name, (K, *p.shape), p) for name, p in self.params}
+                # Jbar: the means overwrite S's rows in place when they serve as the update.
+                jbar = {name: rows[name] if reuse else self._buffer("mean", name, (K, *p.shape), p) for name, p in S}
                 local = {name: self._buffer("local", name, (K, *p.shape), p) for name, p in S} if cross else {}
-                for k, all_rows in jacobian_rows(
-                    loss_list, params, retain_graph=False, batched=self.batched_jacobian, out=row_buffers
+                for k, _ in jacobian_rows(
+                    loss_list, params, retain_graph=False, batched=self.batched_jacobian, out=list(rows.values())
                 ):
-                    rows = dict(zip((n for n, _ in self.params), all_rows))
                     keys = {name: f"J/{self.objectives[k]}/{name}" for name, _ in S}
                     named = {key: rows[name][k] for name, key in keys.items()}
-                    # out=named when reusing: each row's mean overwrites the row in place
-                    out_mean = named if reuse else None
+                    out_mean = {key: jbar[name][k] for name, key in keys.items()}
                     out_local = {key: local[name][k] for name, key in keys.items()} if cross else None
                     try:
                         handles.append(
@@ -411,7 +410,7 @@ class SoupEngine:
                         nonfinite = True
                         break  # the step is skipped: no further rows
             with _timed(timings, "jacobian_exchange_s"):  # what the backward passes did not hide
-                results, late = wait_all(handles)  # late: learnt from the payloads (an agreed layout)
+                _, late = wait_all(handles)  # late: learnt from the payloads (an agreed layout)
                 nonfinite = nonfinite or late is not None
         except BaseException:
             try:
@@ -423,11 +422,6 @@ class SoupEngine:
         if nonfinite:
             self.j_exchange.restore(journal)
             return None
-        means = {n: t for r in results for n, t in (r[0] if cross else r).items()}
-        jbar = {
-            name: rows[name] if reuse else torch.stack([means[f"J/{o}/{name}"] for o in self.objectives])
-            for name, _ in S
-        }
 
         with _timed(timings, "gram_s"):
             # Every rank adds its own Grams to the sum; only the coordinator, which solves, forms
