@@ -465,9 +465,10 @@ class SoupEngine:
 
         On CPU it is kept from one solve step to the next (K rows of every parameter and of S):
         memory the allocator hands back to the system costs a page fault per 4 KiB when it is
-        written again, about 0.4 ms per MB here, 100-150 ms of a solve step at the README's
-        size. CUDA's caching allocator already reuses freed blocks, and a buffer kept there
-        would only take memory from the plain steps' activations."""
+        written again, about 0.4 ms per MB on the dev VM (the stack of the local rows alone took
+        20-30 ms of a solve step at the README's size). CUDA's caching allocator already reuses
+        freed blocks, and a buffer kept there would only take memory from the plain steps'
+        activations."""
         if like.device.type != "cpu":
             return torch.empty(shape, dtype=like.dtype, device=like.device)
         buf = self._buffers.get((kind, name))
