@@ -314,8 +314,8 @@ def test_local_out_receives_the_local_decodes(mode):
     for n in x:
         assert locals_[n] is dst[n] and torch.equal(dst[n], want_locals[n]), n
         assert torch.equal(means[n], want_means[n]), n
-    for passthrough in ("identity", "fp16"):  # identity in a group of one travels nowhere
-        ex = Exchange(passthrough, mode)
+    for codec in ("identity", "fp16"):  # identity in a group of one travels nowhere (the passthrough)
+        ex = Exchange(codec, mode)
         inp = {"w": x["w"].clone()}
         _, loc = ex.mean_many(inp, out=inp, return_local=True, local_out={"w": torch.zeros_like(x["w"])})
         assert torch.equal(loc["w"], ex.mean_many(x, return_local=True)[1]["w"])
