@@ -121,6 +121,9 @@ COMMON: tuple[str, ...] = (
     "logging.progress=none",
     "seed=0",
 )
+# --malloc-keep: glibc keeps freed memory instead of handing it back and page-faulting it in
+# again on the next step (read by each process at its start; every row gets the same).
+MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 TASK_OPTIONS = {"languages": 2, "hidden": 512, "layers": 4}
 QUICK_TASK_OPTIONS = {"languages": 2, "hidden": 64, "layers": 2, "n_train": 1200, "n_test": 100}
 
@@ -368,6 +371,8 @@ def run_row(spec: RowSpec, idx: int, hosts: Hosts, args: argparse.Namespace, wor
     )
     if args.eager:
         env["DIST_SOUP_COMPILE"] = "0"
+    if args.malloc_keep:
+        env.update(MALLOC_KEEP)
     procs: list[tuple[subprocess.Popen, Path]] = []
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -507,6 +512,8 @@ def summarize(spec: RowSpec, res: dict[str, Any], warmup: int, steps: int) -> di
             "dense_bytes": statistics.fmean(s["dense"] for s in r0),
             "final_losses": ranks[0].get("final_losses"),
             "engine_timings_ms": ranks[0].get("engine_timings_ms"),
+            "thread_cpu_ms": ranks[0].get("thread_cpu_ms"),
+            "minor_faults": ranks[0].get("minor_faults"),
             "solved_steps": ranks[0].get("solved_steps"),
             "threads": ranks[0].get("threads"),
             "world": ranks[0].get("world"),
@@ -587,7 +594,8 @@ def format_report(rows: list[dict], setup: dict, machine: dict) -> str:
         f"{' '.join(f'{x:.2f}' for x in machine['loadavg_end'])} at end.",
         f"Task: msp_synth {setup['task_options']}, Adam lr 3e-3, batch 16 per rank, "
         f"{setup['threads']} thread(s) per rank; rank 0's steps {setup['warmup']}-{setup['steps']} "
-        f"(steady state); codecs {'eager' if setup['eager'] else 'as configured (compiled where available)'}.",
+        f"(steady state); codecs {'eager' if setup['eager'] else 'as configured (compiled where available)'}"
+        f"{'; glibc keeps freed memory (--malloc-keep, every row)' if setup.get('malloc_keep') else ''}.",
     ]
     if setup.get("link"):
         lines.append(f"Link: {setup['link']}")
@@ -627,6 +635,24 @@ def format_report(rows: list[dict], setup: dict, machine: dict) -> str:
             "of the ratios formed within each round; (lo-hi) their range over the rounds; the other "
             "columns are the last round's."
         )
+    split = [r for r in rows if not r.get("error") and r.get("thread_cpu_ms")]
+    if split:
+        lines += [
+            "",
+            "Rank 0's CPU per step by thread (ms, user + sys; last round) and the page faults of memory "
+            "mapped anew (per step):",
+            "",
+            "| run | training thread | other threads | of which sys | page faults |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in split:
+            cpu = r["thread_cpu_ms"]
+            main = [sum(v) for name, v in cpu.items() if name.startswith("python")]
+            other = [sum(v) for name, v in cpu.items() if not name.startswith("python")]
+            lines.append(
+                f"| {r['label']} | {sum(main):.0f} | {sum(other):.0f} | {sum(v[1] for v in cpu.values()):.0f} | "
+                f"{_f(r.get('minor_faults'), '.0f')} |"
+            )
     return "\n".join(lines)
 
 
@@ -709,6 +735,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loopback",
         action="store_true",
         help="no namespaces: every 'host' is a torchrun node on 127.0.0.1 (no cap, --rate ignored)",
+    )
+    p.add_argument(
+        "--malloc-keep",
+        action="store_true",
+        help="every row's processes keep freed memory (glibc MALLOC_MMAP_THRESHOLD_ / "
+        "MALLOC_TRIM_THRESHOLD_): no row pays page faults for memory glibc returned and maps anew",
     )
     p.add_argument("--keep-logs", action="store_true", help="keep the per-row worker logs and rank files")
     args = p.parse_args(argv)
@@ -856,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         "extra_set": args.set,
         "eager": args.eager,
         "loopback": args.loopback,
+        "malloc_keep": args.malloc_keep,
         "link": hosts.link,
         "quick": args.quick,
         "date": stamp,

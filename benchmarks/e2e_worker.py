@@ -21,6 +21,7 @@ import datetime
 import gc
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -255,6 +256,27 @@ def _iface_bytes(iface: str | None) -> tuple[int, int] | None:
         return None
 
 
+def _thread_cpu() -> dict[str, list[float]]:
+    """CPU seconds ``[user, sys]`` of this process's threads, summed by thread name (Linux /proc).
+
+    Splits the row's CPU per step into the training thread (``python``: forward, backward, codecs)
+    and the rest (gloo's, OpenMP's), and user time from the kernel's (``sys``: sockets, veth, page
+    faults); {} where /proc has no per-thread figures."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, list[float]] = {}
+    for task_dir in Path("/proc/self/task").glob("*"):
+        try:
+            name = (task_dir / "comm").read_text().strip()
+            fields = (task_dir / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended between the listing and the read
+        # fields[0] is field 3 of proc(5): utime and stime are fields 14 and 15
+        acc = out.setdefault(name, [0.0, 0.0])
+        acc[0] += int(fields[11]) / tick
+        acc[1] += int(fields[12]) / tick
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--spec", required=True, help="the row's JSON spec (written by e2e_hosts.py)")
@@ -281,11 +303,15 @@ def main(argv: list[str] | None = None) -> int:
 
     records = []
     eth_start = None
+    threads_start: dict[str, list[float]] = {}
+    faults_start = 0
     last_losses: dict[str, float] = {}
     dist.barrier()  # start together (untimed); no barrier between steps
     for step in range(steps):
         if step == warmup and local_rank == 0:
             eth_start = _iface_bytes(job.get("iface"))
+        if step == warmup:
+            threads_start, faults_start = _thread_cpu(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0, c0 = time.perf_counter(), time.process_time()
         batch = task.batch(sampler.indices(step))
         t1 = time.perf_counter()
@@ -311,6 +337,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if step == steps - 1:
             last_losses = {k: float(v.detach()) for k, v in losses.items()}
+    threads_end, window = _thread_cpu(), max(steps - warmup, 1)
+    thread_cpu_ms = {  # per steady-state step, [user, sys]
+        name: [
+            1e3 * (u - threads_start.get(name, [0.0, 0.0])[0]) / window,
+            1e3 * (k - threads_start.get(name, [0.0, 0.0])[1]) / window,
+        ]
+        for name, (u, k) in threads_end.items()
+    }
     eth = None
     if eth_start is not None:
         end = _iface_bytes(job.get("iface"))
@@ -325,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "steps": records,
         "eth0": eth,
+        "thread_cpu_ms": thread_cpu_ms,
+        # page faults per steady-state step: memory the allocator mapped anew (each costs sys time)
+        "minor_faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start) / window,
         "final_losses": last_losses,
         **trainer.summary(),
     }

@@ -53,6 +53,7 @@ def test_e2e_harness_two_tiny_rows(tmp_path):
         "90",
         "--rounds",
         "2",
+        "--malloc-keep",
     ]
     cmd += ["--rate", "1gbit", "--prefix", prefix, "--subnet", "10.203.0"] if netns else ["--loopback"]
     try:
@@ -87,7 +88,14 @@ def test_e2e_harness_two_tiny_rows(tmp_path):
         assert row["label"] in md and row["label"] in r.stdout
         if netns:
             assert row["eth0_tx_bytes"] > 0, row  # the traffic crossed the veth link
+        # rank 0's CPU by thread (/proc): the training thread did the work
+        threads = row["thread_cpu_ms"]
+        train = sum(sum(v) for name, v in threads.items() if name.startswith("python"))
+        assert train > 0 and all(x >= 0 for v in threads.values() for x in v), threads
+        assert row["minor_faults"] >= 0
     assert rows["ddp_fp32"]["speedup_vs_ddp_fp32"] == 1.0 and data["setup"]["rounds"] == 2
+    assert data["setup"]["malloc_keep"] and "--malloc-keep, every row" in md
+    assert "| run | training thread | other threads |" in md
     assert "(round 2/2)" in r.stdout and "2 rounds: ms/step is the median" in md
     # QSGD 4-bit puts about 8x fewer bytes on the wire than fp32 buckets (tiny tensors: less)
     assert rows["ew_qsgd4"]["fewer_bytes_vs_ddp_fp32"] > 3.0
