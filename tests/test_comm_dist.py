@@ -515,3 +515,41 @@ def _worker_agreed_layout(rank: int, P: int) -> None:
 
 def test_agreed_layout_needs_no_control_collective_and_still_stops_together():
     spawn(_worker_agreed_layout, 2)
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same_state, a, b))
+    return a == b
+
+
+def _worker_nonfinite_found_in_encode(rank: int, P: int) -> None:
+    # QSGD on an agreed allgather layout: the exchange makes no pass of its own over the tensors,
+    # the codec finds the NaN / inf while it encodes, and that bucket's status word stops every rank.
+    mine = rank_tensors(rank, {"small": (100,), "big": (64, 700)})  # raw; 4 pieces at chunk_mb 0.05
+    for opts in ({"bits": 4}, {"bits": 4, "norm": "l2"}):
+        ex, ref = (Exchange("qsgd", "allgather", chunk_mb=0.05, **opts) for _ in range(2))
+        ex.mean_many(mine)  # the layout is agreed
+        ref.mean_many(mine)
+        cases = [("small", float("nan")), ("big", float("inf"))]
+        if opts.get("norm") == "l2":
+            cases.append(("big", 1e30))  # finite, but its bucket's 2-norm overflows to inf
+        for name, value in cases:
+            before = ex.state_dict()
+            bad = dict(mine)
+            if rank == 1:
+                bad[name] = bad[name].clone()
+                bad[name].view(-1)[-3] = value  # in the last piece
+            _expect_everywhere(lambda ex=ex, bad=bad: ex.mean_many(bad), f"'{name}'", "non-finite", "rank 1")
+            assert _same_state(ex.state_dict(), before), (opts, name, value)
+        # nothing changed: the next call gives what an exchange that never saw the bad calls gives
+        got, want = ex.mean_many(mine), ref.mean_many(mine)
+        assert all(torch.equal(got[k], want[k]) for k in mine), opts
+
+
+def test_nonfinite_found_while_encoding_stops_every_rank_with_nothing_changed():
+    spawn(_worker_nonfinite_found_in_encode, 2)

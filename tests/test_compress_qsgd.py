@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dist_soup.compress import Payload, build, kernels
+from dist_soup.compress import NonFiniteInput, Payload, build, kernels
 from dist_soup.compress.qsgd import omega_codes, omega_decode, sum_dtype, write_bits
 
 
@@ -152,12 +152,20 @@ def test_state_dict_resume():
     assert all(torch.equal(x, y) for x, y in zip(want, got))
 
 
-def test_non_finite_input_raises():
-    for bad in (float("nan"), float("inf")):
-        g = torch.randn(2048)
-        g[77] = bad
-        with pytest.raises(ValueError, match="non-finite"):
-            build("qsgd").compress(g)
+@pytest.mark.parametrize("coding", ["dense", "elias"])
+@pytest.mark.parametrize("numel", [2048, 2000, 100])  # whole buckets, a partial last one, raw
+def test_non_finite_input_raises_and_leaves_the_stream_as_it_was(coding, numel):
+    assert build("qsgd").rejects_nonfinite  # the exchange relies on it (no pre-pass of its own)
+    good = torch.randn(numel)
+    want = build("qsgd", coding=coding, seed=3).compress(good).to_bytes()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        g = good.clone()
+        g[numel - 7] = bad
+        c = build("qsgd", coding=coding, seed=3)
+        with pytest.raises(NonFiniteInput, match="non-finite"):
+            c.compress(g)
+        # the failed call did not happen: the next one draws what a fresh stream's first would
+        assert c.step == 0 and torch.equal(c.compress(good).to_bytes(), want)
 
 
 def test_bad_options():

@@ -13,8 +13,10 @@ one rank becomes an error on all of them. It travels while this rank encodes its
 (which is undone if the check fails). Later calls on an agreed layout skip it where the mode
 carries a status word with its payloads (``allgather``): a rank whose input is not finite, or
 rejected, sends zeros and a non-zero word, and every rank raises in ``wait()`` before decoding,
-with every stream the call touched put back (``journal``). Other modes keep the per-call
-control collective. Then the tensors are cut into buckets
+with every stream the call touched put back (``journal``). There a codec that looks at every
+value anyway (QSGD's scales; ``Compressor.rejects_nonfinite``) finds a non-finite input while it
+encodes, and only that bucket is sent as zeros with the word, so the exchange makes no pass of
+its own over the tensors. Other modes keep the per-call control collective. Then the tensors are cut into buckets
 (:mod:`dist_soup.comm.buckets`) and each bucket goes through the mode's collectives
 (:mod:`dist_soup.comm.modes`); the asynchronous form returns after launching them.
 
@@ -114,6 +116,7 @@ class Exchange:
         self.stats = ExchangeStats()
 
         probe = self._build(0)  # unknown codecs and options fail here, on every rank alike
+        self._rejects_nonfinite = probe.rejects_nonfinite
         if mode == "allreduce" and not isinstance(probe, LinearCodec):
             raise ValueError(
                 f"compressor {compressor!r} cannot be summed on the wire, so mode='allreduce' is not "
@@ -225,7 +228,6 @@ class Exchange:
             if local_outs and not return_local:
                 raise ValueError("local_out is where the local decodes go: it needs return_local=True")
             settings = self._settings + tensor_settings(specs)
-            nonfinite = _first_nonfinite([tensors[s[0]] for s in specs])
         except (TypeError, ValueError) as exc:
             error = exc
         # A group of one with the lossless codec: the mean (and the local decode) is the input,
@@ -245,6 +247,12 @@ class Exchange:
         # the mode carries it, else in a tiny all-reduce launched with them and waited for (first)
         # in wait(), so that nothing waits for it before the payloads leave.
         fast = self.transport.world_size > 1 and layout in self._agreed and (error is None or status == REJECTED)
+        # Where each bucket's status word travels with its payloads, a codec that looks at every
+        # value anyway (QSGD's scales) finds a NaN or inf while it encodes (the mode then sends
+        # zeros and the word for that bucket): no pass over the tensors here.
+        found_in_encode = fast and self._mode.carries_status and self._rejects_nonfinite
+        if error is None and not found_in_encode:
+            nonfinite = _first_nonfinite([tensors[s[0]] for s in specs])
         ctl0 = time.perf_counter()
         if fast:
             if status is None:
@@ -302,7 +310,15 @@ class Exchange:
         for n, cut in cuts.items():
             flat = tensors[n].detach().reshape(-1)
             inputs.update((p.name, p.of(flat)) for p in cut)
-        extra = {"status": status} if fast and self._mode.carries_status else {}
+        extra: dict[str, Any] = {}
+        if fast and self._mode.carries_status:
+
+            def status_of(entry: str) -> int:
+                """The status word of a non-finite bucket entry: its tensor's index + 1."""
+                owner = next((n for n, cut in cuts.items() if any(p.name == entry for p in cut)), entry)
+                return 1 + next(i for i, (n, _, _) in enumerate(specs) if n == owner)
+
+            extra = {"status": status, "status_of": status_of}
         status_work = None
         if fast and not self._mode.carries_status:
             me = self.transport.rank + 1

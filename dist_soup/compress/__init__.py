@@ -7,7 +7,7 @@ the error-feedback memory), the codecs (``cast``, ``qsgd``, ``adacomp``, ``spars
 """
 
 from .adacomp import AdaComp
-from .base import Compressor, LinearCodec
+from .base import Compressor, LinearCodec, NonFiniteInput
 from .cast import BF16, FP16, Identity
 from .feedback import ErrorFeedback, Residue
 from .payload import Payload
@@ -24,6 +24,7 @@ __all__ = [
     "FP16",
     "Identity",
     "LinearCodec",
+    "NonFiniteInput",
     "Payload",
     "QSGD",
     "RandomK",

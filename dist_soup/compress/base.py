@@ -81,6 +81,10 @@ def mix_key(*values: int) -> int:
     return h & _MASK63
 
 
+class NonFiniteInput(ValueError):
+    """``compress`` was handed NaN or inf; the stream is left as it was before the call."""
+
+
 class Compressor(ABC):
     """One compressor stream. Subclasses set ``name`` and implement ``compress``/``decompress``.
 
@@ -95,6 +99,10 @@ class Compressor(ABC):
     #: rank of a collective knows every other rank's size without asking (``allgather`` then
     #: skips its size exchange).
     fixed_size: bool = False
+    #: ``compress`` raises :class:`NonFiniteInput` for every input holding NaN or inf, of any
+    #: size (it looks at every value anyway, e.g. for its scales), so a caller needs no pass of
+    #: its own to find them (the exchange skips its pre-pass on agreed layouts).
+    rejects_nonfinite: bool = False
 
     def __init__(self, *, seed: int = 0, rank: int = 0, stream: int = 0) -> None:
         self.seed = int(seed)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from . import kernels
-from .base import FLOATS, LinearCodec, check_choice, check_int, check_out, flat_input
+from .base import FLOATS, LinearCodec, NonFiniteInput, check_choice, check_int, check_out, flat_input
 from .kernels import pack_bits, unpack_bits
 from .payload import CODEC_IDS, Payload
 
@@ -199,10 +199,12 @@ class QSGD(LinearCodec):
     sent uncompressed, default 1024); ``wire_int16`` (allreduce mode: allow int16 sums; off by
     default because gloo cannot all-reduce int16, so sums beyond int8 travel as int32); ``backend``
     "auto", "compiled" or "eager" (see :mod:`.kernels`); ``seed``, ``rank``, ``stream`` for the
-    random draws.
+    random draws. A NaN or inf anywhere in the input raises :class:`NonFiniteInput` (it shows in
+    its bucket's scale; raw tensors are checked as they are).
     """
 
     name = "qsgd"
+    rejects_nonfinite = True
 
     def __init__(
         self,
@@ -280,11 +282,11 @@ class QSGD(LinearCodec):
         parts = [kernels._norms(b.to(torch.float32), self.norm) for b in (main, tail) if b is not None]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    @staticmethod
-    def _finite(scale: torch.Tensor) -> None:
-        # Every value enters its bucket's scale (max or 2-norm), so a NaN/inf anywhere shows here.
-        if not bool(torch.isfinite(scale).all()):
-            raise ValueError("qsgd input holds non-finite values (NaN or inf)")
+    def _finite(self, values: torch.Tensor) -> None:
+        """Raise NonFiniteInput unless every value is finite, leaving the step as before the call."""
+        if not bool(torch.isfinite(values).all()):
+            self.step -= 1  # the call did not happen: the next one draws what this one would have
+            raise NonFiniteInput("qsgd input holds non-finite values (NaN or inf)")
 
     # --- Compressor ---------------------------------------------------------------------
     def compress(self, g: torch.Tensor) -> Payload:
@@ -292,10 +294,11 @@ class QSGD(LinearCodec):
         shape, cid = tuple(g.shape), CODEC_IDS[self.name]
         if self._raw(flat):
             self.step += 1  # every call advances the step, whatever the format
+            self._finite(flat)
             return Payload(cid, shape, g.dtype, self._meta("raw"), [flat.clone()])
         n, d = flat.numel(), self.bucket_size
         scale, packed = self._encode(flat, self.next_key())
-        self._finite(scale)
+        self._finite(scale)  # every value enters its bucket's scale (max or 2-norm)
         if self.coding == "dense":
             return Payload(cid, shape, g.dtype, self._meta("dense"), [scale, packed])
         # elias: levels from the same kernel (unpacked) so both codings draw identically

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...compress.base import NonFiniteInput
 from ..buckets import Bucket
 from ..transport import Work
 from .base import (
@@ -29,11 +30,23 @@ class AllGather(Mode):
     def start(self, bucket, tensors, want_local):
         return self.prepare(bucket, tensors, want_local).launch()
 
-    def prepare(self, bucket, tensors, want_local, status=None):
+    def prepare(self, bucket, tensors, want_local, status=None, status_of=None):
         # Encoding needs no collective: it happens here, before the exchange's control check.
         with self.timed("encode_s"):
             streams = [self.stream(e.name) for e in bucket.entries]
-            payloads = [s.compress(t) for s, t in zip(streams, tensors)]
+            payloads = []
+            for e, s, t in zip(bucket.entries, streams, tensors):
+                try:
+                    payloads.append(s.compress(t))
+                except NonFiniteInput:
+                    if status_of is None:
+                        raise
+                    # The codec found a NaN or inf (the exchange made no pass of its own): this
+                    # rank still sends, zeros, and the status word that makes every rank drop
+                    # the call (the exchange's journal undoes what these encodes advanced).
+                    status = status_of(e.name)
+                    payloads = [s.compress(torch.zeros_like(t)) for s, t in zip(streams, tensors)]
+                    break
             buf, sizes = pack(payloads, trailer=status)
         fixed = all(s.fixed_size for s in streams)
         return Prepared(lambda: self._launch(bucket, buf, sizes, fixed, want_local, status is not None))
