@@ -355,3 +355,13 @@ def test_compiled_matches_eager(monkeypatch):
     out = torch.empty_like(x)
     assert torch.equal(b.decompress_mean(ps, out), a.decompress_mean(ps))
     assert not kernels._failed, "compilation fell back to eager"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_a_payload_whose_scale_is_not_finite_and_nonnegative_is_refused(bad):
+    c = build("qsgd")
+    p = c.compress(torch.randn(2048))
+    p.parts[0][2] = bad  # a damaged (or forged) scale must not reach the decode
+    for decode in (lambda: c.decompress(p), lambda: c.decompress_mean([p, p])):
+        with pytest.raises(ValueError, match="scales must be finite and >= 0"):
+            decode()

@@ -447,6 +447,7 @@ def validate(p: Payload) -> None:
         if not 0 <= nnz <= n or nbits < 3 * nnz or nbits > _OMEGA_MAX_BITS * 2 * nnz + nnz:
             raise ValueError(f"qsgd elias payload: {nnz} nonzeros in {nbits} bits is impossible for {n} values")
         p.expect("qsgd", 6, [(torch.float32, nb), (torch.uint8, (nbits + 7) // 8)])
-    scale = p.parts[0]
-    if nb and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-        raise ValueError("qsgd payload scales must be finite and >= 0")
+    if nb:
+        lo, hi = torch.aminmax(p.parts[0])  # one pass; a NaN makes both NaN, which fails both tests
+        if not (0.0 <= float(lo) and float(hi) < math.inf):
+            raise ValueError("qsgd payload scales must be finite and >= 0")
