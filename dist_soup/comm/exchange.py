@@ -16,9 +16,9 @@ rejected, sends zeros and a non-zero word, and every rank raises in ``wait()`` b
 with every stream the call touched put back (``journal``). There a codec that looks at every
 value anyway (QSGD's scales; ``Compressor.rejects_nonfinite``) finds a non-finite input while it
 encodes, and only that bucket is sent as zeros with the word, so the exchange makes no pass of
-its own over the tensors. Other modes keep the per-call control collective. Then the tensors are cut into buckets
-(:mod:`dist_soup.comm.buckets`) and each bucket goes through the mode's collectives
-(:mod:`dist_soup.comm.modes`); the asynchronous form returns after launching them.
+its own over the tensors. Other modes keep the per-call control collective. Then the tensors
+are cut into buckets (:mod:`dist_soup.comm.buckets`) and each bucket goes through the mode's
+collectives (:mod:`dist_soup.comm.modes`); the asynchronous form returns after launching them.
 
 Pipelining: a tensor of more than ``chunk_mb`` megabytes (default 4) is cut into near-equal
 consecutive pieces ``f"{name}#{j}"``, each a stream (with its own residue) and a bucket of its
