@@ -647,10 +647,10 @@ def format_report(rows: list[dict], setup: dict, machine: dict) -> str:
         ]
         for r in split:
             cpu = r["thread_cpu_ms"]
-            main = [sum(v) for name, v in cpu.items() if name.startswith("python")]
-            other = [sum(v) for name, v in cpu.items() if not name.startswith("python")]
+            main = sum(sum(v) for name, v in cpu.items() if name.startswith("python"))
+            total = sum(sum(v) for v in cpu.values())
             lines.append(
-                f"| {r['label']} | {sum(main):.0f} | {sum(other):.0f} | {sum(v[1] for v in cpu.values()):.0f} | "
+                f"| {r['label']} | {main:.0f} | {total - main:.0f} | {sum(v[1] for v in cpu.values()):.0f} | "
                 f"{_f(r.get('minor_faults'), '.0f')} |"
             )
     return "\n".join(lines)

@@ -338,12 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         if step == steps - 1:
             last_losses = {k: float(v.detach()) for k, v in losses.items()}
     threads_end, window = _thread_cpu(), max(steps - warmup, 1)
-    thread_cpu_ms = {  # per steady-state step, [user, sys]
-        name: [
-            1e3 * (u - threads_start.get(name, [0.0, 0.0])[0]) / window,
-            1e3 * (k - threads_start.get(name, [0.0, 0.0])[1]) / window,
-        ]
-        for name, (u, k) in threads_end.items()
+    thread_cpu_ms = {  # per steady-state step, [user, sys]; a thread started since has no start
+        name: [1e3 * (now - then) / window for now, then in zip(end, threads_start.get(name, (0.0, 0.0)))]
+        for name, end in threads_end.items()
     }
     eth = None
     if eth_start is not None:
