@@ -357,6 +357,27 @@ def test_compiled_matches_eager(monkeypatch):
     assert not kernels._failed, "compilation fell back to eager"
 
 
+def _fmix_reference(h):
+    """murmur3's 32-bit finaliser on a Python int (unbounded, masked: no wrap-around involved)."""
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x68E31DA5)):
+        h = ((h ^ (h >> shift)) * mult) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_uniform_is_the_unsigned_32_bit_hash(monkeypatch, compiled):
+    # The kernels hash in int32 lanes (wrapping products, masked shifts); the draws must be the
+    # unsigned hash's, for indices past 2**31 and keys with their top bits set, on both paths.
+    monkeypatch.setenv("DIST_SOUP_COMPILE", "1")
+    key = 0x7EDC_BA98_F654_3210
+    index = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 7, 3 * 2**31 + 12345] * 512)
+    fn = torch.compile(kernels.uniform, dynamic=False) if compiled else kernels.uniform
+    got = fn(index, kernels.split_key(key))
+    lo, hi = key & 0xFFFFFFFF, key >> 32
+    want = [(_fmix_reference(_fmix_reference((i + lo) & 0xFFFFFFFF) ^ hi) >> 8) / 2**24 for i in index.tolist()]
+    assert got.dtype == torch.float32 and got.tolist() == want
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
 def test_a_payload_whose_scale_is_not_finite_and_nonnegative_is_refused(bad):
     c = build("qsgd")
