@@ -148,27 +148,36 @@ def qsgd_decode(scale: torch.Tensor, packed: torch.Tensor, *, bits: int, d: int,
     return _dequantize(scale, packed, bits=bits, d=d, dtype=dtype).reshape(-1)
 
 
-def qsgd_decode_mean(*parts: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    """The mean of several dense QSGD payloads of one tensor, ``parts = (scale_0, packed_0,
-    scale_1, packed_1, ...)``, in one pass: each decode (rounded to ``dtype``, as
-    :func:`qsgd_decode` gives it) summed in order in float32 (float64 for float64), divided by
-    the count, cast to ``dtype``: the float operations of decoding each and adding them up."""
+def _mean_buckets(parts: tuple[torch.Tensor, ...], bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mean of the dense payloads ``parts = (scale_0, packed_0, scale_1, packed_1, ...)`` as an
+    (nb, per, q) tensor in ``dtype`` (the layout of :func:`_dequantize`)."""
     acc_type = torch.float64 if dtype == torch.float64 else torch.float32
     acc = None
     for scale, packed in zip(parts[::2], parts[1::2]):
         v = _dequantize(scale, packed, bits=bits, d=d, dtype=dtype).to(acc_type)
         acc = v if acc is None else acc + v
     assert acc is not None
-    return (acc / (len(parts) // 2)).to(dtype).reshape(-1)
+    return (acc / (len(parts) // 2)).to(dtype)
 
 
-def qsgd_decode_mean_into(
-    out: torch.Tensor, *parts: torch.Tensor, bits: int, d: int, dtype: torch.dtype
-) -> torch.Tensor:
+def qsgd_decode_mean(*parts: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mean of several dense QSGD payloads of one tensor, ``parts = (scale_0, packed_0,
+    scale_1, packed_1, ...)``, in one pass: each decode (rounded to ``dtype``, as
+    :func:`qsgd_decode` gives it) summed in order in float32 (float64 for float64), divided by
+    the count, cast to ``dtype``: the float operations of decoding each and adding them up."""
+    return _mean_buckets(parts, bits, d, dtype).reshape(-1)
+
+
+def qsgd_decode_mean_into(out: torch.Tensor, *parts: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> None:
     """:func:`qsgd_decode_mean` written into ``out`` (its first ``out.numel()`` values), the same
-    bits: compiled, the mean is formed in ``out``'s memory with no intermediate tensor."""
-    mean = qsgd_decode_mean(*parts, bits=bits, d=d, dtype=dtype)
-    return out.view(-1).copy_(mean[: out.numel()])
+    bits. Nothing is returned, and a tensor of whole buckets is written through a view of its
+    own shape: compiled, that is one loop storing each mean straight into ``out``'s memory (a
+    returned or sliced result would make the compiler write a temporary and copy it twice)."""
+    mean = _mean_buckets(parts, bits, d, dtype)
+    if out.numel() == mean.numel():
+        out.view(mean.shape).copy_(mean)
+    else:  # a zero-padded last bucket: only its first values are the tensor's
+        out.view(-1).copy_(mean.reshape(-1)[: out.numel()])
 
 
 def qsgd_levels(
