@@ -549,6 +549,17 @@ def _worker_nonfinite_found_in_encode(rank: int, P: int) -> None:
         # nothing changed: the next call gives what an exchange that never saw the bad calls gives
         got, want = ex.mean_many(mine), ref.mean_many(mine)
         assert all(torch.equal(got[k], want[k]) for k in mine), opts
+    # The first call of a layout (the control collective says every input is finite): an l2
+    # scale that overflows while rank 1 encodes still stops every rank, and nothing changed.
+    ex, ref = (Exchange("qsgd", "allgather", chunk_mb=0.05, bits=4, norm="l2") for _ in range(2))
+    bad = dict(mine)
+    if rank == 1:
+        bad["big"] = bad["big"].clone()
+        bad["big"].view(-1)[-3] = 1e30
+    _expect_everywhere(lambda: ex.mean_many(bad), "'big'", "non-finite", "rank 1")
+    # (its streams now exist, put back to their first step: they draw what fresh ones draw)
+    got, want = ex.mean_many(mine), ref.mean_many(mine)
+    assert all(torch.equal(got[k], want[k]) for k in mine)
 
 
 def test_nonfinite_found_while_encoding_stops_every_rank_with_nothing_changed():

@@ -311,7 +311,11 @@ class Exchange:
             flat = tensors[n].detach().reshape(-1)
             inputs.update((p.name, p.of(flat)) for p in cut)
         extra: dict[str, Any] = {}
-        if fast and self._mode.carries_status:
+        # Where the mode carries status words, every call's payloads carry them, the first call of
+        # a layout too: a codec that refuses a finite input while encoding (QSGD's l2 scale
+        # overflowing) then stops every rank, where the control collective has already said "fine".
+        if self.transport.world_size > 1 and self._mode.carries_status:
+            status = status or 0  # a first call gets here only with every rank's input fine
 
             def status_of(entry: str) -> int:
                 """The status word of a non-finite bucket entry: its tensor's index + 1."""
@@ -343,7 +347,7 @@ class Exchange:
                 **extra,
             )
 
-        if fast and journal is None:
+        if extra and journal is None:
             journal = {}  # a call that may learn of a non-finite input only in wait() must be undoable
         works: list[BucketWork] = []
         ready: list[Prepared] = []
