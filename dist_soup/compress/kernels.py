@@ -15,10 +15,12 @@ Stochastic rounding needs one uniform number per value. ``torch.rand_like`` alon
 0.9 GB/s on one core; a counter-based hash of ``(key, index)`` is pure arithmetic and fuses
 with the quantization, so no random tensor is ever materialised. The hash is two rounds of the
 murmur3 32-bit finaliser (multiply / xor-shift) in int32 lanes: a product keeps its low 32 bits
-(two's-complement wrap-around, what every backend's vector multiply does), and right shifts are
-masked to act as logical shifts, so the bits are those of the unsigned 32-bit hash. In int32 the
-hash vectorizes twice as wide as in int64, and its multiplies are native on every vector ISA: the
-uniform draw costs a third of what an int64 formulation of the same hash costs on CPU.
+(two's-complement wrap-around: what vector multiplies, Triton and the compilers torch is built
+with do, though C++ leaves signed overflow undefined; a test pins the draws to the unsigned
+hash), and right shifts are masked to act as logical shifts, so the bits are those of the
+unsigned 32-bit hash. In int32 the hash vectorizes twice as wide as in int64 and its multiplies
+are native: the uniform draw costs a third of what the int64 form of the same hash costs on
+the project's CPU machine.
 
 Environment: ``DIST_SOUP_COMPILE=0`` forces the eager path everywhere (tests use it so they do
 not pay compile time); ``backend="eager"`` on a codec does the same for one stream.
