@@ -166,6 +166,11 @@ def test_non_finite_input_raises_and_leaves_the_stream_as_it_was(coding, numel):
             c.compress(g)
         # the failed call did not happen: the next one draws what a fresh stream's first would
         assert c.step == 0 and torch.equal(c.compress(good).to_bytes(), want)
+        if numel >= 2000:  # the shared-scale path's agreement refuses it too, drawing nothing
+            c = build("qsgd", coding=coding, seed=3)
+            with pytest.raises(NonFiniteInput, match="non-finite"):
+                c.agreement(g, 0, 2)
+            assert c.step == 0 and torch.equal(c.compress(good).to_bytes(), want)
 
 
 def test_bad_options():

@@ -282,10 +282,12 @@ class QSGD(LinearCodec):
         parts = [kernels._norms(b.to(torch.float32), self.norm) for b in (main, tail) if b is not None]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _finite(self, values: torch.Tensor) -> None:
-        """Raise NonFiniteInput unless every value is finite, leaving the step as before the call."""
+    def _finite(self, values: torch.Tensor, *, stepped: bool = True) -> None:
+        """Raise NonFiniteInput unless every value is finite, leaving the step as before the call
+        (``stepped``: the call has already advanced it)."""
         if not bool(torch.isfinite(values).all()):
-            self.step -= 1  # the call did not happen: the next one draws what this one would have
+            if stepped:
+                self.step -= 1  # the call did not happen: the next one draws what this one would have
             raise NonFiniteInput("qsgd input holds non-finite values (NaN or inf)")
 
     # --- Compressor ---------------------------------------------------------------------
@@ -371,7 +373,7 @@ class QSGD(LinearCodec):
         if self._raw(flat):
             return None
         scale = self._scales(flat)
-        self._finite(scale)
+        self._finite(scale, stepped=False)  # the agreement draws nothing: the step is untouched
         return scale, "max"
 
     def encode_sum(self, g: torch.Tensor, agreed: torch.Tensor | None, world_size: int) -> torch.Tensor:
