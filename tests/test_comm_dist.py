@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_soup.comm import DecodeError, Exchange, TorchTransport
+from dist_soup.comm import DecodeError, Exchange, NonFiniteError, TorchTransport
 from dist_soup.compress import build
 
 from .dist_utils import run_ranks as spawn
@@ -564,3 +564,26 @@ def _worker_nonfinite_found_in_encode(rank: int, P: int) -> None:
 
 def test_nonfinite_found_while_encoding_stops_every_rank_with_nothing_changed():
     spawn(_worker_nonfinite_found_in_encode, 2)
+
+
+def _worker_refused_at_agreement(rank: int, P: int) -> None:
+    # allreduce: QSGD's l2 scale of a finite input overflows while rank 1 forms its agreement;
+    # its inf travels in the all-reduced scales, so every rank stops before encoding, nobody waits.
+    mine = rank_tensors(rank, {"small": (100,), "big": (64, 700)})
+    ex, ref = (Exchange("qsgd", "allreduce", bits=4, norm="l2") for _ in range(2))
+    for first in (True, False):  # the first call of the layout, then an agreed one
+        if not first:
+            got, want = ex.mean_many(mine), ref.mean_many(mine)
+            assert all(torch.equal(got[k], want[k]) for k in mine)
+        bad = dict(mine)
+        if rank == 1:
+            bad["big"] = bad["big"].clone()
+            bad["big"].view(-1)[-3] = 1e30
+        with pytest.raises(NonFiniteError, match="'big'.*refused"):
+            ex.mean_many(bad)
+    got, want = ex.mean_many(mine), ref.mean_many(mine)
+    assert all(torch.equal(got[k], want[k]) for k in mine)
+
+
+def test_input_refused_at_agreement_stops_every_rank():
+    spawn(_worker_refused_at_agreement, 2)

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ...compress.base import LinearCodec
+from ...compress.base import LinearCodec, NonFiniteInput
+from ..agreement import NonFiniteError
 from ..buckets import Bucket
 from ..transport import Work
 from .base import BucketWork, Mode, Prepared, Result, outside_level
@@ -24,12 +25,30 @@ class AllReduce(Mode):
         P, rank = self.transport.world_size, self.transport.rank
         streams: list[LinearCodec] = [self.stream(e.name) for e in bucket.entries]  # the exchange checked: linear
         with self.timed("encode_s"):
-            asks = [s.agreement(t, rank, P) for s, t in zip(streams, tensors)]
+            asks = [self._ask(s, t, rank, P) for s, t in zip(streams, tensors)]
         collect, launched = self._agree_async(streams, asks)
         return Prepared(lambda: self._launch(bucket, tensors, want_local, streams, collect()), launched)
 
+    @staticmethod
+    def _ask(stream: LinearCodec, t: torch.Tensor, rank: int, P: int) -> tuple[torch.Tensor, str] | None:
+        """The codec's agreement tensor; inf where the codec refuses a finite input (QSGD's l2
+        scale overflowing), so that the agreed (max or sum) values are not finite on every rank
+        and every rank stops at this bucket (:meth:`_launch`), none waits for the others."""
+        try:
+            return stream.agreement(t, rank, P)
+        except NonFiniteInput:
+            ask = stream.agreement(torch.zeros_like(t), rank, P)
+            assert ask is not None and ask[1] in ("max", "sum")  # a refusing codec agrees by max or sum
+            return ask[0].fill_(float("inf")), ask[1]
+
     def _launch(self, bucket, tensors, want_local, streams, agreed):
         P = self.transport.world_size
+        bad = next((e.name for e, a in zip(bucket.entries, agreed) if a is not None and not a.isfinite().all()), None)
+        if bad is not None:  # the same agreed values, hence the same decision, on every rank
+            raise NonFiniteError(
+                f"tensor {bad!r}: some rank's codec refused its input (an overflowing scale); every "
+                "rank drops this exchange call before encoding it"
+            )
         with self.timed("encode_s"):
             wires = [s.encode_sum(t, a, P) for s, t, a in zip(streams, tensors, agreed)]
             # Own decode first: the SUM below may run in place on a wire.
