@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ...compress.base import NonFiniteInput
+from ..agreement import NonFiniteError
 from ..buckets import chunk_bounds
 from ..transport import Work
 from .base import BucketWork, DecodeError, Mode, Result, decode_mean, decode_payload, pack
@@ -19,15 +21,29 @@ class TwoPhase(Mode):
             flats = [t.detach().reshape(-1) for t in tensors]
             flat = torch.cat(flats) if len(flats) > 1 else flats[0]
             bounds = chunk_bounds(bucket.numel, P)
-            payloads = [
-                self.stream(f"{bucket.key}/chunk{j}").compress(flat[o : o + n]) if n else None
-                for j, (o, n) in enumerate(bounds)
-            ]
-            buf, send = pack(payloads)
+            try:
+                payloads = [
+                    self.stream(f"{bucket.key}/chunk{j}").compress(flat[o : o + n]) if n else None
+                    for j, (o, n) in enumerate(bounds)
+                ]
+                buf, send = pack(payloads)
+                refused = 0
+            except NonFiniteInput:  # a finite input the codec refuses (QSGD's l2 scale overflowing)
+                payloads, buf, send, refused = [], flat[:0], [0] * P, 1
         with self.timed("comm_s"):
-            sizes = torch.tensor(send, dtype=torch.int64, device=self.transport.device)
-            recv = [int(x) for x in torch.cat(self.transport.all_to_all_v(sizes, [1] * P, [1] * P)).cpu().tolist()]
-            self.count(overhead=8 * (P - 1), collectives=1)
+            # Each size travels with this rank's refusal flag, so every rank learns of a refusal
+            # here and stops at this bucket, instead of waiting for the refusing rank's payloads.
+            words = torch.tensor([[n, refused] for n in send], dtype=torch.int64, device=self.transport.device)
+            got = torch.cat(self.transport.all_to_all_v(words.view(-1), [2] * P, [2] * P)).cpu().view(P, 2).tolist()
+            self.count(overhead=16 * (P - 1), collectives=1)
+            refusing = [r for r, (_, flag) in enumerate(got) if flag]
+            if refusing:
+                raise NonFiniteError(
+                    f"bucket of {', '.join(bucket.names[:3])}{', ...' if len(bucket.names) > 3 else ''}: "
+                    f"rank {refusing[0]}'s codec refused its input (an overflowing scale); every rank "
+                    "drops this exchange call"
+                )
+            recv = [n for n, _ in got]
             work = self.transport.all_to_all_v_async(self.to_wire(buf), send, recv)
         self.count(sent=sum(send) - send[rank], received=sum(recv) - recv[rank], collectives=1)
         return _TwoPhaseWork(self, bucket, bounds, payloads, work, want_local)
