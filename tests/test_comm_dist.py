@@ -549,42 +549,43 @@ def _worker_nonfinite_found_in_encode(rank: int, P: int) -> None:
         # nothing changed: the next call gives what an exchange that never saw the bad calls gives
         got, want = ex.mean_many(mine), ref.mean_many(mine)
         assert all(torch.equal(got[k], want[k]) for k in mine), opts
-    # The first call of a layout (the control collective says every input is finite): an l2
-    # scale that overflows while rank 1 encodes still stops every rank, and nothing changed.
-    ex, ref = (Exchange("qsgd", "allgather", chunk_mb=0.05, bits=4, norm="l2") for _ in range(2))
-    bad = dict(mine)
-    if rank == 1:
-        bad["big"] = bad["big"].clone()
-        bad["big"].view(-1)[-3] = 1e30
-    _expect_everywhere(lambda: ex.mean_many(bad), "'big'", "non-finite", "rank 1")
-    # (its streams now exist, put back to their first step: they draw what fresh ones draw)
-    got, want = ex.mean_many(mine), ref.mean_many(mine)
-    assert all(torch.equal(got[k], want[k]) for k in mine)
 
 
 def test_nonfinite_found_while_encoding_stops_every_rank_with_nothing_changed():
     spawn(_worker_nonfinite_found_in_encode, 2)
 
 
+# What every rank raises when rank 1's codec refuses a finite input, by mode (allgather cuts
+# "big" into pieces: the refusal, in its last piece, still names the tensor).
+_REFUSED = {
+    "allgather": ("'big' holds non-finite.*on rank 1", {"chunk_mb": 0.05}),
+    "allreduce": ("'big'.*refused its input", {}),
+    "two_phase": ("rank 1's codec refused its input", {}),
+}
+
+
 def _worker_refused_by_codec(rank: int, P: int, mode: str) -> None:
-    # QSGD's l2 scale of a finite input overflows on rank 1 (while it agrees on scales in
-    # allreduce, while it encodes its chunks in two_phase): the refusal travels with what the
-    # ranks exchange anyway (the all-reduced scales, the chunk sizes), so every rank stops at that
-    # bucket with the same error and nobody waits.
+    # QSGD's l2 scale of a finite input overflows on rank 1 (while it encodes in allgather and
+    # two_phase, while it agrees on scales in allreduce), on the first call of a layout (the
+    # control collective has said every input is finite) and on an agreed one: the refusal
+    # travels with what the ranks exchange anyway (status words, the all-reduced scales, the
+    # chunk sizes), so every rank stops at that bucket with the same error and nobody waits.
     mine = rank_tensors(rank, {"small": (100,), "big": (64, 700)})
-    ex, ref = (Exchange("qsgd", mode, bits=4, norm="l2") for _ in range(2))
-    for first in (True, False):  # the first call of the layout, then an agreed one
+    pattern, options = _REFUSED[mode]
+    ex, ref = (Exchange("qsgd", mode, bits=4, norm="l2", **options) for _ in range(2))
+    undone = mode != "two_phase"  # allgather's journal, allreduce's refusal before any encode
+    for first in (True, False):
         if not first:
             got, want = ex.mean_many(mine), ref.mean_many(mine)
-            assert mode != "allreduce" or all(torch.equal(got[k], want[k]) for k in mine)
+            assert not undone or all(torch.equal(got[k], want[k]) for k in mine)
         bad = dict(mine)
         if rank == 1:
             bad["big"] = bad["big"].clone()
             bad["big"].view(-1)[-3] = 1e30
-        with pytest.raises(NonFiniteError, match="refused its input"):
+        with pytest.raises(NonFiniteError, match=pattern):
             ex.mean_many(bad)
     got = ex.mean_many(mine)
-    if mode == "allreduce":  # refused before anything was encoded: nothing changed
+    if undone:  # nothing changed
         want = ref.mean_many(mine)
         assert all(torch.equal(got[k], want[k]) for k in mine)
     # the ranks still agree bit for bit (two_phase: rank 1 had encoded its first chunk; the
@@ -595,6 +596,6 @@ def _worker_refused_by_codec(rank: int, P: int, mode: str) -> None:
         assert all(torch.equal(everyone[0], e) for e in everyone), k
 
 
-@pytest.mark.parametrize("mode", ["allreduce", "two_phase"])
+@pytest.mark.parametrize("mode", sorted(_REFUSED))
 def test_input_the_codec_refuses_stops_every_rank(mode):
     spawn(_worker_refused_by_codec, 2, mode)

@@ -26,14 +26,14 @@ class AllReduce(Mode):
         streams: list[LinearCodec] = [self.stream(e.name) for e in bucket.entries]  # the exchange checked: linear
         with self.timed("encode_s"):
             asks = [self._ask(s, t, rank, P) for s, t in zip(streams, tensors)]
-        collect, launched = self._agree_async(streams, asks)
+        collect, launched = self._agree_async(streams, asks, bucket.names)
         return Prepared(lambda: self._launch(bucket, tensors, want_local, streams, collect()), launched)
 
     @staticmethod
     def _ask(stream: LinearCodec, t: torch.Tensor, rank: int, P: int) -> tuple[torch.Tensor, str] | None:
         """The codec's agreement tensor; inf where the codec refuses a finite input (QSGD's l2
         scale overflowing), so that the agreed (max or sum) values are not finite on every rank
-        and every rank stops at this bucket (:meth:`_launch`), none waits for the others."""
+        and every rank stops at this bucket (:meth:`_agree_async`), none waits for the others."""
         try:
             return stream.agreement(t, rank, P)
         except NonFiniteInput:
@@ -43,12 +43,6 @@ class AllReduce(Mode):
 
     def _launch(self, bucket, tensors, want_local, streams, agreed):
         P = self.transport.world_size
-        bad = next((e.name for e, a in zip(bucket.entries, agreed) if a is not None and not a.isfinite().all()), None)
-        if bad is not None:  # the same agreed values, hence the same decision, on every rank
-            raise NonFiniteError(
-                f"tensor {bad!r}: some rank's codec refused its input (an overflowing scale); every "
-                "rank drops this exchange call before encoding it"
-            )
         with self.timed("encode_s"):
             wires = [s.encode_sum(t, a, P) for s, t, a in zip(streams, tensors, agreed)]
             # Own decode first: the SUM below may run in place on a wire.
@@ -97,11 +91,13 @@ class AllReduce(Mode):
                 return
 
     def _agree_async(
-        self, streams: Sequence[LinearCodec], asks: Sequence[tuple[torch.Tensor, str] | None]
+        self, streams: Sequence[LinearCodec], asks: Sequence[tuple[torch.Tensor, str] | None], names: Sequence[str]
     ) -> tuple[Callable[[], list[torch.Tensor | None]], list[Work]]:
         """Launch the reductions or broadcasts of the codecs' agreement tensors, fused per
         (op, dtype, leader); returns (a function that waits and gives the agreed tensors, the
-        operations launched)."""
+        operations launched). Agreed float values that are not finite (some rank's codec refused
+        its input, :meth:`_ask`) raise :class:`NonFiniteError` there: the same values, hence the
+        same decision, on every rank."""
         P, rank = self.transport.world_size, self.transport.rank
         groups: dict[tuple[str, torch.dtype, int], list[int]] = {}
         for i, ask in enumerate(asks):
@@ -136,6 +132,12 @@ class AllReduce(Mode):
                         t = asks[i][0]  # type: ignore[index]
                         agreed[i] = flat[off : off + t.numel()].to(dtype).reshape(t.shape)
                         off += t.numel()
+                    if flat.is_floating_point() and not bool(flat.isfinite().all()):  # once per fused group
+                        bad = next(names[i] for i in idx if not bool(agreed[i].isfinite().all()))  # type: ignore[union-attr]
+                        raise NonFiniteError(
+                            f"tensor {bad!r}: some rank's codec refused its input (an overflowing scale); "
+                            "every rank drops this exchange call before encoding it"
+                        )
             return agreed
 
         return collect, [w for _, _, w in pending]
