@@ -173,10 +173,32 @@ def test_non_finite_input_raises_and_leaves_the_stream_as_it_was(coding, numel):
             assert c.step == 0 and torch.equal(c.compress(good).to_bytes(), want)
 
 
+@pytest.mark.parametrize("bits,d", [(2, 32), (4, 64), (8, 16)])
+def test_dense_wire_layout_is_little_endian_words(bits, d):
+    """The dense format, pinned: word j of a bucket holds values j, j + q, ... (q = d*bits/32)
+    from its low bits up, ``sign*level + s`` each; the words travel little-endian. Values at
+    +-scale and 0 have deterministic levels (s and 0), so the codes are known exactly."""
+    s, per = (1 << (bits - 1)) - 1, 32 // bits
+    q = d // per
+    signs = torch.randint(-1, 2, (3 * d,), generator=_gen(4)).float()
+    signs[::d] = 1.0  # every bucket's scale is 1
+    p = build("qsgd", bits=bits, bucket_size=d, min_numel=0).compress(signs)
+    codes = (signs * s + s).long().view(3, per, q)  # value t*q + j of bucket b at (b, t, j)
+    want = sum(codes[:, t, :] << (bits * t) for t in range(per)).view(-1)  # unsigned 32-bit words
+    assert p.parts[1].dtype == torch.int32
+    assert torch.equal(p.parts[1].long() & 0xFFFFFFFF, want)
+    raw = p.parts[1].view(torch.uint8).view(-1, 4).long()  # the bytes that travel
+    assert torch.equal(sum(raw[:, k] << (8 * k) for k in range(4)), want)
+    assert torch.equal(build("qsgd", bits=bits, bucket_size=d).decompress(p), signs)
+
+
 def test_bad_options():
     for kw in (dict(bits=3), dict(bucket_size=100), dict(norm="l1"), dict(coding="huffman"), dict(backend="jit")):
         with pytest.raises(ValueError):
             build("qsgd", **kw)
+    with pytest.raises(ValueError, match="of 16 at 2 bits .* got 24 at 2 bits"):
+        build("qsgd", bits=2, bucket_size=24)  # 24 two-bit codes leave a 32-bit word half full
+    build("qsgd", bits=4, bucket_size=24)  # three words of eight
     with pytest.raises(ValueError, match="allowed"):
         build("qsgd", levels=4)
 

@@ -10,10 +10,11 @@ With l2 scaling the variance is bounded: ``E||Q(v) - v||^2 <= min(d/s^2, sqrt(d)
 
 Wire formats (``WIRE_FORMATS``, the first meta field):
 
-* ``dense`` (default): ``sign * level + s`` in ``bits`` bits, ``8 / bits`` values per byte, plus
-  one fp32 scale per bucket: ``bits + 32 / d`` bits per value (4.0625 at 4 bits, d = 512; a
-  partial last bucket is zero padded, at most ``d * bits / 8`` bytes). Inside a bucket, byte j
-  holds values j, j + d/per, ... (per = 8 / bits), which keeps the fused kernels vectorized.
+* ``dense`` (default): ``sign * level + s`` in ``bits`` bits, ``32 / bits`` values per
+  little-endian 32-bit word, plus one fp32 scale per bucket: ``bits + 32 / d`` bits per value
+  (4.0625 at 4 bits, d = 512; a partial last bucket is zero padded, at most ``d * bits / 8``
+  bytes). Inside a bucket, word j holds values j, j + d/per, ... (per = 32 / bits) from its
+  low bits up, which keeps the fused kernels vectorized (:mod:`.kernels`).
 * ``elias`` (``coding="elias"``): variable length, for few levels. After the scales, the
   Elias-omega codes of the gaps between nonzero positions, then those of their levels, then one
   sign bit per nonzero. Sparse level vectors (2 bits, or l2 scaling) cost far fewer bits.
@@ -194,7 +195,8 @@ def omega_decode(data: torch.Tensor, nbits: int, count: int) -> tuple[torch.Tens
 class QSGD(LinearCodec):
     """QSGD stream. ``build("qsgd", bits=4, bucket_size=512, norm="max", coding="dense")``.
 
-    Options: ``bits`` in (2, 4, 8); ``bucket_size`` a multiple of 8 in [8, 2**20]; ``norm``
+    Options: ``bits`` in (2, 4, 8); ``bucket_size`` in [8, 2**20], a multiple of 8 (of 16 at
+    2 bits: a bucket fills whole 32-bit words); ``norm``
     "max" or "l2"; ``coding`` "dense" or "elias"; ``min_numel`` (tensors smaller than this are
     sent uncompressed, default 1024); ``wire_int16`` (allreduce mode: allow int16 sums; off by
     default because gloo cannot all-reduce int16, so sums beyond int8 travel as int32); ``backend``
@@ -223,8 +225,11 @@ class QSGD(LinearCodec):
         super().__init__(seed=seed, rank=rank, stream=stream)
         if bits not in (2, 4, 8):
             raise ValueError(f"qsgd bits must be 2, 4 or 8, got {bits!r}")
-        if check_int("qsgd bucket_size", bucket_size, 8, 1 << 20) % 8:
-            raise ValueError(f"qsgd bucket_size must be a multiple of 8, got {bucket_size!r}")
+        if check_int("qsgd bucket_size", bucket_size, 8, 1 << 20) % 8 or bucket_size * bits % 32:
+            raise ValueError(
+                f"qsgd bucket_size must be a multiple of 8, and of 16 at 2 bits (a bucket fills whole "
+                f"32-bit words of {32 // bits} values), got {bucket_size!r} at {bits} bits"
+            )
         check_choice("qsgd norm", norm, NORMS)
         check_choice("qsgd coding", coding, CODINGS)
         check_int("qsgd min_numel", min_numel, 0)
@@ -436,7 +441,7 @@ def validate(p: Payload) -> None:
         return
     if fmt not in WIRE_FORMATS.values():
         raise ValueError(f"qsgd payload wire format {fmt} unknown; known: {WIRE_FORMATS}")
-    if bits not in (2, 4, 8) or d % 8 or not 8 <= d <= 1 << 20 or norm not in NORMS.values():
+    if bits not in (2, 4, 8) or d % 8 or d * bits % 32 or not 8 <= d <= 1 << 20 or norm not in NORMS.values():
         raise ValueError(f"qsgd payload parameters out of range: bits={bits}, bucket_size={d}, norm={norm}")
     if p.dtype not in FLOATS:
         raise ValueError(f"qsgd payload dtype must be floating, is {p.dtype}")
@@ -444,7 +449,7 @@ def validate(p: Payload) -> None:
     if fmt == WIRE_FORMATS["dense"]:
         if nnz or nbits:
             raise ValueError("qsgd dense payload must have zero elias fields")
-        p.expect("qsgd", 6, [(torch.float32, nb), (torch.uint8, nb * d * bits // 8)])
+        p.expect("qsgd", 6, [(torch.float32, nb), (torch.int32, nb * d * bits // 32)])
     else:
         if not 0 <= nnz <= n or nbits < 3 * nnz or nbits > _OMEGA_MAX_BITS * 2 * nnz + nnz:
             raise ValueError(f"qsgd elias payload: {nnz} nonzeros in {nbits} bits is impossible for {n} values")
