@@ -1,7 +1,9 @@
 """Encode/decode throughput of every codec on one CPU thread, against two baselines.
 
-For each codec: GB/s of fp32 input for ``compress`` (encode) and ``decompress`` (decode), bits
-per value on the wire (header included), and the ratio of each speed to
+For each codec: GB/s of fp32 input for ``compress`` (encode), ``decompress`` (decode) and
+``decompress_mean`` of two ranks' payloads into a kept buffer (``mean2``: the decode a
+training step runs, straight into ``.grad``), bits per value on the wire (header included),
+and the ratio of the encode and decode speeds to
 
   (a) ``copy_`` of the input into a preallocated buffer (the memory-bandwidth ceiling), and
   (b) an unfused eager QSGD (4-bit levels, one int8 per value, ``torch.rand_like``),
@@ -158,9 +160,12 @@ def main(argv=None) -> int:
         for i in range(steps):
             c.compress(xs[i % 4])
         p = c.compress(xs[steps % 4])  # sizes reported at a fixed step (timing advances the stream)
+        peer = build(name, **opts, rank=1).compress(xs[(steps + 1) % 4])  # another rank's payload
         it = iter(range(1 << 30))
         t_enc = timeit(lambda c=c, xs=xs, it=it: c.compress(xs[next(it) % 4]), repeat)
         t_dec = timeit(lambda c=c, p=p: c.decompress(p), repeat)
+        mean_out = torch.empty(p.shape, dtype=p.dtype)
+        t_mean = timeit(lambda c=c, p=p, q=peer, o=mean_out: c.decompress_mean([p, q], out=o), repeat)
         bits = p.nbytes * 8 / n
         rows.append(
             (
@@ -173,19 +178,22 @@ def main(argv=None) -> int:
                 t_copy / t_dec,
                 t_edec / t_dec,
                 compile_s,
+                gbytes / t_mean,
             )
         )
         results[label] = rows[-1]
 
     head = (
-        f"{'codec':34s} {'enc GB/s':>9s} {'dec GB/s':>9s} {'bits/val':>8s} {'enc/copy':>8s} "
+        f"{'codec':34s} {'enc GB/s':>9s} {'dec GB/s':>9s} {'mean2 GB/s':>10s} {'bits/val':>8s} {'enc/copy':>8s} "
         f"{'enc/eager':>9s} {'dec/copy':>8s} {'dec/eager':>9s} {'compile s':>9s}"
     )
     print()
     print(head)
     print("-" * len(head))
-    for label, ge, gd, bits, ec, ee, dc, de, cs in rows:
-        print(f"{label:34s} {ge:9.3f} {gd:9.3f} {bits:8.3f} {ec:8.3f} {ee:9.2f} {dc:8.3f} {de:9.2f} {cs:9.1f}")
+    for label, ge, gd, bits, ec, ee, dc, de, cs, gm in rows:
+        print(
+            f"{label:34s} {ge:9.3f} {gd:9.3f} {gm:10.3f} {bits:8.3f} {ec:8.3f} {ee:9.2f} {dc:8.3f} {de:9.2f} {cs:9.1f}"
+        )
     print()
 
     def verdict(ok: bool, text: str) -> None:

@@ -389,6 +389,24 @@ def test_compiled_matches_eager(monkeypatch):
     assert not kernels._failed, "compilation fell back to eager"
 
 
+def _scaled(x, *, k):
+    return x * k + 1
+
+
+def test_compiled_configurations_do_not_share_a_cache(monkeypatch):
+    """Dynamo keeps at most ``recompile_limit`` graphs per code object and runs eagerly past
+    it: more configurations of one kernel than that must each stay compiled."""
+    monkeypatch.setenv("DIST_SOUP_COMPILE", "1")
+    monkeypatch.setattr(kernels, "_cache", {})
+    monkeypatch.setattr(kernels, "_failed", set())
+    x = torch.arange(kernels.EAGER_BELOW + 5, dtype=torch.float32)
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # raise instead of eager
+        for k in range(limit + 2):
+            assert torch.equal(kernels.run(_scaled, (x,), {"k": k}, "compiled"), x * k + 1)
+    assert not kernels._failed, "a configuration fell back to eager"
+
+
 def _fmix_reference(h):
     """murmur3's 32-bit finaliser on a Python int (unbounded, masked: no wrap-around involved)."""
     for shift, mult in ((16, 0x7FEB352D), (15, 0x68E31DA5)):

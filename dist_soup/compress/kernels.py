@@ -28,9 +28,9 @@ not pay compile time); ``backend="eager"`` on a codec does the same for one stre
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -225,6 +225,21 @@ def _warn_once(exc: BaseException) -> None:
         )
 
 
+def _own_copy(fn: Callable[..., Any], static: dict[str, Any]) -> Callable[..., Any]:
+    """``fn`` with ``static`` as its keyword defaults, on a code object of its own.
+
+    Dynamo keeps its compiled graphs per code object, at most ``recompile_limit`` (8) of them,
+    and runs the function eagerly past that with only a log line. Through ``functools.partial``
+    every kernel and configuration would share one code object (dynamo's wrapper of partials),
+    so a process using more than a few (three bit widths, two norms, the means of 2 and of 4
+    payloads) would silently lose the compiled kernels. A copy of the code per configuration
+    keeps each one's graph apart."""
+    clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **static}
+    clone.__doc__ = fn.__doc__
+    return clone
+
+
 def run(
     fn: Callable[..., Any], args: tuple, static: dict[str, Any], backend: str = "auto", numel: int | None = None
 ) -> Any:
@@ -249,7 +264,7 @@ def run(
             if compiled is None:
                 # The static config is bound as constants (dynamic=True would turn these ints
                 # into symbols and lose vectorization); only tensor lengths are marked dynamic.
-                compiled = torch.compile(functools.partial(fn, **static), dynamic=False)
+                compiled = torch.compile(_own_copy(fn, static), dynamic=False)
                 _cache[ckey] = compiled
     try:
         for a in args:
