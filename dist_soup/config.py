@@ -106,8 +106,8 @@ class CompressionConfig:
     update: CodecConfig = field(default_factory=CodecConfig)
     mode: Literal["allgather", "allreduce", "two_phase"] = "allgather"
     bucket_mb: float = 25.0
-    #: Size of the update buckets that leave during the backward (smaller: earlier overlap,
-    #: more calls).
+    #: The update's buckets that leave during the backward close once they hold this much
+    #: (smaller: earlier overlap, more calls, each about 0.3 ms of CPU).
     overlap_mb: float = 4.0
 
 

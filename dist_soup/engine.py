@@ -220,7 +220,9 @@ class SoupEngine:
 
         common = dict(mode=mode, group=group, transport=transport, bucket_mb=bucket_mb, seed=seed)
         self.j_exchange = Exchange(jacobian_compressor, **common, **dict(jacobian_options or {}))
-        self.u_exchange = Exchange(update_compressor, **common, **dict(update_options or {}))
+        # The reducer's buckets are the update's pipeline (each leaves while the backward goes
+        # on), so its exchange does not cut tensors into pieces: a piece is one more collective.
+        self.u_exchange = Exchange(update_compressor, **common, chunk_mb=None, **dict(update_options or {}))
         self.reducer = GradientReducer(self.params, self.u_exchange, bucket_mb=overlap_mb)
         self._local_only = False  # inside no_sync()
         self.transport = self.u_exchange.transport

@@ -55,7 +55,7 @@ def engine_for(model, codec, mode, solver="ew", **kw):
         jacobian_compressor=codec,
         update_compressor=codec,
         mode=mode,
-        overlap_mb=0.004,
+        overlap_mb=1e-4,  # about 25 floats: a bucket closes at its first tensor that reaches it
         solve_every=1,
         gram="plain",
         seed=3,
@@ -255,7 +255,7 @@ def test_backward_with_user_optimizer_equals_step():
         update_compressor="qsgd",
         jacobian_options={"bits": 4},
         update_options={"bits": 4},
-        overlap_mb=0.004,
+        overlap_mb=1e-4,  # about 25 floats: a bucket closes at its first tensor that reaches it
         solve_every=1,
         gram="plain",
         seed=3,
