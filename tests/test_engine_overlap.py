@@ -283,3 +283,23 @@ def test_single_objective_needs_no_shared_trunk():
     assert last < first
     with pytest.raises(ValueError, match="shared"):
         SoupEngine(Net(), None, OBJ)
+
+
+# --- the update's buckets ---------------------------------------------------------------------
+def test_buckets_close_once_full_and_large_tensors_travel_whole():
+    # reverse order of registration; a bucket closes once it holds overlap_mb (256 bytes here),
+    # so each bias leaves with the weight after it, as in DDP
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    engine = SoupEngine(
+        model, None, ["loss"], update_compressor="qsgd", update_options={"bits": 4}, overlap_mb=256 / 2**20
+    )
+    names = [n for n, _ in engine.params]
+    buckets = [[names[i] for i in b] for b in engine.reducer._plan(frozenset())[0]]
+    assert buckets == [["2.bias", "2.weight", "1.bias", "1.weight"], ["0.bias", "0.weight"]]
+    # a tensor above the exchange's chunk size (4 MB) is one stream, not pieces name#j: the
+    # reducer's buckets already pipeline the update
+    big = nn.Linear(1100, 1000)  # 4.4 MB of weights
+    engine = SoupEngine(big, None, ["loss"], update_compressor="qsgd", update_options={"bits": 4})
+    engine.backward({"loss": big(torch.randn(2, 1100)).square().mean()})
+    assert sorted(engine.u_exchange.state_dict()["streams"]) == ["U/bias", "U/weight"]

@@ -237,6 +237,7 @@ def _own_copy(fn: Callable[..., Any], static: dict[str, Any]) -> Callable[..., A
     keeps each one's graph apart."""
     clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     clone.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **static}
+    clone.__doc__ = fn.__doc__
     return clone
 
 
