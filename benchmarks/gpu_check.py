@@ -42,6 +42,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from compress_throughput import timeit  # noqa: E402
 
 from dist_soup import builders, config, tasks  # noqa: E402
 from dist_soup.compress import build  # noqa: E402
@@ -64,17 +67,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _seconds(fn, device: torch.device, reps: int) -> float:
-    """Median seconds of one call of ``fn`` over ``reps`` timed calls, after two untimed ones."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
+    """``compress_throughput.timeit`` of ``fn`` with the device synchronised after every call
+    (CUDA kernels return before they finish)."""
+
+    def call() -> None:
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return timeit(call, reps)
 
 
 def check_kernels(device: torch.device, numel: int, reps: int) -> list[dict]:
