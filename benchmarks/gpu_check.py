@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,8 @@ KERNEL_CODECS = (
     ("adacomp", "adacomp", {}),
     ("fp16", "fp16", {}),
 )
+CHECKS = ("kernels", "engine", "deepspeed", "ddp_hook")
+TIMED_OUT = 124  # a training row's return code when it ran past --row-timeout (as timeout(1))
 # --quick: a small model and few steps, so the smoke run takes seconds per row.
 QUICK_SET = ("task.options.hidden=64", "task.options.layers=2")
 
@@ -126,8 +129,21 @@ def _codec_figures(name: str, options: dict, x: torch.Tensor, other: torch.Tenso
 
 
 def _torchrun(nproc: int, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """torchrun of ``args``; past ``timeout`` seconds its whole process group (the workers too)
+    is killed and the result has return code ``TIMED_OUT`` with what it printed until then."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return subprocess.CompletedProcess(
+            cmd, TIMED_OUT, stdout, stderr + f"\n[gpu_check] timed out after {timeout} s"
+        )
 
 
 def _failed(check: str, name: str, proc: subprocess.CompletedProcess, out: Path) -> dict:
@@ -142,19 +158,22 @@ def _failed(check: str, name: str, proc: subprocess.CompletedProcess, out: Path)
         "check": check,
         "name": name,
         "ok": False,
-        "error": f"exit status {proc.returncode}; whole output in {log}",
+        "error": f"{'timed out' if proc.returncode == TIMED_OUT else f'exit status {proc.returncode}'}; "
+        f"whole output in {log}",
         "log_tail": (errors or text.splitlines())[-15:],
     }
 
 
-def check_training(check: str, nproc: int, steps: int, sets: list[str], extra: list[str], out: Path, env: dict) -> dict:
+def check_training(
+    check: str, nproc: int, steps: int, sets: list[str], extra: list[str], out: Path, env: dict, timeout: float
+) -> dict:
     """One ``dist_soup train`` run under torchrun; the row reads its summary.json."""
     run_dir = out / f"run-{check}"
     args = ["-m", "dist_soup", "train", "--config", str(CONFIG), "--run-dir", str(run_dir), "--steps", str(steps)]
     for s in sets:
         args += ["--set", s]
     t0 = time.perf_counter()
-    proc = _torchrun(nproc, args + extra, env, timeout=600)
+    proc = _torchrun(nproc, args + extra, env, timeout)
     if proc.returncode != 0:
         return _failed(check, "quickstart", proc, out)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -175,12 +194,12 @@ def check_training(check: str, nproc: int, steps: int, sets: list[str], extra: l
     }
 
 
-def check_ddp_hook(nproc: int, steps: int, sets: list[str], out: Path, env: dict) -> list[dict]:
+def check_ddp_hook(nproc: int, steps: int, sets: list[str], out: Path, env: dict, timeout: float) -> list[dict]:
     result = out / "ddp_hook.json"
     args = [str(Path(__file__).resolve()), "--ddp-worker", "--steps", str(steps), "--out", str(result)]
     for s in sets:
         args += ["--set", s]
-    proc = _torchrun(nproc, args, env, timeout=600)
+    proc = _torchrun(nproc, args, env, timeout)
     if proc.returncode != 0:
         return [_failed("ddp_hook", "ddp + dist_soup qsgd4", proc, out)]
     return json.loads(result.read_text())
@@ -264,18 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small model, few steps and values (a smoke run)")
     p.add_argument("--steps", type=int, default=None, help="training steps per row (default 60, --quick 8)")
     p.add_argument("--numel", type=int, default=None, help="values per kernel call (default 2**24)")
-    p.add_argument("--checks", default="kernels,engine,deepspeed,ddp_hook", help="comma-separated subset")
+    p.add_argument("--checks", default=",".join(CHECKS), help="comma-separated subset")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check")
     p.add_argument("--set", action="append", default=[], help="config override for the training rows")
+    p.add_argument("--row-timeout", type=float, default=600, help="seconds a training row may run (default 600)")
     p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.ddp_worker:
         ddp_worker(args)
         return 0
     checks = [c.strip() for c in args.checks.split(",") if c.strip()]
-    unknown = sorted(set(checks) - {"kernels", "engine", "deepspeed", "ddp_hook"})
+    unknown = sorted(set(checks) - set(CHECKS))
     if unknown:
-        p.error(f"--checks: unknown {unknown}; known: kernels, engine, deepspeed, ddp_hook")
+        p.error(f"--checks: unknown {unknown}; known: {', '.join(CHECKS)}")
     if not args.cpu and not torch.cuda.is_available():
         p.error("no CUDA device visible; use --cpu for the same checks on gloo and the CPU")
     steps = args.steps or (8 if args.quick else 60)
@@ -298,19 +318,20 @@ def main(argv: list[str] | None = None) -> int:
         f"`python benchmarks/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     )
     rows: list[dict] = []
-    if "kernels" in checks:
-        rows += check_kernels(device, numel, reps=3 if args.quick else 20)
-    if "engine" in checks:
-        rows.append(check_training("engine", nproc, steps, sets, [], args.out, env))
-    if "deepspeed" in checks:
-        plugin = ["--deepspeed", str(DEEPSPEED_CONFIG)]
-        rows.append(check_training("deepspeed", nproc, steps, sets, plugin, args.out, env))
-    if "ddp_hook" in checks:
-        rows += check_ddp_hook(nproc, steps, sets, args.out, env)
-    text = report(rows, machine)
-    (args.out / "gpu_check.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    (args.out / "gpu_check.md").write_text(text)
-    print(text)
+    t = args.row_timeout
+    plugin = ["--deepspeed", str(DEEPSPEED_CONFIG)]
+    runs = {
+        "kernels": lambda: check_kernels(device, numel, reps=3 if args.quick else 20),
+        "engine": lambda: [check_training("engine", nproc, steps, sets, [], args.out, env, t)],
+        "deepspeed": lambda: [check_training("deepspeed", nproc, steps, sets, plugin, args.out, env, t)],
+        "ddp_hook": lambda: check_ddp_hook(nproc, steps, sets, args.out, env, t),
+    }
+    for check in (c for c in CHECKS if c in checks):
+        rows += runs[check]()
+        # after every check: a run stopped from outside still leaves the rows it finished
+        (args.out / "gpu_check.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+        (args.out / "gpu_check.md").write_text(report(rows, machine))
+    print(report(rows, machine))
     return 0 if rows and all(r["ok"] for r in rows) else 1
 
 

@@ -59,3 +59,13 @@ def test_a_failing_row_fails_the_run(tmp_path):
     assert proc.returncode == 1
     assert len(rows) == 1 and not rows[0]["ok"] and rows[0]["log_tail"]
     assert any("compression.mode" in line for line in rows[0]["log_tail"])
+
+
+@pytest.mark.timeout(120)
+def test_a_row_past_its_timeout_fails_and_leaves_no_worker(tmp_path):
+    # a device run is short on time: a stuck row must end (workers too) and be reported, not hang
+    proc, rows = _run(tmp_path, "--checks", "engine", "--row-timeout", "2")
+    assert proc.returncode == 1
+    assert len(rows) == 1 and not rows[0]["ok"] and rows[0]["error"].startswith("timed out"), rows
+    left = subprocess.run(["pgrep", "-f", "--", f"--run-dir {tmp_path}"], capture_output=True, text=True).stdout
+    assert not left.split(), left
