@@ -379,7 +379,10 @@ def test_a_slow_rank_shows_in_the_metrics_and_changes_nothing(tmp_path, referenc
     # Means: a step whose compute fell in a run window looks fast, which a median can land on.
     fast = statistics.mean(l["rank_compute_s"][0] for l in lines)
     slow_t = statistics.mean(l["rank_compute_s"][1] for l in lines)
-    assert slow_t > 4 * fast, (fast, slow_t)
+    # Bounds that hold on a loaded machine too: there the throttling thread's own sleeps run
+    # long, rank 1 runs more than 4% of the time and rank 0's compute slows (measured with a
+    # busy loop beside the test: 12 ms against 44; unloaded, 18 against 124).
+    assert slow_t > 2 * fast and slow_t - fast > 0.010, (fast, slow_t)
     assert all(len(l["rank_step_s"]) == 2 for l in lines)
 
 
