@@ -128,19 +128,49 @@ def _codec_figures(name: str, options: dict, x: torch.Tensor, other: torch.Tenso
     return figures
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (torchrun starts each worker in a session of its
+    own, so killing torchrun's process group would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # the process ended while we read
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # it ended on its own
+        pass
+
+
 def _torchrun(nproc: int, args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """torchrun of ``args``; past ``timeout`` seconds its whole process group (the workers too)
-    is killed and the result has return code ``TIMED_OUT`` with what it printed until then."""
+    """torchrun of ``args``; past ``timeout`` seconds it and every process below it are killed
+    and the result has return code ``TIMED_OUT`` with what they printed until then."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        # Freeze the tree until no new process shows (a stopped process forks nothing), then kill it.
+        frozen: list[int] = []
+        while new := [pid for pid in [proc.pid, *_descendants(proc.pid)] if pid not in frozen]:
+            for pid in new:
+                _signal(pid, signal.SIGSTOP)
+            frozen += new
+        for pid in frozen:
+            _signal(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()  # the pipes close once every writer is gone
         return subprocess.CompletedProcess(
             cmd, TIMED_OUT, stdout, stderr + f"\n[gpu_check] timed out after {timeout} s"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,12 @@ def test_a_failing_row_fails_the_run(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_a_row_past_its_timeout_fails_and_leaves_no_worker(tmp_path):
-    # a device run is short on time: a stuck row must end (workers too) and be reported, not hang
-    proc, rows = _run(tmp_path, "--checks", "engine", "--row-timeout", "2")
+    # A device run is short on time: a row that runs too long must end and be reported, not
+    # hang. 5000 steps outlast 8 s, so the workers are training when the row times out (torchrun
+    # starts them in sessions of their own: killing its process group would leave them running).
+    t0 = time.monotonic()
+    proc, rows = _run(tmp_path, "--checks", "engine", "--steps", "5000", "--row-timeout", "8")
+    assert time.monotonic() - t0 < 60  # not after the orphaned workers' 5000 steps
     assert proc.returncode == 1
     assert len(rows) == 1 and not rows[0]["ok"] and rows[0]["error"].startswith("timed out"), rows
     left = subprocess.run(["pgrep", "-f", "--", f"--run-dir {tmp_path}"], capture_output=True, text=True).stdout
