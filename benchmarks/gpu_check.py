@@ -49,6 +49,7 @@ from compress_throughput import timeit  # noqa: E402
 
 from dist_soup import builders, config, tasks  # noqa: E402
 from dist_soup.compress import build  # noqa: E402
+from tests.netns_cluster import tree  # noqa: E402
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 DEEPSPEED_CONFIG = ROOT / "configs" / "deepspeed.json"
@@ -128,24 +129,6 @@ def _codec_figures(name: str, options: dict, x: torch.Tensor, other: torch.Tenso
     return figures
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (torchrun starts each worker in a session of its
-    own, so killing torchrun's process group would leave them running)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # the process ended while we read
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -164,7 +147,7 @@ def _torchrun(nproc: int, args: list[str], env: dict, timeout: float) -> subproc
     except subprocess.TimeoutExpired:
         # Freeze the tree until no new process shows (a stopped process forks nothing), then kill it.
         frozen: list[int] = []
-        while new := [pid for pid in [proc.pid, *_descendants(proc.pid)] if pid not in frozen]:
+        while new := [pid for pid in tree(proc.pid) if pid not in frozen]:
             for pid in new:
                 _signal(pid, signal.SIGSTOP)
             frozen += new

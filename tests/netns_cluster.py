@@ -1,5 +1,5 @@
 """Namespace "hosts" running torchrun agents: the harness of the fault tests and of
-``benchmarks/faults_netns.py``.
+``benchmarks/faults_netns.py`` (whose process-tree helpers ``benchmarks/gpu_check.py`` uses too).
 
 ``Cluster`` makes N network namespaces with ``launch/netns_hosts.sh`` (its own prefix and
 subnet, so it never meets another user's namespaces), starts ``launch/torchrun_multinode.sh``
@@ -70,15 +70,33 @@ def netns_unavailable() -> str | None:
     return None
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+def _children_of() -> dict[int, list[int]]:
+    """Parent pid -> its children's pids, from every /proc/PID/stat (present under any kernel
+    and sandbox, unlike /proc/PID/task/TID/children)."""
+    out: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # the process ended while we read
+            continue
+        out.setdefault(ppid, []).append(int(stat.parent.name))
     return out
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``."""
+    return _children_of().get(pid, [])
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (torchrun starts each worker in a session of its own,
+    so a process group does not reach them)."""
+    below = _children_of()
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += below.get(found[-1], [])
+    return found
 
 
 def cmdline(pid: int) -> str:
@@ -259,17 +277,9 @@ class Cluster:
         return pids
 
     def tree(self, i: int) -> list[int]:
-        """Host ``i``'s agent and every process below it (torchrun puts workers in sessions of
-        their own, so a process group does not reach them)."""
+        """Host ``i``'s agent and every process below it."""
         p = self.agents.get(i)
-        if p is None:
-            return []
-        found, todo = [], [p.pid]
-        while todo:
-            pid = todo.pop()
-            found.append(pid)
-            todo += children(pid)
-        return found
+        return tree(p.pid) if p is not None else []
 
     def kill_host(self, i: int) -> None:
         """SIGKILL everything host ``i``'s launcher started (agent and workers) at once."""
